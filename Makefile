@@ -1,0 +1,50 @@
+# mirrorfw: `make run` and `make test` set themselves up on a fresh machine.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+WORK    ?= work
+JOBS    ?= auto
+PYTEST_ARGS ?=
+
+DEBS      := fio qemu-utils libnbd-bin nbdkit
+DEB_TOOLS := fio qemu-io qemu-img nbdinfo nbdcopy nbdkit
+
+.PHONY: venv deps run test lint bench faults clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py hal/_ioctl_build.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,fast]'
+	touch $@
+
+# Debian packages the tests drive as real peers. Apt when root; otherwise say
+# what is missing (the tests that need them skip and print why).
+deps:
+	@missing=""; for t in $(DEB_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -z "$$missing" ]; then echo "deps: all present ($(DEB_TOOLS))"; \
+	elif [ "$$(id -u)" = 0 ]; then echo "deps: installing $(DEBS) (missing:$$missing)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBS) >/dev/null; \
+	else echo "deps: missing$$missing; run 'sudo apt-get install $(DEBS)' (tests that need them will skip)"; fi
+
+run: venv deps
+	$(BIN)/mirrorfw demo --workdir $(WORK)
+
+test: venv deps
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -n $(JOBS) $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check firmware hal drivers harness testbench tests
+	$(BIN)/lint-imports
+
+bench: venv deps
+	$(BIN)/mirrorfw bench --out bench/results.json
+
+faults: venv deps
+	$(BIN)/mirrorfw faults --out faults/results.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info hal/_ioctl*.so hal/_ioctl.c hal/_ioctl.o $(WORK)

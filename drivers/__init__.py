@@ -1,0 +1,32 @@
+"""Device drivers, one module per URL scheme (after pyserial's serial_for_url).
+
+Every caller, test and config opens devices through ``open_device``; a lab
+device is just another URL.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from hal.block import BlockDevice
+from hal.url import UrlError, parse_url
+
+BLOCK_SCHEMES = {
+    "mem": "drivers.mem",
+    "file": "drivers.file",
+    "blk": "drivers.blk",
+    "nvme": "drivers.blk",
+    "sata": "drivers.blk",
+    "nbd": "drivers.nbd.client",
+    "nbd+unix": "drivers.nbd.client",
+}
+
+
+def open_device(url: str, *, read_only: bool = False) -> BlockDevice:
+    """Open the block device a URL names. Raises UrlError or DeviceError."""
+    scheme = parse_url(url).scheme
+    if scheme not in BLOCK_SCHEMES:
+        raise UrlError(
+            f"{url}: unknown device scheme {scheme!r}; known: {', '.join(sorted(BLOCK_SCHEMES))}"
+        )
+    return importlib.import_module(BLOCK_SCHEMES[scheme]).open(url, read_only=read_only)

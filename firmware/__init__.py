@@ -1,0 +1,1 @@
+"""Controller logic. Imports only the standard library, construct, bitarray and hal interface modules."""

@@ -1,0 +1,72 @@
+"""The ``mirrorfw`` command line.
+
+Each subcommand lives in its own module with ``add_arguments(parser)`` and
+``run(args) -> int``; this table is the only place that names them, and
+modules load only when their command runs. Errors of every layer become one
+line on stderr and an exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name: (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("harness.cmd_info", "show what the HAL knows about a device URL"),
+}
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mirrorfw",
+        description="Storage-controller firmware emulator for asynchronous remote "
+        "mirroring with consistency groups.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    from harness.errors import exit_code_for
+
+    try:
+        return importlib.import_module(args._module).run(args)
+    except KeyboardInterrupt:
+        print("mirrorfw: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # noqa: BLE001 - the CLI's one catch-all
+        code = exit_code_for(exc)
+        if code is None:
+            raise
+        print(f"mirrorfw {args.command}: {one_line(exc)}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

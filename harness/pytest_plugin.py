@@ -1,0 +1,12 @@
+"""pytest plugin: ``--hil-device=URL`` runs the device contract suite on a
+real lab device (read-only unless ``--hil-destructive``)."""
+
+from __future__ import annotations
+
+
+def pytest_addoption(parser) -> None:
+    group = parser.getgroup("mirrorfw")
+    group.addoption("--hil-device", action="append", default=[], metavar="URL",
+                    help="also run the device contract suite on this device URL")
+    group.addoption("--hil-destructive", action="store_true",
+                    help="allow the contract suite to write to --hil-device devices")
