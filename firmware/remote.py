@@ -1,0 +1,66 @@
+"""RemotePort: how a primary reaches its secondary.
+
+The primary programs against this interface only. ``LocalRemote`` (in
+firmware/secondary.py) calls a Secondary in the same process; the link
+implementation (firmware/replication.py) encodes the same calls as frames
+over a hal ``Link``. Every method returns when the secondary has done it,
+so "the secondary has the block" is the return of ``send_track``. Many
+``send_track`` calls may be in flight at once; implementations bound them.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+
+class RemoteError(Exception):
+    """The secondary refused a request (the message says why)."""
+
+
+@dataclass(frozen=True)
+class VolumeGeometry:
+    name: str
+    size_bytes: int
+    track_bytes: int
+
+
+@dataclass
+class RemoteState:
+    """What the secondary reports about itself at connect time."""
+
+    session_id: str
+    committed_cg: int  # sequence number of the CG that C holds (0: none)
+    new: bool  # True when B/C were never written by this session: full copy needed
+    volumes: list[VolumeGeometry]
+
+
+class RemotePort(abc.ABC):
+    @abc.abstractmethod
+    async def connect(self, session_id: str, volumes: list[VolumeGeometry]) -> RemoteState:
+        """Hello: check geometry and learn what the secondary holds.
+        Raises RemoteError on a mismatch."""
+
+    @abc.abstractmethod
+    async def send_track(self, volume: str, track: int, cg_seq: int, data: bytes) -> None:
+        """Write one track image (``track_bytes`` long, the last track of a
+        volume may be shorter) into B for the CG being formed."""
+
+    @abc.abstractmethod
+    async def drain_done(self, cg_seq: int) -> None:
+        """Every track of ``cg_seq`` has been sent."""
+
+    @abc.abstractmethod
+    async def prepare(self, cg_seq: int) -> None:
+        """Phase one of commit: make B durable for ``cg_seq`` on every volume."""
+
+    @abc.abstractmethod
+    async def commit(self, cg_seq: int) -> None:
+        """Phase two: C becomes B at ``cg_seq``, atomically across volumes."""
+
+    @abc.abstractmethod
+    async def abort(self, cg_seq: int) -> None:
+        """The CG failed; B may hold part of it, C keeps the last commit."""
+
+    async def close(self) -> None:
+        return None
