@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 from hal.block import BlockDevice
+from hal.nvram import NvramRegion
 from hal.url import UrlError, parse_url
 
 BLOCK_SCHEMES = {
@@ -30,3 +31,13 @@ def open_device(url: str, *, read_only: bool = False) -> BlockDevice:
             f"{url}: unknown device scheme {scheme!r}; known: {', '.join(sorted(BLOCK_SCHEMES))}"
         )
     return importlib.import_module(BLOCK_SCHEMES[scheme]).open(url, read_only=read_only)
+
+
+def open_nvram(url: str) -> NvramRegion:
+    """Open the NVRAM region a URL names (``nvram:///path?size=64MiB``)."""
+    scheme = parse_url(url).scheme
+    if scheme != "nvram":
+        raise UrlError(f"{url}: unknown NVRAM scheme {scheme!r}; known: nvram (e.g. nvram:///path/p.nvram?size=64MiB)")
+    from drivers import nvram
+
+    return nvram.open(url)

@@ -1,0 +1,229 @@
+"""``file:///path/img?size=1GiB[&block_size=512][&direct=auto|on|off]``: a
+regular file as a block device.
+
+The file is created sparse on demand (``size`` is required then); an existing
+file's size is used when ``size`` is omitted, a larger ``size`` grows it
+(sparse) and a smaller one is refused, since shrinking would drop data.
+O_DIRECT is used when the filesystem allows it (``info.direct_io`` says
+which); otherwise I/O goes through the page cache and ``flush`` makes it
+durable. Writers take an exclusive flock, so a second writer of the same image
+gets EBUSY instead of silently interleaving.
+
+``FdDevice`` is the part shared with drivers.blk: I/O on a descriptor in the
+thread pool, with the descriptor closed only after in-flight I/O is done (a
+closed-and-reused descriptor number would send a late write to another file).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+
+from hal import osio
+from hal.block import BlockDevice, DeviceError, DeviceInfo
+from hal.url import DeviceUrl, UrlError, parse_url
+
+log = logging.getLogger(__name__)
+
+_RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
+
+
+class FdDevice(BlockDevice):
+    """A BlockDevice over an open file descriptor; I/O runs in the pool."""
+
+    def __init__(self, info: DeviceInfo, fd: int) -> None:
+        super().__init__(info)
+        self.fd = fd
+        self._inflight = 0
+        self._lock = threading.Lock()
+        self._fd_closed = False
+        self._dsync_writes = bool(_RWF_DSYNC)
+
+    # -- in-flight accounting and error mapping -----------------------------
+    async def _io(self, what: str, fn, *args):
+        with self._lock:
+            self._inflight += 1
+        try:
+            return await osio.run_blocking(fn, *args)
+        except DeviceError:
+            raise
+        except OSError as e:
+            raise DeviceError(e.errno or errno.EIO, f"{what}: {e.strerror or e}", self.info.url) from None
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                last = self.closed and self._inflight == 0
+            if last:
+                self._close_fd()
+
+    def _close_fd(self) -> None:
+        with self._lock:
+            if self._fd_closed:
+                return
+            self._fd_closed = True
+        os.close(self.fd)
+
+    def _close(self) -> None:
+        with self._lock:
+            busy = self._inflight
+        if not busy:
+            self._close_fd()
+        # else: the last in-flight I/O closes it
+
+    # -- data path ------------------------------------------------------------
+    async def _read(self, lba: int, count: int) -> bytes:
+        bs = self.info.block_size
+        return await self._io("read", osio.read_aligned, self.fd, lba * bs, count * bs)
+
+    def _write_sync(self, data, offset: int, fua: bool) -> None:
+        if fua and self._dsync_writes:
+            try:
+                osio.write_aligned(self.fd, data, offset, _RWF_DSYNC)
+                return
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                self._dsync_writes = False  # old kernel/fs: write, then fdatasync
+        osio.write_aligned(self.fd, data, offset)
+        if fua:
+            os.fdatasync(self.fd)
+
+    async def _write(self, lba: int, data, fua: bool) -> None:
+        await self._io("write", self._write_sync, data, lba * self.info.block_size, fua)
+
+    async def _flush(self) -> None:
+        await self._io("flush", os.fdatasync, self.fd)
+
+
+class FileDevice(FdDevice):
+    def _punch_or_zero(self, modes: list[int], lba: int, count: int) -> bool:
+        bs = self.info.block_size
+        for mode in modes:
+            try:
+                osio.fallocate(self.fd, mode, lba * bs, count * bs)
+                return True
+            except OSError as e:
+                if not osio.is_unsupported(e):
+                    raise
+        return False
+
+    async def _discard(self, lba: int, count: int) -> None:
+        done = await self._io("discard", self._punch_or_zero, [osio.FALLOC_PUNCH_HOLE], lba, count)
+        if not done:
+            await super()._zeroout(lba, count)
+
+    async def _zeroout(self, lba: int, count: int) -> None:
+        modes = [osio.FALLOC_ZERO_RANGE, osio.FALLOC_PUNCH_HOLE]
+        done = await self._io("zeroout", self._punch_or_zero, modes, lba, count)
+        if not done:
+            await super()._zeroout(lba, count)
+
+
+def local_path(u: DeviceUrl, example: str) -> str:
+    if u.host not in ("", "localhost"):
+        raise UrlError(f"{u.url}: {u.scheme}:// names a local path; host {u.host!r} is not allowed (e.g. {example})")
+    if not u.path or u.path == "/":
+        raise UrlError(f"{u.url}: no path (e.g. {example})")
+    return u.path
+
+
+def open_error(url: str, path: str, e: OSError, doing: str) -> DeviceError:
+    err = e.errno or errno.EIO
+    hints = {
+        errno.ENOENT: "no such file or directory",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EISDIR: "is a directory",
+        errno.EBUSY: "in use by another opener",
+        errno.EROFS: "read-only filesystem",
+        errno.ENOSPC: "no space left on the filesystem",
+    }
+    return DeviceError(err, f"cannot {doing} {path}: {hints.get(err, e.strerror or str(e))}", url)
+
+
+DIRECT_CHOICES = ("auto", "on", "off")
+
+
+def open(url: str, *, read_only: bool = False) -> FileDevice:  # noqa: A001 - the driver door
+    example = "file:///tmp/a.img?size=1GiB"
+    u = parse_url(url)
+    u.check_keys({"size", "block_size", "direct"})
+    path = local_path(u, example)
+    want_size = u.size()
+    bs = u.int_param("block_size", 512)
+    if bs < 512 or bs & (bs - 1):
+        raise UrlError(f"{url}: block_size {bs} must be a power of two >= 512")
+    direct_choice = u.query.get("direct", "auto")
+    if direct_choice not in DIRECT_CHOICES:
+        raise UrlError(f"{url}: direct={direct_choice!r}; choose one of {', '.join(DIRECT_CHOICES)}")
+    if want_size is not None and (want_size <= 0 or want_size % bs):
+        raise UrlError(f"{url}: size {want_size} must be a positive multiple of block_size {bs}")
+
+    exists = os.path.lexists(path)
+    if not exists and want_size is None:
+        raise UrlError(f"{url}: {path} does not exist; give ?size=... to create it (e.g. {example})")
+    if not exists and read_only:
+        raise open_error(url, path, FileNotFoundError(errno.ENOENT, "missing"), "open")
+    try:
+        st = os.stat(path) if exists else None
+    except OSError as e:
+        raise open_error(url, path, e, "open") from None
+    if st is not None and stat.S_ISBLK(st.st_mode):
+        raise UrlError(f"{url}: {path} is a block device; use blk://{path}")
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise open_error(url, path, IsADirectoryError(errno.EISDIR, "dir"), "open")
+
+    flags = (os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT) | os.O_CLOEXEC
+    try:
+        if direct_choice == "off":
+            fd, direct = os.open(path, flags, 0o644), False
+        else:
+            fd, direct = osio.open_direct(path, flags)
+    except OSError as e:
+        raise open_error(url, path, e, "create" if not exists else "open") from None
+
+    try:
+        if not read_only:
+            osio.lock_exclusive(fd, path)
+        size = os.fstat(fd).st_size
+        if want_size is not None and want_size != size:
+            if want_size < size:
+                raise DeviceError(
+                    errno.EINVAL,
+                    f"{path} is {size} bytes but size={want_size}: refusing to shrink it "
+                    f"(omit size to use the file's size, or remove the file)",
+                    url,
+                )
+            if read_only:
+                raise DeviceError(errno.EROFS, f"{path} is {size} bytes, size={want_size} would grow it, "
+                                  f"and the device is opened read-only", url)
+            os.ftruncate(fd, want_size)  # sparse: only written blocks take space
+            size = want_size
+        if size == 0 or size % bs:
+            raise DeviceError(errno.EINVAL, f"{path} is {size} bytes: not a positive multiple of "
+                              f"block_size {bs}", url)
+        if direct and not osio.probe_direct(fd, bs):
+            osio.drop_direct(fd)
+            direct = False
+        if direct_choice == "on" and not direct:
+            raise DeviceError(errno.EINVAL, f"{path}: the filesystem refuses O_DIRECT at block_size {bs} "
+                              f"(use direct=auto or off)", url)
+    except DeviceError:
+        os.close(fd)
+        raise
+    except OSError as e:
+        os.close(fd)
+        raise open_error(url, path, e, "open") from None
+
+    if not direct:
+        log.info("%s: filesystem refuses O_DIRECT; using the page cache (flush makes writes durable)", path)
+    info = DeviceInfo(
+        url=url, transport="file", block_size=bs, num_blocks=size // bs, physical_block_size=bs,
+        model="mirrorfw file image", serial=f"{os.stat(path).st_dev:x}:{os.stat(path).st_ino:x}",
+        rotational=False, write_cache=True, discard=True, direct_io=direct, read_only=read_only,
+        max_transfer_bytes=4 << 20, extra={"path": path},
+    )
+    return FileDevice(info, fd)
