@@ -1,0 +1,159 @@
+"""TCP links: a hal ``Link`` over an asyncio stream.
+
+Frames carry their own length in their header, so the link reads a fixed
+header, asks the ``Framing`` how many bytes follow, and reads those. The
+driver does not know the frame layout (it may not import the firmware);
+the harness passes the firmware protocol's framing in. With no framing
+given, frames travel behind a 4-byte big-endian length prefix.
+
+Sending is serialised and waits for the socket buffer to drain below its
+high-water mark, so a slow peer pushes back on the sender instead of
+growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from hal.link import Link, LinkDown
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+SEND_BUFFER_BYTES = 1 << 20  # high-water mark of the transport's write buffer
+
+
+@dataclass(frozen=True)
+class Framing:
+    header_bytes: int
+    rest_length: Callable[[bytes], int]  # bytes that follow this header (0: the header is the frame)
+    prefix: bool = False  # True: the link adds a length prefix of header_bytes itself
+
+
+LENGTH_PREFIX = Framing(4, lambda h: int.from_bytes(h, "big"), prefix=True)
+MAX_PREFIXED_BYTES = 256 << 20
+
+
+class TcpLink(Link):
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, framing: Framing = LENGTH_PREFIX
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._framing = framing
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+        self._down: str | None = None
+        peer = writer.get_extra_info("peername")
+        self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writer.transport.set_write_buffer_limits(high=SEND_BUFFER_BYTES)
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    def _broken(self, why: str) -> LinkDown:
+        if self._down is None:
+            self._down = why
+        return LinkDown(f"link to {self._peer} down: {self._down}")
+
+    async def send(self, frame: bytes) -> None:
+        if self._closed or self._down:
+            raise self._broken("closed")
+        async with self._send_lock:
+            try:
+                if self._framing.prefix:
+                    self._writer.write(len(frame).to_bytes(self._framing.header_bytes, "big"))
+                self._writer.write(frame)
+                await self._writer.drain()
+            except (ConnectionError, OSError, RuntimeError) as e:
+                raise self._broken(f"send failed: {e or type(e).__name__}") from None
+
+    async def recv(self) -> bytes:
+        if self._closed or self._down:
+            raise self._broken("closed")
+        framing = self._framing
+        try:
+            header = await self._reader.readexactly(framing.header_bytes)
+            rest = framing.rest_length(header)
+            if framing.prefix:
+                if rest > MAX_PREFIXED_BYTES:
+                    raise self._broken(f"frame of {rest} bytes over the limit")
+                return await self._reader.readexactly(rest)
+            if rest == 0:
+                return header
+            return header + await self._reader.readexactly(rest)
+        except asyncio.IncompleteReadError as e:
+            why = "peer closed" if not e.partial else f"peer closed mid-frame ({len(e.partial)} bytes)"
+            raise self._broken(why) from None
+        except (ConnectionError, OSError) as e:
+            raise self._broken(f"receive failed: {e or type(e).__name__}") from None
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._broken("closed")
+        try:
+            self._writer.close()
+            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+        except (TimeoutError, ConnectionError, OSError, RuntimeError):
+            pass
+
+    def abort(self) -> None:
+        """Drop the connection at once (a reset, not an orderly close)."""
+        self._closed = True
+        self._broken("aborted")
+        self._writer.transport.abort()
+
+
+def split_address(text: str, *, default_host: str = DEFAULT_HOST) -> tuple[str, int]:
+    """``"127.0.0.1:7700"`` / ``":7700"`` / ``"[::1]:7700"`` -> (host, port); ValueError if bad."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:7700)")
+    host = host.strip("[]") or default_host
+    return host, int(port)
+
+
+async def connect_link(
+    host: str, port: int, *, timeout_s: float = 5.0, framing: Framing = LENGTH_PREFIX
+) -> TcpLink:
+    """Connect to a listening peer; raises LinkDown when it cannot."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except (TimeoutError, ConnectionError, OSError) as e:
+        raise LinkDown(f"cannot connect to {host}:{port}: {e or type(e).__name__}") from None
+    return TcpLink(reader, writer, framing)
+
+
+async def listen_links(
+    host: str,
+    port: int,
+    on_link: Callable[[TcpLink], Awaitable[None]],
+    *,
+    framing: Framing = LENGTH_PREFIX,
+) -> asyncio.Server:
+    """Accept links on host:port (127.0.0.1 unless told otherwise); ``on_link``
+    runs once per connection and the link is closed when it returns.
+    ``server.sockets[0].getsockname()`` tells the port when 0 was asked."""
+
+    async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = TcpLink(reader, writer, framing)
+        try:
+            await on_link(link)
+        except LinkDown as e:
+            log.info("%s", e)
+        except Exception:  # noqa: BLE001 - one bad peer must not stop the listener
+            log.exception("link handler for %s failed", link.peer)
+        finally:
+            await link.close()
+
+    return await asyncio.start_server(accepted, host or DEFAULT_HOST, port)

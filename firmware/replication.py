@@ -1,0 +1,603 @@
+"""The replication link: RemotePort calls as frames over a hal ``Link``.
+
+``LinkRemote`` is the primary's side. Track sends are pipelined: up to
+``window`` DATA frames are in flight, each waiting on a future keyed by
+its sequence number; the window is a semaphore, so a slow secondary pushes
+back on the drain instead of growing memory. When the link drops, every
+call in flight raises ``LinkDown`` (the primary's CG fails and OOS ∪ CR
+still names every block the secondary lacks), and a background task
+reconnects with exponential backoff. A reconnect is transparent only when
+the secondary is the one we knew (same session, not new); otherwise calls
+raise ``RemoteError`` until the primary calls ``connect`` again and learns
+that a full copy is due.
+
+``ReplicationService`` is the secondary's side: it runs the handshake
+(version, mutual HMAC challenge, session, geometry) and answers frames by
+calling the Secondary. A peer that fails the handshake or sends a bad
+frame gets an ERROR frame and is closed, before anything touches B or C.
+
+Nonces come from a caller-supplied ``random_bytes`` and time from a hal
+Clock, so the firmware stays deterministic under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+
+from firmware import protocol as p
+from firmware.events import EventBus
+from firmware.remote import RemoteError, RemotePort, RemoteState, VolumeGeometry
+from hal.clock import AsyncioClock, Clock
+from hal.link import Link, LinkDown
+
+log = logging.getLogger(__name__)
+
+LinkFactory = Callable[[], Awaitable[Link]]
+RandomBytes = Callable[[int], bytes]
+
+HANDSHAKE_TIMEOUT_S = 10.0
+PRIMARY = "primary"
+SECONDARY = "secondary"
+
+
+class HandshakeRefused(RemoteError):
+    """The secondary (or this side) refused the pairing: secret, version,
+    session or geometry. Retrying does not help until someone fixes it."""
+
+
+async def _with_deadline(clock: Clock, aw: Awaitable, seconds: float, what: str):
+    """Await ``aw`` for at most ``seconds`` of ``clock`` time; TimeoutError after."""
+    task = asyncio.ensure_future(aw)
+    fired = False
+
+    def expire() -> None:
+        nonlocal fired
+        fired = True
+        task.cancel()
+
+    handle = clock.call_later(seconds, expire)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if fired:
+            raise TimeoutError(f"{what}: no answer in {seconds:g} s") from None
+        raise
+    finally:
+        handle.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def _recv_frame(link: Link) -> p.Frame:
+    return p.decode(await link.recv())
+
+
+def _geometry(volumes: list[VolumeGeometry]) -> list[tuple[str, int, int]]:
+    return [(v.name, v.size_bytes, v.track_bytes) for v in volumes]
+
+
+# ---------------------------------------------------------------------------
+# primary side
+# ---------------------------------------------------------------------------
+
+
+class LinkRemote(RemotePort):
+    def __init__(
+        self,
+        link_factory: LinkFactory | Link,
+        secret: bytes,
+        *,
+        random_bytes: RandomBytes,
+        window: int = 64,
+        clock: Clock | None = None,
+        backoff_s: tuple[float, float] = (0.05, 2.0),
+        down_wait_s: float = 1.0,
+        events: EventBus | None = None,
+    ) -> None:
+        if not secret:
+            raise ValueError("the link needs a non-empty shared secret")
+        if window < 1:
+            raise ValueError(f"window {window} must be at least 1")
+        if isinstance(link_factory, Link):
+            only = link_factory
+            used = False
+
+            async def once() -> Link:
+                nonlocal used
+                if used:
+                    raise LinkDown("this link was given once and cannot be reopened")
+                used = True
+                return only
+
+            self._factory: LinkFactory = once
+        else:
+            self._factory = link_factory
+        self._secret = secret
+        self._random = random_bytes
+        self._clock = clock or AsyncioClock()
+        self._window = asyncio.Semaphore(window)
+        self.window = window
+        self._backoff_min_s, self._backoff_max_s = backoff_s
+        self._down_wait_s = down_wait_s
+        self.events = events
+        self._seq = itertools.count(1)
+        self._link: Link | None = None
+        self._reader: asyncio.Task | None = None
+        self._reconnector: asyncio.Task | None = None
+        self._pending: dict[int, tuple[asyncio.Future, Link]] = {}
+        self._connect_lock = asyncio.Lock()
+        self._up = asyncio.Event()
+        self._closed = False
+        self._session_id: str | None = None
+        self._volumes: list[VolumeGeometry] = []
+        self._index: dict[str, int] = {}
+        self.state: RemoteState | None = None
+        self._stale: str | None = None  # why calls must wait for connect()
+        self.last_error: str = ""
+        self.stats = {"data_frames": 0, "data_bytes": 0, "handshakes": 0, "drops": 0, "reconnect_attempts": 0}
+
+    # -- link state ------------------------------------------------------------
+    @property
+    def link_up(self) -> bool:
+        return self._link is not None
+
+    def _emit(self, action: str, **fields) -> None:
+        if self.events is not None:
+            self.events.emit(action, "link", **fields)
+
+    async def _handshake(self, link: Link) -> RemoteState:
+        session_id = self._session_id or ""
+        hello = p.Hello(seq=next(self._seq), version=p.PROTOCOL_VERSION, session_id=session_id,
+                        volumes=_geometry(self._volumes))
+        await link.send(p.encode(hello))
+        challenge = await self._expect(link, p.AuthChallenge)
+        nonce = self._random(p.NONCE_BYTES)
+        mac = p.auth_mac(self._secret, PRIMARY, challenge.nonce, session_id)
+        await link.send(p.encode(p.AuthResponse(seq=next(self._seq), mac=mac, challenge=nonce)))
+        answer = await self._expect(link, p.AuthResponse)
+        if not p.check_mac(self._secret, SECONDARY, nonce, session_id, answer.mac):
+            msg = "the secondary failed authentication (wrong shared secret?)"
+            await self._send_error(link, p.ErrorCode.AUTH, msg)
+            raise HandshakeRefused(msg)
+        status = await self._expect(link, p.Status)
+        return RemoteState(
+            session_id=status.session_id, committed_cg=status.committed_cg, new=status.new,
+            volumes=[VolumeGeometry(n, s, t) for n, s, t in status.volumes],
+        )
+
+    async def _expect(self, link: Link, cls: type[p.Frame]) -> p.Frame:
+        try:
+            frame = await _recv_frame(link)
+        except p.ProtocolError as e:
+            await self._send_error(link, e.code, str(e))
+            raise HandshakeRefused(f"handshake with {link.peer}: {e}") from None
+        if isinstance(frame, p.Error):
+            raise HandshakeRefused(f"secondary refused the link: {p.PeerError(frame.code, frame.message)}")
+        if not isinstance(frame, cls):
+            msg = f"handshake: expected {cls.KIND.name}, got {frame.KIND.name}"
+            await self._send_error(link, p.ErrorCode.STATE, msg)
+            raise HandshakeRefused(msg)
+        return frame
+
+    async def _send_error(self, link: Link, code: int, message: str) -> None:
+        try:
+            await link.send(p.encode(p.Error(code=int(code), message=message)))
+        except LinkDown:
+            pass
+
+    async def _open(self) -> RemoteState:
+        """One attempt: connect, handshake, start the reader. Under _connect_lock."""
+        self.stats["reconnect_attempts"] += 1
+        link = await self._factory()
+        try:
+            state = await _with_deadline(self._clock, self._handshake(link), HANDSHAKE_TIMEOUT_S, "handshake")
+        except BaseException:
+            await link.close()
+            raise
+        self.stats["handshakes"] += 1
+        self._index = {v.name: i for i, v in enumerate(self._volumes)}
+        self._link = link
+        self._up.set()
+        self._reader = asyncio.ensure_future(self._read_loop(link))
+        log.info("link up to %s (secondary committed CG %d, new=%s)", link.peer, state.committed_cg, state.new)
+        self._emit("change", state="up", peer=link.peer, committed_cg=state.committed_cg, new=state.new)
+        return state
+
+    async def connect(self, session_id: str, volumes: list[VolumeGeometry]) -> RemoteState:
+        """Hello: one attempt to connect and pair. Raises LinkDown when the
+        secondary cannot be reached (a background task keeps trying), or
+        RemoteError when it refuses the pairing."""
+        if self._closed:
+            raise LinkDown("link remote closed")
+        self._session_id = session_id
+        self._volumes = list(volumes)
+        async with self._connect_lock:
+            if self._link is not None:
+                await self._drop(self._link, "reconnecting for a new hello")
+            try:
+                state = await self._open()
+            except (LinkDown, TimeoutError, p.ProtocolError) as e:
+                self.last_error = str(e)
+                self._start_reconnector()
+                raise LinkDown(str(e)) from None
+            except RemoteError as e:
+                self.last_error = str(e)
+                raise
+        self.state = state
+        self._stale = None
+        return state
+
+    def _start_reconnector(self) -> None:
+        if self._closed or self._session_id is None:
+            return
+        if self._reconnector is None or self._reconnector.done():
+            self._reconnector = asyncio.ensure_future(self._reconnect_loop())
+
+    async def _reconnect_loop(self) -> None:
+        delay = self._backoff_min_s
+        while not self._closed and self._link is None and self._stale is None:
+            await self._clock.sleep(delay)
+            if self._closed or self._link is not None:
+                return
+            async with self._connect_lock:
+                if self._link is not None:
+                    return
+                try:
+                    state = await self._open()
+                except (LinkDown, TimeoutError, p.ProtocolError, RemoteError) as e:
+                    if str(e) != self.last_error:
+                        log.warning("reconnect failed (retrying with backoff): %s", e)
+                    self.last_error = str(e)
+                    delay = min(self._backoff_max_s, delay * 2)
+                    continue
+            known = self.state
+            if known is not None and (state.new and not known.new or state.session_id != known.session_id):
+                # The secondary lost what it had: only the primary can decide
+                # on a full copy, so make it call connect() again.
+                self._stale = f"the secondary changed while the link was down (new={state.new}); connect again"
+                log.warning("%s", self._stale)
+            self.state = state if self._stale is None else self.state
+            return
+
+    async def _usable(self) -> Link:
+        """The current link, waiting briefly for a reconnect; LinkDown if none."""
+        if self._closed:
+            raise LinkDown("link remote closed")
+        if self._stale is not None:
+            raise RemoteError(self._stale)
+        if self._link is None:
+            if self._session_id is None:
+                raise LinkDown("not connected: call connect() first")
+            self._start_reconnector()
+            self._up.clear()
+            waiter = asyncio.ensure_future(self._up.wait())
+            try:
+                await _with_deadline(self._clock, waiter, self._down_wait_s, "link")
+            except TimeoutError:
+                raise LinkDown(f"link down: {self.last_error or 'reconnecting'}") from None
+            if self._stale is not None:
+                raise RemoteError(self._stale)
+        link = self._link
+        if link is None:
+            raise LinkDown(f"link down: {self.last_error or 'reconnecting'}")
+        return link
+
+    async def _drop(self, link: Link, why: str) -> None:
+        if self._link is link:
+            self._link = None
+            self._up.clear()
+            self.stats["drops"] += 1
+            self.last_error = why
+            log.warning("link to %s down: %s", link.peer, why)
+            self._emit("change", state="down", peer=link.peer, reason=why)
+        for _seq, (fut, owner) in list(self._pending.items()):
+            if owner is link and not fut.done():
+                fut.set_exception(LinkDown(f"link down: {why}"))
+        await link.close()
+        if not self._closed:
+            self._start_reconnector()
+
+    async def _read_loop(self, link: Link) -> None:
+        try:
+            while True:
+                try:
+                    frame = await _recv_frame(link)
+                except p.ProtocolError as e:
+                    # The stream lost sync or was corrupted: nothing after this
+                    # frame can be trusted; say so and start over.
+                    log.warning("bad frame from %s: %s", link.peer, e)
+                    await self._send_error(link, e.code, str(e))
+                    await self._drop(link, f"bad frame: {e}")
+                    return
+                if isinstance(frame, p.Ack):
+                    self._resolve(frame.acked, frame)
+                elif isinstance(frame, p.Error):
+                    await self._drop(link, f"secondary error: {p.PeerError(frame.code, frame.message)}")
+                    return
+                else:
+                    msg = f"unexpected {frame.KIND.name} frame from the secondary"
+                    await self._send_error(link, p.ErrorCode.STATE, msg)
+                    await self._drop(link, msg)
+                    return
+        except LinkDown as e:
+            await self._drop(link, str(e))
+        except asyncio.CancelledError:
+            raise
+
+    def _resolve(self, seq: int, ack: p.Ack) -> None:
+        entry = self._pending.get(seq)
+        if entry is None or entry[0].done():
+            log.debug("ack for unknown or finished request %d", seq)
+            return
+        fut = entry[0]
+        if ack.status == p.AckStatus.OK:
+            fut.set_result(None)
+        else:
+            fut.set_exception(RemoteError(ack.message or f"secondary answered status {ack.status}"))
+
+    async def _request(self, frame: p.Frame) -> None:
+        link = await self._usable()
+        seq = frame.seq = next(self._seq)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[seq] = (fut, link)
+        try:
+            try:
+                await link.send(p.encode(frame))
+            except LinkDown as e:
+                await self._drop(link, str(e))
+                raise
+            await fut
+        finally:
+            self._pending.pop(seq, None)
+
+    # -- RemotePort ----------------------------------------------------------------
+    async def send_track(self, volume: str, track: int, cg_seq: int, data: bytes) -> None:
+        try:
+            index = self._index[volume]
+        except KeyError:
+            raise RemoteError(f"volume {volume!r} was not in the hello") from None
+        async with self._window:
+            await self._request(p.Data(volume=index, track=track, cg_seq=cg_seq, payload=bytes(data)))
+        self.stats["data_frames"] += 1
+        self.stats["data_bytes"] += len(data)
+
+    async def drain_done(self, cg_seq: int) -> None:
+        await self._request(p.DrainDone(cg_seq=cg_seq))
+
+    async def prepare(self, cg_seq: int) -> None:
+        await self._request(p.Prepare(cg_seq=cg_seq))
+
+    async def commit(self, cg_seq: int) -> None:
+        await self._request(p.Commit(cg_seq=cg_seq))
+
+    async def abort(self, cg_seq: int) -> None:
+        await self._request(p.Abort(cg_seq=cg_seq))
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in (self._reconnector, self._reader):
+            if task is not None and not task.done():
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
+                    pass
+        link = self._link
+        if link is not None:
+            await self._drop(link, "closed")
+
+
+# ---------------------------------------------------------------------------
+# secondary side
+# ---------------------------------------------------------------------------
+
+
+async def _call(fn, *args):
+    result = fn(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+class ReplicationService:
+    """Answers one primary at a time; a newly paired link replaces the old."""
+
+    def __init__(
+        self,
+        secondary,
+        secret: bytes,
+        session_id: str | None = None,
+        *,
+        random_bytes: RandomBytes,
+        clock: Clock | None = None,
+        data_inflight: int = 32,
+        events: EventBus | None = None,
+    ) -> None:
+        if not secret:
+            raise ValueError("the link needs a non-empty shared secret")
+        self.secondary = secondary
+        self._secret = secret
+        self.session_id = session_id
+        self._random = random_bytes
+        self._clock = clock or AsyncioClock()
+        self._slots = asyncio.Semaphore(data_inflight)
+        self._tasks: set[asyncio.Task] = set()
+        self._by_track: dict[tuple[int, int], asyncio.Task] = {}
+        self._active: Link | None = None
+        self.events = events
+        self.rejected: list[str] = []  # one line per refused peer, for status and tests
+        self.stats = {"data_frames": 0, "data_bytes": 0, "links": 0, "rejected": 0, "bad_frames": 0}
+
+    @property
+    def link_up(self) -> bool:
+        return self._active is not None
+
+    def _emit(self, action: str, **fields) -> None:
+        if self.events is not None:
+            self.events.emit(action, "link", **fields)
+
+    async def _send(self, link: Link, frame: p.Frame) -> None:
+        try:
+            await link.send(p.encode(frame))
+        except LinkDown:
+            pass
+
+    async def _refuse(self, link: Link, code: int, message: str) -> None:
+        self.stats["rejected"] += 1
+        line = f"link from {link.peer or 'peer'} refused: {message}"
+        self.rejected.append(line)
+        log.warning("%s", line)
+        self._emit("call", state="refused", peer=link.peer, reason=message)
+        await self._send(link, p.Error(code=int(code), message=message))
+
+    async def _handshake(self, link: Link) -> list[str] | None:
+        """Pair with a primary; the volume names by wire index, or None when refused."""
+        try:
+            hello = await _recv_frame(link)
+        except p.ProtocolError as e:
+            await self._refuse(link, e.code, str(e))
+            return None
+        if not isinstance(hello, p.Hello):
+            await self._refuse(link, p.ErrorCode.STATE, f"expected HELLO first, got {hello.KIND.name}")
+            return None
+        if hello.version != p.PROTOCOL_VERSION:
+            await self._refuse(link, p.ErrorCode.VERSION,
+                               f"HELLO version {hello.version}; this secondary speaks {p.PROTOCOL_VERSION}")
+            return None
+        nonce = self._random(p.NONCE_BYTES)
+        await link.send(p.encode(p.AuthChallenge(seq=hello.seq, nonce=nonce)))
+        try:
+            response = await _recv_frame(link)
+        except p.ProtocolError as e:
+            await self._refuse(link, e.code, str(e))
+            return None
+        if isinstance(response, p.Error):
+            log.warning("primary %s gave up: %s", link.peer, p.PeerError(response.code, response.message))
+            return None
+        if not isinstance(response, p.AuthResponse):
+            await self._refuse(link, p.ErrorCode.STATE, f"expected AUTH_RESPONSE, got {response.KIND.name}")
+            return None
+        if not p.check_mac(self._secret, PRIMARY, nonce, hello.session_id, response.mac):
+            await self._refuse(link, p.ErrorCode.AUTH, "authentication failed (wrong shared secret?)")
+            return None
+        if len(response.challenge) < 16:
+            await self._refuse(link, p.ErrorCode.AUTH, "the primary's challenge is shorter than 16 bytes")
+            return None
+        mac = p.auth_mac(self._secret, SECONDARY, response.challenge, hello.session_id)
+        await link.send(p.encode(p.AuthResponse(seq=response.seq, mac=mac)))
+        if self.session_id is not None and hello.session_id != self.session_id:
+            await self._refuse(link, p.ErrorCode.SESSION,
+                               f"session {hello.session_id!r}; this secondary serves {self.session_id!r}")
+            return None
+        volumes = [VolumeGeometry(n, s, t) for n, s, t in hello.volumes]
+        # Wait for work of an earlier link (DATA still being written) before
+        # the secondary looks at its state again.
+        await self._settle()
+        try:
+            state: RemoteState = await _call(self.secondary.hello, hello.session_id, volumes)
+        except (RemoteError, ValueError, KeyError) as e:
+            await self._refuse(link, p.ErrorCode.GEOMETRY, str(e) or type(e).__name__)
+            return None
+        await link.send(p.encode(p.Status(
+            acked=hello.seq, session_id=state.session_id, committed_cg=state.committed_cg,
+            new=state.new, volumes=_geometry(state.volumes),
+        )))
+        return [v.name for v in volumes]
+
+    async def serve(self, link: Link) -> None:
+        """Serve one connection until it drops or misbehaves."""
+        try:
+            names = await _with_deadline(self._clock, self._handshake(link), HANDSHAKE_TIMEOUT_S, "handshake")
+        except TimeoutError as e:
+            await self._refuse(link, p.ErrorCode.STATE, str(e))
+            names = None
+        except LinkDown as e:
+            log.info("link from %s dropped during the handshake: %s", link.peer, e)
+            names = None
+        if names is None:
+            await link.close()
+            return
+        previous, self._active = self._active, link
+        if previous is not None:
+            log.warning("new link from %s replaces the one from %s", link.peer, previous.peer)
+            await previous.close()
+        self.stats["links"] += 1
+        log.info("link up from %s", link.peer)
+        self._emit("change", state="up", peer=link.peer)
+        try:
+            await self._dispatch(link, names)
+        except LinkDown as e:
+            log.info("link from %s down: %s", link.peer, e)
+        finally:
+            if self._active is link:
+                self._active = None
+                self._emit("change", state="down", peer=link.peer)
+            await link.close()
+
+    async def _dispatch(self, link: Link, names: list[str]) -> None:
+        while True:
+            raw = await link.recv()
+            try:
+                frame = p.decode(raw)
+            except p.ProtocolError as e:
+                self.stats["bad_frames"] += 1
+                await self._refuse(link, e.code, f"bad frame: {e}")
+                return
+            if isinstance(frame, p.Data):
+                if frame.volume >= len(names):
+                    await self._send(link, p.Ack(acked=frame.seq, status=p.AckStatus.REFUSED,
+                                                 message=f"volume index {frame.volume} not in the hello"))
+                    continue
+                await self._slots.acquire()
+                key = (frame.volume, frame.track)
+                task = asyncio.ensure_future(self._data(link, frame, names[frame.volume], self._by_track.get(key)))
+                self._by_track[key] = task
+                self._tasks.add(task)
+                task.add_done_callback(lambda t, key=key: self._data_finished(t, key))
+            elif isinstance(frame, (p.DrainDone, p.Prepare, p.Commit, p.Abort)):
+                await self._settle()
+                method = {
+                    p.Kind.DRAIN_DONE: "drain_done", p.Kind.PREPARE: "prepare",
+                    p.Kind.COMMIT: "commit", p.Kind.ABORT: "abort",
+                }[frame.KIND]
+                await self._send(link, await self._answer(frame, method, frame.cg_seq))
+            elif isinstance(frame, p.Error):
+                log.warning("primary %s closed the link: %s", link.peer, p.PeerError(frame.code, frame.message))
+                return
+            else:
+                await self._refuse(link, p.ErrorCode.STATE, f"unexpected {frame.KIND.name} after the handshake")
+                return
+
+    def _data_finished(self, task: asyncio.Task, key: tuple[int, int]) -> None:
+        self._slots.release()
+        self._tasks.discard(task)
+        if self._by_track.get(key) is task:
+            del self._by_track[key]
+
+    async def _settle(self) -> None:
+        """Wait for every DATA frame received so far to be written."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _data(self, link: Link, frame: p.Data, volume: str, before: asyncio.Task | None) -> None:
+        if before is not None:  # same track twice in flight: keep their order
+            await asyncio.gather(before, return_exceptions=True)
+        ack = await self._answer(frame, "receive_track", volume, frame.track, frame.cg_seq, frame.payload)
+        if ack.status == p.AckStatus.OK:
+            self.stats["data_frames"] += 1
+            self.stats["data_bytes"] += len(frame.payload)
+        await self._send(link, ack)
+
+    async def _answer(self, frame: p.Frame, method: str, *args) -> p.Ack:
+        try:
+            await _call(getattr(self.secondary, method), *args)
+        except RemoteError as e:
+            return p.Ack(acked=frame.seq, status=p.AckStatus.REFUSED, message=str(e))
+        except Exception as e:  # noqa: BLE001 - a failed request is answered, the link stays
+            log.warning("%s(%s) failed: %s", method, ", ".join(map(str, args[:3])), e)
+            return p.Ack(acked=frame.seq, status=p.AckStatus.FAILED, message=f"{type(e).__name__}: {e}")
+        return p.Ack(acked=frame.seq)
