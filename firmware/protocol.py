@@ -354,6 +354,8 @@ def decode(buf: bytes) -> Frame:
         raise BadKind(f"unknown frame kind {h.kind}") from None
     if h.flags & ~KNOWN_FLAGS:
         raise BadBody(f"{kind.name}: unknown flags {h.flags & ~KNOWN_FLAGS:#x}")
+    if bool(h.flags & FLAG_REPLY) != (kind in REPLY_KINDS):
+        raise BadBody(f"{kind.name}: reply flags {h.flags:#x} do not fit the kind")
     try:
         parsed = _WHOLE_BODY[kind].parse(body)
     except cs.TerminatedError:

@@ -1,0 +1,288 @@
+"""Controller configuration: one TOML file per controller process.
+
+```toml
+role = "primary"                      # or "secondary"
+[session]
+id = "demo"
+secret_file = "secret"                # relative to this file's folder; required, not empty
+cg_interval_s = 0.0                   # and any other SessionParams field
+[nvram]
+url = "nvram:///abs/p.nvram?size=64MiB"
+[[volume]]
+name = "vol0"
+url = "file:///abs/a0.img?size=256MiB"                               # primary
+# b_url = "file:///abs/b0.img?size=256MiB", c_url = "file:///abs/c0.img?size=256MiB"   # secondary
+[link]
+peer = "127.0.0.1:7700"               # primary;  secondary: listen = "127.0.0.1:7700"
+[host]                                # optional
+listen = "127.0.0.1:10809"
+socket = "nbd.sock"
+[console]                             # optional
+url = "socket://127.0.0.1:4001"
+allow_faults = false
+```
+
+Every error is a ConfigError naming the file and the key. Unknown keys are
+errors. Relative paths (the secret file, the host socket, and the path of a
+``file://``/``nvram://``/``pty://`` URL written without a leading slash,
+like ``file://data/a0.img``) are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drivers.link import split_address
+from hal.url import UrlError, parse_url
+from harness.errors import ConfigError
+
+ROLES = ("primary", "secondary")
+PATH_SCHEMES = {"file", "nvram", "pty", "blk", "nvme", "sata"}
+
+
+@dataclass
+class VolumeConfig:
+    name: str
+    url: str = ""  # primary: volume A
+    b_url: str = ""  # secondary: B
+    c_url: str = ""  # secondary: C (the consistent copy)
+
+
+@dataclass
+class ControllerConfig:
+    path: Path
+    role: str
+    session_id: str
+    secret: bytes
+    secret_file: Path
+    params: dict[str, Any]  # SessionParams fields as given (validated)
+    nvram_url: str
+    volumes: list[VolumeConfig]
+    link_peer: tuple[str, int] | None = None  # primary
+    link_listen: tuple[str, int] | None = None  # secondary
+    host_listen: tuple[str, int] | None = None
+    host_socket: Path | None = None
+    console_url: str | None = None
+    console_allow_faults: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def session_params(self):
+        """A SessionParams with this file's values applied."""
+        from firmware.params import SessionParams
+
+        params = SessionParams()
+        for name, value in self.params.items():
+            params.set(name, _as_text(value))
+        return params
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+class _Reader:
+    """Takes keys out of one TOML table; what is left at the end is unknown."""
+
+    def __init__(self, path: Path, table: dict, where: str) -> None:
+        self.path = path
+        self.table = dict(table)
+        self.where = where
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {self.key(name)}: {message}")
+
+    def take(self, name: str, kind: type | tuple, *, required: bool = False, default: Any = None) -> Any:
+        if name not in self.table:
+            if required:
+                raise self.error(name, "missing (required)")
+            return default
+        value = self.table.pop(name)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        else:
+            ok = isinstance(value, kinds)
+        if not ok:
+            want = " or ".join(k.__name__ for k in kinds)
+            raise self.error(name, f"expected {want}, got {type(value).__name__} {value!r}")
+        return value
+
+    def table_of(self, name: str) -> _Reader | None:
+        value = self.take(name, dict)
+        return None if value is None else _Reader(self.path, value, self.key(name))
+
+    def done(self) -> None:
+        if self.table:
+            names = ", ".join(self.key(k) for k in sorted(self.table))
+            raise ConfigError(f"{self.path}: unknown key(s): {names}")
+
+
+def _resolve_url(r: _Reader, name: str, url: str) -> str:
+    """Check the URL parses; make a relative path in it absolute."""
+    try:
+        parsed = parse_url(url)
+    except UrlError as e:
+        raise r.error(name, str(e)) from None
+    if parsed.scheme in PATH_SCHEMES:
+        rest = url.split("://", 1)[1]
+        if rest and not rest.startswith("/"):
+            where, sep, query = rest.partition("?")
+            absolute = (r.path.parent / where).resolve()
+            url = f"{parsed.scheme}://{absolute}{sep}{query}"
+    return url
+
+
+def _address(r: _Reader, name: str, *, required: bool = False) -> tuple[str, int] | None:
+    text = r.take(name, str, required=required)
+    if text is None:
+        return None
+    try:
+        return split_address(text)
+    except ValueError as e:
+        raise r.error(name, str(e)) from None
+
+
+def _session_fields() -> dict[str, Any]:
+    try:
+        from firmware.params import SessionParams
+    except ImportError:  # the firmware core not installed yet: accept the contract's names
+        return dict(cg_interval_s=0.0, max_coord_ms=50.0, max_drain_s=240.0, collision_policy="dual-image",
+                    track_bytes=65536, max_failures_before_untimed=5, destage_inflight=8, drain_inflight=16)
+    return {f.name: f.default for f in dataclasses.fields(SessionParams)}
+
+
+def _check_param(r: _Reader, name: str, value: Any) -> None:
+    try:
+        from firmware.params import SessionParams
+    except ImportError:
+        return
+    try:
+        SessionParams().set(name, _as_text(value))
+    except (ValueError, TypeError) as e:
+        raise r.error(name, str(e)) from None
+
+
+def load_config(path: str | Path, *, role: str | None = None) -> ControllerConfig:
+    """Read and check one controller config; ``role`` insists on primary/secondary."""
+    path = Path(path).expanduser().resolve()
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
+    try:
+        doc = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+    top = _Reader(path, doc, "")
+    cfg_role = top.take("role", str, required=True)
+    if cfg_role not in ROLES:
+        raise top.error("role", f"{cfg_role!r} is not one of {', '.join(ROLES)}")
+    if role is not None and cfg_role != role:
+        raise top.error("role", f"this file is for a {cfg_role}, but it was given to `mirrorfw {role}`")
+
+    session = top.table_of("session")
+    if session is None:
+        raise top.error("session", "missing (required table with id and secret_file)")
+    session_id = session.take("id", str, required=True)
+    if not session_id or len(session_id) > 200:
+        raise session.error("id", "must be 1 to 200 characters")
+    secret_name = session.take("secret_file", str, required=True)
+    secret_file = (path.parent / Path(secret_name).expanduser()).resolve()
+    try:
+        secret = secret_file.read_bytes().strip()
+    except FileNotFoundError:
+        raise session.error("secret_file", f"{secret_file} does not exist") from None
+    except OSError as e:
+        raise session.error("secret_file", f"cannot read {secret_file}: {e.strerror or e}") from None
+    if not secret:
+        raise session.error("secret_file", f"{secret_file} is empty (the link needs a shared secret)")
+    params: dict[str, Any] = {}
+    known = _session_fields()
+    for name in list(session.table):
+        if name not in known:
+            continue
+        value = session.take(name, (str, int, float, bool))
+        _check_param(session, name, value)
+        params[name] = value
+    session.done()
+
+    nvram = top.table_of("nvram")
+    if nvram is None:
+        raise top.error("nvram", "missing (required table with url)")
+    nvram_url = nvram.take("url", str, required=True)
+    nvram_url = _resolve_url(nvram, "url", nvram_url)
+    if parse_url(nvram_url).scheme != "nvram":
+        raise nvram.error("url", f"{nvram_url}: expected an nvram:// URL")
+    nvram.done()
+
+    raw_volumes = top.take("volume", list, required=True)
+    if not raw_volumes:
+        raise top.error("volume", "at least one [[volume]] is required")
+    volumes: list[VolumeConfig] = []
+    seen: set[str] = set()
+    url_keys = ("url",) if cfg_role == "primary" else ("b_url", "c_url")
+    for i, raw in enumerate(raw_volumes):
+        if not isinstance(raw, dict):
+            raise top.error(f"volume[{i}]", "expected a table ([[volume]])")
+        v = _Reader(path, raw, f"volume[{i}]")
+        name = v.take("name", str, required=True)
+        if not name or len(name) > 200 or any(c.isspace() or c == "/" for c in name):
+            raise v.error("name", f"{name!r}: 1 to 200 characters, no spaces or slashes")
+        if name in seen:
+            raise v.error("name", f"{name!r} is used by another volume")
+        seen.add(name)
+        urls = {k: _resolve_url(v, k, v.take(k, str, required=True)) for k in url_keys}
+        for other in ("url", "b_url", "c_url"):
+            if other in v.table:
+                raise v.error(other, f"not used by a {cfg_role} (expected {', '.join(url_keys)})")
+        v.done()
+        volumes.append(VolumeConfig(name=name, **urls))
+
+    link = top.table_of("link")
+    if link is None:
+        raise top.error("link", "missing (required table: peer for a primary, listen for a secondary)")
+    if cfg_role == "primary":
+        link_peer, link_listen = _address(link, "peer", required=True), None
+    else:
+        link_peer, link_listen = None, _address(link, "listen", required=True)
+    link.done()
+
+    host_listen = host_socket = None
+    host = top.table_of("host")
+    if host is not None:
+        host_listen = _address(host, "listen")
+        sock = host.take("socket", str)
+        if sock is not None:
+            host_socket = (path.parent / Path(sock).expanduser()).resolve()
+        host.done()
+
+    console_url, allow_faults = None, False
+    console = top.table_of("console")
+    if console is not None:
+        console_url = console.take("url", str)
+        if console_url is not None:
+            console_url = _resolve_url(console, "url", console_url)
+        allow_faults = console.take("allow_faults", bool, default=False)
+        console.done()
+
+    top.done()
+    return ControllerConfig(
+        path=path, role=cfg_role, session_id=session_id, secret=secret, secret_file=secret_file,
+        params=params, nvram_url=nvram_url, volumes=volumes, link_peer=link_peer, link_listen=link_listen,
+        host_listen=host_listen, host_socket=host_socket, console_url=console_url,
+        console_allow_faults=allow_faults,
+    )
