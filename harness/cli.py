@@ -16,6 +16,7 @@ import sys
 # name: (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("harness.cmd_info", "show what the HAL knows about a device URL"),
+    "console": ("harness.cmd_console", "talk to a controller console (socket://, rfc2217://, pty://); one command or interactive"),
 }
 
 EXIT_USAGE = 2

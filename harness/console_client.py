@@ -100,7 +100,8 @@ class ConsoleClient:
     def sendline(self, text: str = "") -> None:
         self.send(text + "\n")
 
-    def _read_some(self) -> bytes:
+    def read_nonblocking(self) -> bytes:
+        """What arrived within the poll interval (maybe nothing); logged, not buffered."""
         try:
             data = self.serial.read(max(1, self.serial.in_waiting))
         except (serial.SerialException, OSError) as exc:
@@ -134,12 +135,12 @@ class ConsoleClient:
                 raise ConsoleTimeout(f"console {self.url}: no {shown!r} within "
                                      f"{self.timeout_s if timeout is None else timeout} s; "
                                      f"seen: {seen[-400:]!r}", seen)
-            self._buf += self._read_some()
+            self._buf += self.read_nonblocking()
 
     def read_available(self) -> bytes:
         """Whatever has arrived and was not consumed by expect."""
         while self.serial.in_waiting:
-            self._buf += self._read_some()
+            self._buf += self.read_nonblocking()
         data, self._buf = bytes(self._buf), bytearray()
         return data
 
