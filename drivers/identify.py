@@ -22,6 +22,7 @@ from construct import (
     Int16ul,
     Int32ul,
     Int64ul,
+    PaddedString,
     Padding,
     Struct,
 )
@@ -187,7 +188,7 @@ NvmeIdCtrl = Struct(
     "awun" / Default(Int16ul, 0),                     # 526
     "awupf" / Default(Int16ul, 0),                    # 528
     Padding(238),                                     # 530..767
-    "subnqn" / Default(SpacePaddedString(256), ""),   # 768
+    "subnqn" / Default(PaddedString(256, "utf8"), ""),  # 768: NUL-padded, unlike sn/mn/fr
     Padding(3072),                                    # 1024..4095 (ioccsz.., psd[32], vs)
 )
 
