@@ -1,0 +1,318 @@
+"""The controller processes: wiring firmware to drivers from a config.
+
+``mirrorfw primary`` and ``mirrorfw secondary`` each run one asyncio loop
+(uvloop when installed) that opens the devices and NVRAM through the driver
+doors, builds the Primary or Secondary with an AsyncioClock, starts the
+replication link (the primary connects to ``[link] peer`` with backoff; the
+secondary listens), the NBD host port and the console, then prints one
+``ready key=value ...`` line on stdout for supervisors.
+
+SIGTERM/SIGINT stop cleanly: the current CG finishes or fails, NVRAM is
+persisted and marked clean, exit status 0. Crash points armed from
+``MIRRORFW_CRASHPOINTS="name[:after],..."`` (or the console's ``fault arm``)
+SIGKILL the process when hit, so tests can prove recovery from NVRAM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from drivers.link import Framing, TcpLink, connect_link, listen_links
+from firmware import protocol
+from firmware.crashpoints import CrashPoints
+from firmware.events import EventBus
+from hal.clock import AsyncioClock
+from hal.url import parse_url
+from harness.config import ControllerConfig, load_config
+from harness.errors import ConfigError, register
+
+log = logging.getLogger(__name__)
+
+# The replication link's frames carry their own length: the TCP driver reads
+# the header, asks the protocol how much follows, then reads that.
+LINK_FRAMING = Framing(protocol.HEADER_BYTES, protocol.rest_length)
+CRASHPOINTS_ENV = "MIRRORFW_CRASHPOINTS"
+STOP_TIMEOUT_S = 30.0
+
+
+class ControllerError(Exception):
+    """The controller cannot start (NVRAM missing or unreadable, ...)."""
+
+
+register(ControllerError, 2)
+
+
+async def connect_replication_link(host: str, port: int, *, timeout_s: float = 5.0) -> TcpLink:
+    return await connect_link(host, port, timeout_s=timeout_s, framing=LINK_FRAMING)
+
+
+async def listen_replication_links(host: str, port: int, on_link) -> asyncio.Server:
+    return await listen_links(host, port, on_link, framing=LINK_FRAMING)
+
+
+# -- crash points ---------------------------------------------------------------
+
+
+def sigkill_self(name: str) -> None:
+    """What an armed crash point does in a controller process: die at once,
+    the way a power cut or kill -9 would, without any cleanup."""
+    with contextlib.suppress(Exception):
+        os.write(2, f"mirrorfw: crash point {name} hit: SIGKILL\n".encode())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def parse_crashpoints(text: str) -> list[tuple[str, int]]:
+    """``"name[:after],name2"`` -> [(name, after), ...]; ValueError when malformed."""
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, after = item.partition(":")
+        if sep and not after.isdigit():
+            raise ValueError(f"{CRASHPOINTS_ENV}: {item!r}: expected name or name:N (N hits to skip)")
+        out.append((name, int(after) if sep else 0))
+    return out
+
+
+def make_crashpoints(env: dict[str, str] | None = None) -> CrashPoints:
+    points = CrashPoints(on_hit=sigkill_self)
+    text = (os.environ if env is None else env).get(CRASHPOINTS_ENV, "")
+    try:
+        for name, after in parse_crashpoints(text):
+            points.arm(name, after)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{CRASHPOINTS_ENV}={text!r}: {e.args[0] if e.args else e}") from None
+    return points
+
+
+# -- opening NVRAM ----------------------------------------------------------------
+
+
+def open_nvram_checked(url: str, *, format: bool):
+    """Open the NVRAM region; refuse a missing file unless formatting."""
+    from drivers import open_nvram
+
+    path = parse_url(url).path
+    if not format and not os.path.exists(path):
+        raise ControllerError(
+            f"NVRAM {path} does not exist: refusing to start without the write cache and bitmaps; "
+            "start with --format to create it and do a full resync"
+        )
+    return open_nvram(url)
+
+
+def nvram_refusal(exc: BaseException, url: str) -> ControllerError:
+    return ControllerError(
+        f"NVRAM {url} is unreadable ({exc}): refusing to start; start with --format to "
+        "reformat it and do a full resync (cached writes in it are lost)"
+    )
+
+
+# -- the process ---------------------------------------------------------------------
+
+
+class Controller:
+    role = ""
+
+    def __init__(self, cfg: ControllerConfig, *, format: bool = False, out: TextIO | None = None) -> None:
+        self.cfg = cfg
+        self.format = format
+        self.out = out or sys.stdout
+        self.clock = AsyncioClock()
+        self.events = EventBus()
+        self.crashpoints = make_crashpoints()
+        self._stop = asyncio.Event()
+        self._closers: list[Any] = []  # async callables, run in reverse on stop
+        self.addresses: dict[str, str] = {}
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            fields = " ".join(f"{k}={v}" for k, v in self.addresses.items())
+            print(f"ready role={self.role} session={self.cfg.session_id} pid={os.getpid()} {fields}",
+                  file=self.out, flush=True)
+            await self._stop.wait()
+            log.info("%s: stopping", self.role)
+            await asyncio.wait_for(self.stop(), STOP_TIMEOUT_S)
+        finally:
+            await self._close_all()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        return 0
+
+    async def _close_all(self) -> None:
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                result = closer()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception as e:  # noqa: BLE001 - closing everything else matters more
+                log.warning("%s: while closing: %s", self.role, e)
+
+    def _open_devices(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def _start_host_port(self, target, *, read_only: bool) -> None:
+        from drivers.nbd.server import NbdServer
+
+        if self.cfg.host_listen is None and self.cfg.host_socket is None:
+            return
+        server = NbdServer(target, read_only=read_only)
+        self._closers.append(server.close)
+        if self.cfg.host_listen is not None:
+            host, port = await server.start_tcp(*self.cfg.host_listen)
+            self.addresses["nbd"] = f"{host}:{port}"
+        if self.cfg.host_socket is not None:
+            await server.start_unix(str(self.cfg.host_socket))
+            self.addresses["nbd_socket"] = str(self.cfg.host_socket)
+
+    async def _start_console(self, controller) -> None:
+        if not self.cfg.console_url:
+            return
+        from harness.console_session import start_console
+
+        server = await start_console(
+            self.cfg.console_url, controller, role=self.role, allow_faults=self.cfg.console_allow_faults,
+            crashpoints=self.crashpoints, events=self.events,
+        )
+        self._closers.append(server.close)
+        self.addresses["console"] = server.url
+
+
+class PrimaryController(Controller):
+    role = "primary"
+
+    async def start(self) -> None:
+        from firmware.primary import Primary
+
+        from drivers import open_device
+        from firmware.errors import NvramError
+        from firmware.replication import LinkRemote
+
+        cfg = self.cfg
+        params = cfg.session_params()
+        nvram = open_nvram_checked(cfg.nvram_url, format=self.format)
+        self._closers.append(nvram.close)
+        volumes = {}
+        for v in cfg.volumes:
+            dev = open_device(v.url)
+            self._closers.append(dev.close)
+            volumes[v.name] = dev
+        host, port = cfg.link_peer
+
+        async def link_factory():
+            return await connect_replication_link(host, port)
+
+        self.remote = LinkRemote(link_factory, cfg.secret, random_bytes=os.urandom, clock=self.clock,
+                                 events=self.events)
+        self._closers.append(self.remote.close)
+        self.primary = Primary(volumes, nvram, self.clock, params, self.remote, session_id=cfg.session_id,
+                               events=self.events, crashpoints=self.crashpoints)
+        try:
+            await self.primary.open(format=self.format)
+        except NvramError as e:
+            raise nvram_refusal(e, cfg.nvram_url) from None
+        self.addresses["link_peer"] = f"{host}:{port}"
+        await self._start_host_port(self.primary.host_target(), read_only=False)
+        await self._start_console(self.primary)
+        self._starter = asyncio.ensure_future(self._start_replication())
+        self._closers.append(self._cancel_starter)
+
+    async def _start_replication(self) -> None:
+        """Primary.start() connects the remote; while the secondary is away,
+        try again with backoff (host I/O goes on meanwhile)."""
+        delay = 0.1
+        while True:
+            try:
+                await self.primary.start()
+                return
+            except (ConnectionError, TimeoutError) as e:
+                log.warning("primary: secondary not reachable yet (%s); retrying in %.1f s", e, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _cancel_starter(self) -> None:
+        if not self._starter.done():
+            self._starter.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._starter
+
+    async def stop(self) -> None:
+        await self._cancel_starter()
+        await self.primary.stop(clean=True)
+
+
+class SecondaryController(Controller):
+    role = "secondary"
+
+    async def start(self) -> None:
+        from firmware.secondary import Secondary
+
+        from drivers import open_device
+        from firmware.errors import NvramError
+        from firmware.replication import ReplicationService
+
+        cfg = self.cfg
+        nvram = open_nvram_checked(cfg.nvram_url, format=self.format)
+        self._closers.append(nvram.close)
+        volumes = {}
+        for v in cfg.volumes:
+            b = open_device(v.b_url)
+            self._closers.append(b.close)
+            c = open_device(v.c_url)
+            self._closers.append(c.close)
+            volumes[v.name] = (b, c)
+        self.secondary = Secondary(volumes, nvram, self.clock, session_id=cfg.session_id, events=self.events,
+                                   crashpoints=self.crashpoints)
+        try:
+            await self.secondary.open(format=self.format)
+        except NvramError as e:
+            raise nvram_refusal(e, cfg.nvram_url) from None
+        self.service = ReplicationService(self.secondary, cfg.secret, cfg.session_id, random_bytes=os.urandom,
+                                          clock=self.clock, events=self.events)
+        server = await listen_replication_links(*cfg.link_listen, self.service.serve)
+        self._closers.append(server.close)
+        host, port = server.sockets[0].getsockname()[:2]
+        self.addresses["link"] = f"{host}:{port}"
+        await self._start_host_port(self.secondary.host_target(read_only=True), read_only=True)
+        await self._start_console(self.secondary)
+
+    async def stop(self) -> None:
+        await self.secondary.close()
+
+
+CONTROLLERS = {"primary": PrimaryController, "secondary": SecondaryController}
+
+
+def run_controller(role: str, config_path: str | Path, *, format: bool = False) -> int:
+    """Load the config and run the controller until a stop signal (the CLI's body)."""
+    cfg = load_config(config_path, role=role)
+    controller_cls = CONTROLLERS[role]
+
+    async def main() -> int:
+        return await controller_cls(cfg, format=format).run()
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())
