@@ -130,6 +130,14 @@ def local_path(u: DeviceUrl, example: str) -> str:
     return u.path
 
 
+def url_size(u: DeviceUrl) -> int | None:
+    """``?size=`` in bytes, or None; a bad size names the URL."""
+    try:
+        return u.size()
+    except UrlError as e:
+        raise UrlError(f"{u.url}: {e}") from None
+
+
 def open_error(url: str, path: str, e: OSError, doing: str) -> DeviceError:
     err = e.errno or errno.EIO
     hints = {
@@ -152,7 +160,7 @@ def open(url: str, *, read_only: bool = False) -> FileDevice:  # noqa: A001 - th
     u = parse_url(url)
     u.check_keys({"size", "block_size", "direct"})
     path = local_path(u, example)
-    want_size = u.size()
+    want_size = url_size(u)
     bs = u.int_param("block_size", 512)
     if bs < 512 or bs & (bs - 1):
         raise UrlError(f"{url}: block_size {bs} must be a power of two >= 512")
@@ -163,10 +171,10 @@ def open(url: str, *, read_only: bool = False) -> FileDevice:  # noqa: A001 - th
         raise UrlError(f"{url}: size {want_size} must be a positive multiple of block_size {bs}")
 
     exists = os.path.lexists(path)
+    if not exists and read_only:  # read-only never creates
+        raise open_error(url, path, FileNotFoundError(errno.ENOENT, "missing"), "open")
     if not exists and want_size is None:
         raise UrlError(f"{url}: {path} does not exist; give ?size=... to create it (e.g. {example})")
-    if not exists and read_only:
-        raise open_error(url, path, FileNotFoundError(errno.ENOENT, "missing"), "open")
     try:
         st = os.stat(path) if exists else None
     except OSError as e:

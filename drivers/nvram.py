@@ -16,7 +16,7 @@ import mmap
 import os
 import stat
 
-from drivers.file import local_path, open_error
+from drivers.file import local_path, open_error, url_size
 from hal import osio
 from hal.block import DeviceError
 from hal.nvram import NvramRegion
@@ -82,7 +82,7 @@ def open(url: str) -> MmapNvram:  # noqa: A001 - the driver door
         raise UrlError(f"{url}: not an nvram:// URL (e.g. {example})")
     u.check_keys({"size"})
     path = local_path(u, example)
-    want = u.size()
+    want = url_size(u)
     page = mmap.ALLOCATIONGRANULARITY
     if want is not None and (want <= 0 or want % page):
         raise UrlError(f"{url}: size {want} must be a positive multiple of {page} bytes")
