@@ -1,0 +1,489 @@
+"""WriteCache: track images in the NVRAM region, and the Destager that writes
+them to volume A.
+
+A slot holds one track image with a per-sector (512 B) valid map, so partial
+writes fill sectors. A track has at most two images: ``cur`` (the only image,
+or while change recording is on, the *old* image that belongs to the CG
+being formed) and ``new`` (written after CR creation to a track whose OOS bit
+is still set, dual-image policy). Reads return the newest: new over cur over
+volume A. Only ``cur`` images are ever destaged, so A never receives a new
+image before the old one has been sent; ``promote`` (after the old image was
+sent) merges the old image into the holes of the new one and discards it.
+
+Persistence order: slot data first, then the directory entry that makes it
+valid (two copies per slot, generation + CRC32C; see firmware/layout.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from bitarray import bitarray
+
+from firmware.errors import CacheFull, NvramError
+from firmware.layout import (
+    SECTOR_BYTES,
+    STATE_CUR,
+    STATE_FREE,
+    STATE_NEW,
+    RegionPlan,
+    pack_entry,
+    unpack_entry,
+)
+from hal.block import BlockDevice
+from hal.nvram import NvramRegion
+
+log = logging.getLogger(__name__)
+
+Key = tuple[int, int]  # (volume index, track)
+
+
+@dataclass(eq=False)
+class CacheEntry:
+    slot: int
+    volume: int
+    track: int
+    state: int
+    valid: bitarray
+    dirty: bool = True
+    seq: int = 0  # bumped on every data change: a destage only cleans the version it wrote
+    copy: int = -1  # directory copy holding the newest version
+    gen: int = 0
+
+    @property
+    def key(self) -> Key:
+        return (self.volume, self.track)
+
+
+@dataclass
+class CacheCounters:
+    hits: int = 0
+    misses: int = 0
+    destaged: int = 0
+    evictions: int = 0
+    destage_errors: int = 0
+    last_error: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def valid_runs(valid: bitarray, start: int, end: int):
+    """Yield [first, past) runs of set bits of ``valid`` within [start, end)."""
+    pos = start
+    while pos < end:
+        first = valid.find(1, pos, end)
+        if first < 0:
+            return
+        past = valid.find(0, first, end)
+        past = end if past < 0 else past
+        yield first, past
+        pos = past
+
+
+class WriteCache:
+    def __init__(self, nvram: NvramRegion, plan: RegionPlan) -> None:
+        self.nvram = nvram
+        self.view = nvram.view
+        self.plan = plan
+        self.n_slots = plan.n_slots
+        self.track_bytes = plan.track_bytes
+        self.sectors = plan.track_bytes // SECTOR_BYTES
+        self.valid_bytes = plan.valid_bytes
+        self.entry_bytes = plan.entry_bytes
+        self._index: dict[Key, list[CacheEntry | None]] = {}  # key -> [cur, new]
+        self._free: list[int] = []
+        self._clean: OrderedDict[Key, CacheEntry] = OrderedDict()  # evictable, LRU first
+        self._dirty: OrderedDict[Key, None] = OrderedDict()  # destage queue
+        self.with_new: set[Key] = set()
+        self.destaging: set[Key] = set()
+        self.counters = CacheCounters()
+        self._gen = 1
+        self._space_waiters: list[asyncio.Future] = []
+        self._dirty_waiters: list[asyncio.Future] = []
+
+    # -- format / recovery ---------------------------------------------------------
+    def format(self) -> None:
+        start, n = self.plan.dir_offset, self.n_slots * 2 * self.entry_bytes
+        self.view[start : start + n] = bytes(n)
+        self.nvram.persist(start, n)
+        self._reset()
+        self._free = list(range(self.n_slots - 1, -1, -1))
+
+    def _reset(self) -> None:
+        self._index.clear()
+        self._clean.clear()
+        self._dirty.clear()
+        self.with_new.clear()
+        self.destaging.clear()
+
+    def load(self, volume_tracks: list[int]) -> dict:
+        """Rebuild the directory from NVRAM. Duplicate images of one role keep the
+        highest generation (a crash during ``promote``). Returns a small report."""
+        self._reset()
+        self._free = []
+        found: list[tuple[int, int, dict]] = []  # (slot, copy, entry)
+        max_gen = 0
+        for slot in range(self.n_slots):
+            best = None
+            for copy in (0, 1):
+                at = self._entry_offset(slot, copy)
+                e = unpack_entry(self.view[at : at + self.entry_bytes], self.valid_bytes)
+                if e is not None and (best is None or e["gen"] > best[1]["gen"]):
+                    best = (copy, e)
+            if best is not None:
+                max_gen = max(max_gen, best[1]["gen"])
+            if best is None or best[1]["state"] == STATE_FREE:
+                self._free.append(slot)
+                continue
+            e = best[1]
+            if e["volume"] >= len(volume_tracks) or e["track"] >= volume_tracks[e["volume"]] \
+                    or e["state"] not in (STATE_CUR, STATE_NEW):
+                raise NvramError(f"cache directory slot {slot} names volume {e['volume']} track {e['track']}"
+                                 f" state {e['state']}, outside this region's geometry")
+            found.append((slot, best[0], e))
+        self._gen = max_gen + 1
+        dropped = 0
+        for slot, copy, e in sorted(found, key=lambda f: f[2]["gen"]):
+            valid = bitarray(endian="little")
+            valid.frombytes(e["valid"])
+            del valid[self.sectors :]
+            entry = CacheEntry(slot, e["volume"], e["track"], e["state"], valid, bool(e["dirty"]),
+                               copy=copy, gen=e["gen"])
+            pair = self._index.setdefault(entry.key, [None, None])
+            role = 0 if entry.state == STATE_CUR else 1
+            older = pair[role]
+            if older is not None:  # newer generation wins; the older copy was already merged into it
+                self._write_free(older)
+                self._free.append(older.slot)
+                dropped += 1
+            pair[role] = entry
+        for key, (cur, new) in self._index.items():
+            if cur is not None:
+                (self._dirty.__setitem__(key, None) if cur.dirty else self._clean.__setitem__(key, cur))
+            if new is not None:
+                self.with_new.add(key)
+        self._free.reverse()
+        return {"images": len(found) - dropped, "dropped_duplicates": dropped, "new_images": len(self.with_new)}
+
+    # -- lookups ----------------------------------------------------------------------
+    def images(self, volume: int, track: int) -> tuple[CacheEntry | None, CacheEntry | None]:
+        pair = self._index.get((volume, track))
+        return (pair[0], pair[1]) if pair else (None, None)
+
+    def has(self, volume: int, track: int) -> bool:
+        return (volume, track) in self._index
+
+    def available(self) -> int:
+        return len(self._free) + len(self._clean)
+
+    def dirty_count(self) -> int:
+        return len(self._dirty)
+
+    def used(self) -> int:
+        return self.n_slots - len(self._free)
+
+    # -- allocation ---------------------------------------------------------------------
+    def allocate(self, volume: int, track: int, state: int) -> CacheEntry:
+        """A new empty image (not yet in the directory: the first ``apply`` writes it)."""
+        if self._free:
+            slot = self._free.pop()
+        elif self._clean:
+            _, victim = self._clean.popitem(last=False)
+            self._drop(victim)
+            self._write_free(victim)
+            self.counters.evictions += 1
+            slot = victim.slot
+        else:
+            raise CacheFull(f"all {self.n_slots} cache slots hold dirty or new images")
+        valid = bitarray(self.sectors, endian="little")
+        valid.setall(0)
+        entry = CacheEntry(slot, volume, track, state, valid, dirty=True)
+        pair = self._index.setdefault((volume, track), [None, None])
+        role = 0 if state == STATE_CUR else 1
+        assert pair[role] is None, "allocate over an existing image"
+        pair[role] = entry
+        if state == STATE_NEW:
+            self.with_new.add((volume, track))
+        return entry
+
+    def release_unwritten(self, entry: CacheEntry) -> None:
+        """Give back an image allocated but never applied."""
+        self._drop(entry)
+        self._free.append(entry.slot)
+
+    # -- data ----------------------------------------------------------------------------
+    def apply(self, entry: CacheEntry, byte_in_track: int, data: memoryview) -> None:
+        """Copy ``data`` into the image at ``byte_in_track`` (sector aligned), then
+        write its directory entry. The write is durable when this returns."""
+        n = data.nbytes
+        at = self.plan.slots_offset + entry.slot * self.track_bytes + byte_in_track
+        self.view[at : at + n] = data
+        self.nvram.persist(at, n)
+        s = byte_in_track // SECTOR_BYTES
+        entry.valid[s : s + (n + SECTOR_BYTES - 1) // SECTOR_BYTES] = 1
+        self._touch(entry)
+
+    def _touch(self, entry: CacheEntry) -> None:
+        entry.dirty = True
+        entry.seq += 1
+        self._write_entry(entry)
+        if entry.state == STATE_CUR:
+            self._clean.pop(entry.key, None)
+            if entry.key not in self._dirty:
+                self._dirty[entry.key] = None
+                self._wake(self._dirty_waiters)
+
+    def slot_view(self, entry: CacheEntry) -> memoryview:
+        at = self.plan.slots_offset + entry.slot * self.track_bytes
+        return self.view[at : at + self.track_bytes]
+
+    def overlay(self, volume: int, track: int, out: bytearray | memoryview, out_offset: int,
+                start: int, end: int, *, include_new: bool = True) -> bool:
+        """Copy cached sectors of bytes [start, end) of the track over ``out``
+        (where byte ``start`` of the track lands at ``out_offset``). True if
+        the track had any image."""
+        cur, new = self.images(volume, track)
+        if cur is None and (new is None or not include_new):
+            return False
+        s0, s1 = start // SECTOR_BYTES, (end + SECTOR_BYTES - 1) // SECTOR_BYTES
+        for e in (cur, new if include_new else None):
+            if e is None:
+                continue
+            slot = self.slot_view(e)
+            for a, b in valid_runs(e.valid, s0, s1):
+                lo, hi = max(a * SECTOR_BYTES, start), min(b * SECTOR_BYTES, end)
+                out[out_offset + lo - start : out_offset + hi - start] = slot[lo:hi]
+        if cur is not None and cur.key in self._clean:
+            self._clean.move_to_end(cur.key)
+        return True
+
+    def fully_valid(self, entry: CacheEntry | None, nsectors: int) -> bool:
+        return entry is not None and entry.valid.count(1, 0, nsectors) == nsectors
+
+    # -- the two image transitions ----------------------------------------------------------
+    def promote(self, volume: int, track: int) -> bool:
+        """Claim 7: the old image was sent. Fill the new image's holes from the old
+        one, discard the old one; the new image becomes the track's only image.
+        Returns True if there was a new image."""
+        pair = self._index.get((volume, track))
+        if pair is None or pair[1] is None:
+            return False
+        cur, new = pair
+        if cur is not None:
+            src, dst = self.slot_view(cur), self.slot_view(new)
+            holes = cur.valid & ~new.valid
+            for a, b in valid_runs(holes, 0, self.sectors):
+                dst[a * SECTOR_BYTES : b * SECTOR_BYTES] = src[a * SECTOR_BYTES : b * SECTOR_BYTES]
+            at = self.plan.slots_offset + new.slot * self.track_bytes
+            self.nvram.persist(at, self.track_bytes)
+            new.valid |= cur.valid
+        new.state = STATE_CUR
+        pair[1] = None
+        self.with_new.discard((volume, track))
+        if cur is not None:
+            # The promoted image (higher generation) is written first: a crash
+            # between the two writes leaves two "cur" images and load() keeps it.
+            pair[0] = new
+            self._touch(new)
+            self._write_free(cur)
+            self._clean.pop(cur.key, None)
+            self._free.append(cur.slot)
+        else:
+            pair[0] = new
+            self._touch(new)
+        return True
+
+    def merge_new_into_cur(self, volume: int, track: int) -> None:
+        """A CG failed: the new image's sectors overwrite the old image (idempotent)."""
+        pair = self._index.get((volume, track))
+        if pair is None or pair[1] is None:
+            return
+        cur, new = pair
+        self.with_new.discard((volume, track))
+        if cur is None:
+            new.state = STATE_CUR
+            pair[0], pair[1] = new, None
+            self._touch(new)
+            return
+        src, dst = self.slot_view(new), self.slot_view(cur)
+        for a, b in valid_runs(new.valid, 0, self.sectors):
+            dst[a * SECTOR_BYTES : b * SECTOR_BYTES] = src[a * SECTOR_BYTES : b * SECTOR_BYTES]
+        self.nvram.persist(self.plan.slots_offset + cur.slot * self.track_bytes, self.track_bytes)
+        cur.valid |= new.valid
+        self._touch(cur)  # newer generation than ``new``: a replay after a crash is harmless
+        pair[1] = None
+        self._write_free(new)
+        self._free.append(new.slot)
+
+    # -- destage bookkeeping --------------------------------------------------------------
+    def next_dirty(self) -> CacheEntry | None:
+        for key in self._dirty:
+            if key not in self.destaging:
+                return self._index[key][0]
+        return None
+
+    def destage_snapshot(self, entry: CacheEntry, track_len: int) -> tuple[int, list[tuple[int, bytes]]]:
+        slot = self.slot_view(entry)
+        nsect = (track_len + SECTOR_BYTES - 1) // SECTOR_BYTES
+        runs = [(a * SECTOR_BYTES, bytes(slot[a * SECTOR_BYTES : b * SECTOR_BYTES]))
+                for a, b in valid_runs(entry.valid, 0, nsect)]
+        return entry.seq, runs
+
+    def destage_done(self, entry: CacheEntry, seq: int) -> None:
+        self.counters.destaged += 1
+        pair = self._index.get(entry.key)
+        if pair is None or pair[0] is not entry or entry.seq != seq:
+            return  # rewritten, promoted or freed meanwhile: still dirty (or gone)
+        entry.dirty = False
+        self._write_entry(entry)
+        self._dirty.pop(entry.key, None)
+        self._clean[entry.key] = entry
+        self._wake(self._space_waiters)
+
+    # -- waiting -----------------------------------------------------------------------------
+    async def wait_space(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._space_waiters.append(fut)
+        await fut
+
+    async def wait_dirty(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._dirty_waiters.append(fut)
+        await fut
+
+    def _wake(self, waiters: list[asyncio.Future]) -> None:
+        while waiters:
+            fut = waiters.pop()
+            if not fut.done():
+                fut.set_result(None)
+
+    def stats(self) -> dict:
+        dual = sum(1 for k in self.with_new if self._index[k][0] is not None)
+        used = self.used()
+        return {"slots": self.n_slots, "used": used, "dual": dual, "dirty": len(self._dirty),
+                "new": len(self.with_new), "hits": self.counters.hits, "misses": self.counters.misses,
+                "destaged": self.counters.destaged, "evictions": self.counters.evictions,
+                "occupancy": used / self.n_slots if self.n_slots else 0.0}
+
+    # -- directory writes -------------------------------------------------------------------
+    def _entry_offset(self, slot: int, copy: int) -> int:
+        return self.plan.dir_offset + (slot * 2 + copy) * self.entry_bytes
+
+    def _write_entry(self, entry: CacheEntry) -> None:
+        entry.gen = self._gen
+        self._gen += 1
+        raw = pack_entry(entry.gen, entry.state, int(entry.dirty), entry.volume, entry.track,
+                         entry.valid.tobytes())
+        copy = 1 - entry.copy if entry.copy >= 0 else 0
+        at = self._entry_offset(entry.slot, copy)
+        self.view[at : at + len(raw)] = raw
+        self.nvram.persist(at, len(raw))
+        entry.copy = copy
+
+    def _write_free(self, entry: CacheEntry) -> None:
+        gen = self._gen
+        self._gen += 1
+        raw = pack_entry(gen, STATE_FREE, 0, 0, 0, bytes(self.valid_bytes))
+        copy = 1 - entry.copy if entry.copy >= 0 else 0
+        at = self._entry_offset(entry.slot, copy)
+        self.view[at : at + len(raw)] = raw
+        self.nvram.persist(at, len(raw))
+        entry.copy = copy
+        self._wake(self._space_waiters)
+
+    def _drop(self, entry: CacheEntry) -> None:
+        pair = self._index.get(entry.key)
+        if pair is not None:
+            if pair[0] is entry:
+                pair[0] = None
+            if pair[1] is entry:
+                pair[1] = None
+                self.with_new.discard(entry.key)
+            if pair[0] is None and pair[1] is None:
+                del self._index[entry.key]
+        self._clean.pop(entry.key, None)
+        if self._index.get(entry.key, [None])[0] is None:
+            self._dirty.pop(entry.key, None)
+
+
+class Destager:
+    """Writes dirty ``cur`` images to volume A, at most ``inflight`` at a time,
+    one write stream per track (so two versions of a track never race on A)."""
+
+    def __init__(self, cache: WriteCache, devices: list[BlockDevice], track_len: Callable[[int, int], int],
+                 inflight: int) -> None:
+        self.cache = cache
+        self.devices = devices
+        self.track_len = track_len
+        self.inflight = inflight
+        self._task: asyncio.Task | None = None
+        self._sem: asyncio.Semaphore | None = None
+
+    async def destage_entry(self, entry: CacheEntry) -> None:
+        cache = self.cache
+        key = entry.key
+        cache.destaging.add(key)
+        try:
+            seq, runs = cache.destage_snapshot(entry, self.track_len(*key))
+            dev = self.devices[entry.volume]
+            bs = dev.info.block_size
+            base = entry.track * cache.track_bytes
+            for off, data in runs:
+                await dev.write((base + off) // bs, data)
+            cache.destage_done(entry, seq)
+        except Exception as e:  # A failed: keep the image dirty; the next round retries
+            cache.counters.destage_errors += 1
+            cache.counters.last_error = str(e)
+            log.warning("destage of volume %d track %d failed: %s", key[0], key[1], e)
+            raise
+        finally:
+            cache.destaging.discard(key)
+
+    async def destage(self, limit: int | None = None) -> int:
+        """Destage up to ``limit`` images (all dirty ones when None) with bounded
+        concurrency; returns how many were written."""
+        done = 0
+        running: set[asyncio.Task] = set()
+        while limit is None or done + len(running) < limit:
+            entry = self.cache.next_dirty()
+            if entry is None:
+                if not running:
+                    break
+            elif len(running) < self.inflight:
+                running.add(asyncio.ensure_future(self.destage_entry(entry)))
+                continue
+            finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for t in finished:
+                if t.exception() is None:
+                    done += 1
+                else:
+                    limit = done  # stop this round on a device error
+        if running:
+            for t in await asyncio.gather(*running, return_exceptions=True):
+                done += 0 if isinstance(t, BaseException) else 1
+        return done
+
+    def start(self, clock_sleep: Callable[[float], object]) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._loop(clock_sleep))
+
+    async def _loop(self, clock_sleep) -> None:
+        while True:
+            if self.cache.next_dirty() is None:
+                await self.cache.wait_dirty()
+                continue
+            before = self.cache.counters.destage_errors
+            await self.destage(limit=self.inflight * 4)
+            if self.cache.counters.destage_errors != before:
+                await clock_sleep(0.1)  # back off from a failing device
+            else:
+                await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
