@@ -16,6 +16,9 @@ import sys
 # name: (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("harness.cmd_info", "show what the HAL knows about a device URL"),
+    "trace": ("testbench.cli_trace", "trace stats, conversion between formats, synthetic generation"),
+    "replay": ("testbench.cli_replay", "replay a trace into volumes with stamped writes and a replay log"),
+    "check": ("testbench.cli_check", "check that a copy is a consistent cut of a replay log"),
     "primary": ("harness.cmd_primary", "run the primary controller from a config file"),
     "secondary": ("harness.cmd_secondary", "run the secondary controller from a config file"),
     "console": ("harness.cmd_console", "talk to a controller console (socket://, rfc2217://, pty://); one command or interactive"),

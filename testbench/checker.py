@@ -1,0 +1,228 @@
+"""The scoreboard: is a copy of the session's volumes a consistent cut of the
+host's write history?
+
+Definitions (all times are the replayer's monotonic ns):
+- Each write w has an issue time i(w) and, if acknowledged, an ack time a(w)
+  (never-acknowledged or failed writes have a(w) = infinity). Write ids grow
+  in issue order, and the replayer never has two overlapping writes in flight,
+  so the writes to any one block are totally ordered and each was
+  acknowledged before the next was issued.
+- The copy shows, on each block b, the write s(b) whose stamp it holds
+  (or nothing: a zero block). S is the set of shown writes.
+- T* = max i(w) over w in S: the cut's time. R = {w : a(w) < T*}: the writes
+  the host saw complete before it issued a write the copy shows. A host may
+  have issued that write *because* those completed (dependent writes), so a
+  consistent copy must contain every write of R. Writes in flight at T*
+  (i(w) <= T* < a(w)) may be in or out.
+
+Rule. The copy is consistent iff there is a set C with S ⊆ C, R ⊆ C, every
+write of C issued no later than T*, and every block showing the last write to
+it among C. Because per-block writes are totally ordered and acked before
+the next is issued, that is equivalent to: for every block b and every write
+w touching b that is newer than s(b) (id(w) > id(s(b)), "nothing" being
+older than all), w is neither in R (a lost write or stale block: the copy
+lacks an acknowledged-before-T* write there) nor in S (a torn write: the copy
+shows w on another block but not here). Plus sanity: every stamp decodes,
+names a logged write, and sits on a block that write touched.
+
+Linear time: one pass over the copy (decode every block), one pass over the
+log to find T*, one pass over the log checking each write's blocks against
+the shown ids. Memory: one 64-bit id per block of the copy plus the set S.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from hal.block import BlockDevice
+from testbench import stamp
+from testbench.replaylog import WriteRecord
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK_BYTES = 4 << 20
+NOTHING = 0  # shown id of a block that shows no write
+
+
+@dataclass
+class Violation:
+    kind: str  # lost-write | stale-block | torn-write | unknown-write | misplaced | corrupt | foreign-data
+    volume: str
+    lba: int
+    shows: int | None  # write id the block shows (None: nothing)
+    lacks: int | None  # write id the block should show (or a newer one)
+    message: str
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "volume": self.volume, "lba": self.lba, "shows": self.shows,
+                "lacks": self.lacks, "message": self.message}
+
+
+@dataclass
+class CheckResult:
+    consistent: bool = True
+    violations: list[Violation] = field(default_factory=list)
+    violation_count: int = 0
+    blocks: int = 0
+    stamped_blocks: int = 0
+    shown_writes: int = 0
+    logged_writes: int = 0
+    acked_writes: int = 0
+    t_star_ns: int | None = None  # issue time of the newest shown write
+    t_star_write: int | None = None
+    required_writes: int = 0  # |R|
+    missing_acked_before_check: int = 0  # acked writes not in the cut (exposure)
+    check_ns: int | None = None
+    data_exposure_s: float | None = None  # check time - T*: how far the copy trails the host
+
+    def as_dict(self) -> dict:
+        return {"consistent": self.consistent, "violation_count": self.violation_count,
+                "violations": [v.as_dict() for v in self.violations], "blocks": self.blocks,
+                "stamped_blocks": self.stamped_blocks, "shown_writes": self.shown_writes,
+                "logged_writes": self.logged_writes, "acked_writes": self.acked_writes,
+                "t_star_ns": self.t_star_ns, "t_star_write": self.t_star_write,
+                "required_writes": self.required_writes,
+                "missing_acked_before_check": self.missing_acked_before_check,
+                "check_ns": self.check_ns, "data_exposure_s": self.data_exposure_s}
+
+    def summary(self) -> str:
+        head = "CONSISTENT" if self.consistent else f"INCONSISTENT: {self.violation_count} violation(s)"
+        lines = [f"{head}: {self.shown_writes} writes shown on {self.stamped_blocks} of {self.blocks} blocks; "
+                 f"{self.logged_writes} writes logged, {self.required_writes} acknowledged before the cut"]
+        if self.data_exposure_s is not None:
+            lines.append(f"data exposure {self.data_exposure_s:.3f} s ({self.missing_acked_before_check} "
+                         "acknowledged writes not in the copy)")
+        for v in self.violations:
+            lines.append(f"  {v.kind}: {v.volume} lba {v.lba}: {v.message}")
+        return "\n".join(lines)
+
+
+class _Recorder:
+    def __init__(self, limit: int, result: CheckResult) -> None:
+        self.limit = limit
+        self.result = result
+
+    def add(self, v: Violation) -> None:
+        self.result.consistent = False
+        self.result.violation_count += 1
+        if len(self.result.violations) < self.limit:
+            self.result.violations.append(v)
+
+
+async def decode_copy(devices: list[BlockDevice], names: list[str], rec: _Recorder) -> tuple[list[array], dict[int, tuple[int, int, stamp.Stamp]]]:
+    """shown[v][lba] = write id (0: nothing); and the first place each id is seen."""
+    shown: list[array] = []
+    seen: dict[int, tuple[int, int, stamp.Stamp]] = {}
+    for v, dev in enumerate(devices):
+        bs = dev.info.block_size
+        n = dev.info.num_blocks
+        ids = array("Q", bytes(8 * n))
+        step = max(1, READ_CHUNK_BYTES // bs)
+        zero_chunk = bytes(step * bs)
+        for start in range(0, n, step):
+            count = min(step, n - start)
+            data = await dev.read(start, count)
+            if data == zero_chunk[: count * bs]:
+                continue
+            mv = memoryview(data)
+            for i in range(count):
+                block = mv[i * bs:(i + 1) * bs]
+                if block[:4] != stamp.MAGIC:
+                    if any(block):
+                        rec.add(Violation("foreign-data", names[v], start + i, None, None,
+                                          "block holds data that is not a replay stamp"))
+                    continue
+                lba = start + i
+                try:
+                    s = stamp.decode(block)
+                except stamp.StampError as e:
+                    rec.add(Violation("corrupt", names[v], lba, None, None, str(e)))
+                    continue
+                if s.volume_id != v or s.lba != lba:
+                    rec.add(Violation("misplaced", names[v], lba, s.write_id, None,
+                                      f"stamp of write {s.write_id} belongs to volume {s.volume_id} lba {s.lba}"))
+                    continue
+                ids[lba] = s.write_id
+                seen.setdefault(s.write_id, (v, lba, s))
+        shown.append(ids)
+    return shown, seen
+
+
+async def check_copy(devices: list[BlockDevice], writes: Iterable[WriteRecord], *, names: list[str] | None = None,
+                     check_ns: int | None = None, max_violations: int = 10) -> CheckResult:
+    """Decide whether ``devices`` (one per session volume, in log order) hold a
+    consistent cut of ``writes``. ``writes`` is iterated three times (a
+    ReplayLog or a list). ``check_ns``: when the copy was taken, on the same
+    clock, for the data exposure; default the last acknowledgement in the log."""
+    names = names or [f"vol{i}" for i in range(len(devices))]
+    result = CheckResult()
+    rec = _Recorder(max_violations, result)
+    result.blocks = sum(d.info.num_blocks for d in devices)
+    shown, seen = await decode_copy(devices, names, rec)
+    result.stamped_blocks = sum(1 for ids in shown for x in ids if x)
+    result.shown_writes = len(seen)
+    max_shown = max(seen, default=NOTHING)
+
+    # Pass 1 over the log: T*, and the shown stamps against what was logged.
+    found: set[int] = set()
+    last_ack = 0
+    for w in writes:
+        result.logged_writes += 1
+        if w.ack_ns is not None:
+            result.acked_writes += 1
+            last_ack = max(last_ack, w.ack_ns)
+        if w.write_id in seen:
+            found.add(w.write_id)
+            v, lba, s = seen[w.write_id]
+            if v != w.volume or s.lba - s.index != w.lba or s.nblocks != w.nblocks:
+                rec.add(Violation("misplaced", names[v], lba, w.write_id, None,
+                                  f"stamp says write {w.write_id} is blocks {s.lba - s.index}+{s.nblocks} of volume "
+                                  f"{v}; the log says {w.lba}+{w.nblocks} of volume {w.volume}"))
+            if w.write_id == max_shown:
+                result.t_star_ns = w.issue_ns
+                result.t_star_write = w.write_id
+    for wid in seen.keys() - found:
+        v, lba, _s = seen[wid]
+        rec.add(Violation("unknown-write", names[v], lba, wid, None,
+                          f"shows write {wid}, which the replay log does not have (stale image from another run?)"))
+    t_star = result.t_star_ns if result.t_star_ns is not None else -1
+    where = seen.get(max_shown)
+    cut_desc = (f"write {max_shown} (issued at T*, shown at {names[where[0]]} lba {where[1]})" if where else "")
+
+    # Pass 2: every logged write newer than what its blocks show must be neither required nor shown.
+    check_ns = check_ns if check_ns is not None else last_ack
+    result.check_ns = check_ns
+    for w in writes:
+        acked = w.ack_ns is not None
+        required = acked and w.ack_ns < t_star
+        if required:
+            result.required_writes += 1
+        in_cut = w.write_id in seen
+        if acked and not in_cut and not required and w.ack_ns <= check_ns:
+            result.missing_acked_before_check += 1
+        if not (required or in_cut):
+            continue
+        ids = shown[w.volume] if w.volume < len(shown) else None
+        if ids is None:
+            continue
+        for lba in range(w.lba, min(w.lba + w.nblocks, len(ids))):
+            s = ids[lba]
+            if s >= w.write_id:
+                continue
+            shows = f"write {s}" if s else "nothing"
+            if in_cut:
+                v0, lba0, _ = seen[w.write_id]
+                rec.add(Violation("torn-write", names[w.volume], lba, s or None, w.write_id,
+                                  f"shows {shows}, lacks write {w.write_id} which the copy shows at "
+                                  f"{names[v0]} lba {lba0} (a write cut in part)"))
+            else:
+                rec.add(Violation("stale-block" if s else "lost-write", names[w.volume], lba, s or None, w.write_id,
+                                  f"shows {shows}, lacks write {w.write_id} acknowledged "
+                                  f"{(t_star - w.ack_ns) / 1e6:.3f} ms before the cut's {cut_desc}"))
+            break  # one report per write is enough to explain it
+    if result.t_star_ns is not None and check_ns:
+        result.data_exposure_s = max(0, check_ns - result.t_star_ns) / 1e9
+    return result

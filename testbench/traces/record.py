@@ -1,0 +1,126 @@
+"""The one record every trace reader yields, and streaming file helpers.
+
+Readers never load a file whole: they iterate lines (or fixed-size binary
+records) and yield ``IoRecord`` as they go, so multi-GB traces cost only the
+memory of one line. Gzip-compressed traces (``.gz``, as MSR ships them) are
+opened transparently, detected by their magic bytes rather than the name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from testbench.errors import TraceError
+
+OPS = ("R", "W", "T", "F")  # read, write, trim (discard), flush
+SECTOR = 512
+
+
+@dataclass(slots=True, frozen=True)
+class IoRecord:
+    """One I/O of a trace. ``ts_ns`` is in the trace's own time base (absolute or
+    relative, per format); replay uses differences only."""
+
+    ts_ns: int
+    op: str  # one of OPS
+    offset_bytes: int
+    length_bytes: int
+    device: str
+
+
+def _is_gzip(path: str | os.PathLike) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def open_binary(path: str | os.PathLike) -> io.BufferedIOBase:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such trace file")
+    if _is_gzip(path):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb", buffering=1 << 20)
+
+
+def head_bytes(path: str | os.PathLike, n: int = 8192) -> bytes:
+    with open_binary(path) as f:
+        try:
+            return f.read(n)
+        except (OSError, EOFError):  # a truncated gzip still sniffs by what it has
+            return b""
+
+
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line_no from 1, line without its newline); undecodable bytes become U+FFFD
+    so a stray byte is reported by the parser with its line number."""
+    with open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=None) as f:
+        for n, line in enumerate(f, 1):
+            yield n, line.rstrip("\r\n")
+
+
+def parse_int(path, line_no: int, text: str, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise TraceError(str(path), line_no, f"{what} {text!r} is not an integer") from None
+    if value < 0:
+        raise TraceError(str(path), line_no, f"{what} {value} is negative")
+    return value
+
+
+def parse_number(path, line_no: int, text: str, what: str) -> float | int:
+    """An integer, or a decimal for formats whose timestamps may carry fractions."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise TraceError(str(path), line_no, f"{what} {text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise TraceError(str(path), line_no, f"{what} {text!r} is negative or not finite")
+    return value
+
+
+class LineWriter:
+    """Buffered text output for writers; counts what it wrote and what it skipped."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+        self._f = open(path, "w", encoding="utf-8", buffering=1 << 20)
+        self.written = 0
+        self.skipped = 0
+
+    def line(self, text: str) -> None:
+        self._f.write(text)
+        self._f.write("\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> LineWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class WriteResult:
+    """What a writer did: records written, records the format cannot express."""
+
+    written: int = 0
+    skipped: int = 0
+
+
+def head_lines(head: bytes, n: int = 8, *, complete: bool = False) -> list[str]:
+    """The first ``n`` non-blank lines of a file's head; the last line is dropped
+    when the head may have cut it (``complete`` says the head is the whole file)."""
+    lines = head.decode("utf-8", "replace").splitlines()
+    if not complete and not head.endswith(b"\n"):
+        lines = lines[:-1]
+    return [ln for ln in lines if ln.strip()][:n]
