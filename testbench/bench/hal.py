@@ -25,6 +25,7 @@ import tempfile
 import time
 
 from drivers import open_device
+from hal import osio
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,24 @@ def _fio(path: str, seconds: float, rw: str, bs: str, depth: int, engine: str, s
             "seconds": job["runtime"] / 1000, "engine": engine}
 
 
+def _run(coro):
+    """Run on uvloop when installed, as the controllers do (harness.controller)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def _event_loop_name() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
 def _measure(path: str, seconds: float) -> dict:
     url = _url_for(path)
     probe = open_device(url, read_only=True)
@@ -103,9 +122,9 @@ def _measure(path: str, seconds: float) -> dict:
     direct = probe.info.direct_io
     probe.close()
     hal = {
-        "randwrite_4k_qd1": asyncio.run(_hal_randwrite(url, seconds, 4096, 1, 1)),
-        "randwrite_4k_qd32": asyncio.run(_hal_randwrite(url, seconds, 4096, 32, 2)),
-        "seqwrite_1m": asyncio.run(_hal_seqwrite(url, seconds, 1 << 20)),
+        "randwrite_4k_qd1": _run(_hal_randwrite(url, seconds, 4096, 1, 1)),
+        "randwrite_4k_qd32": _run(_hal_randwrite(url, seconds, 4096, 32, 2)),
+        "seqwrite_1m": _run(_hal_seqwrite(url, seconds, 1 << 20)),
     }
     fio = {
         "randwrite_4k_qd1": _fio(path, seconds, "randwrite", "4k", 1, "psync", size_bytes),
@@ -114,7 +133,8 @@ def _measure(path: str, seconds: float) -> dict:
     }
     ratios = {f"hal_{k}_vs_fio": hal[k]["iops"] / fio[k]["iops"] if fio[k]["iops"] else 0.0 for k in hal}
     return {"device": path, "url": url, "size_bytes": size_bytes, "direct_io": direct,
-            "seconds_per_test": seconds, "hal": hal, "fio": fio, **ratios}
+            "seconds_per_test": seconds, "event_loop": _event_loop_name(),
+            "io_threads": osio.IO_THREADS, "hal": hal, "fio": fio, **ratios}
 
 
 def _make_loop(size_bytes: int) -> tuple[str, str]:
