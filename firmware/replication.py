@@ -353,6 +353,8 @@ class LinkRemote(RemotePort):
             await fut
         finally:
             self._pending.pop(seq, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved: a send failure already raised for it
 
     # -- RemotePort ----------------------------------------------------------------
     async def send_track(self, volume: str, track: int, cg_seq: int, data: bytes) -> None:

@@ -1,0 +1,234 @@
+"""Run controllers as real processes: start from a config, wait for the
+``ready`` line, stop with SIGTERM or kill with SIGKILL, collect the logs.
+
+Used by the process tests and by ``mirrorfw demo``::
+
+    pair = write_pair_configs(workdir)                 # secondary + primary configs, secret, paths
+    sec = start_controller(pair.secondary, format=True)
+    pair.bind_secondary(sec)                           # fix the link port into both configs
+    pri = start_controller(pair.primary, format=True)
+    ... pri.ready["nbd"] ...
+    pri.kill(); pri = start_controller(pair.primary)   # recovery from NVRAM
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+READY_TIMEOUT_S = 60.0
+
+
+class SupervisorError(RuntimeError):
+    """A controller did not start or stop as expected; the message ends with its log tail."""
+
+
+@dataclass
+class ControllerProcess:
+    role: str
+    config: Path
+    proc: subprocess.Popen
+    log_path: Path
+    ready: dict[str, str] = field(default_factory=dict)
+    _pump: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.logs().splitlines()[-lines:])
+
+    def wait(self, timeout_s: float = 30.0) -> int:
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise SupervisorError(f"{self.role} pid {self.pid} still running after {timeout_s} s\n{self.tail()}") from None
+        if self._pump is not None:
+            self._pump.join(5)
+        return code
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM and wait: a clean shutdown returns 0."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout_s)
+
+    def kill(self) -> int:
+        """SIGKILL and wait: what a crash looks like."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+        return self.wait(10.0)
+
+
+def _pump_output(stream, log, first_lines: list[str], got_ready: threading.Event) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace")
+        log.write(f"[stdout] {line}")
+        log.flush()
+        if not got_ready.is_set():
+            first_lines.append(line)
+            if line.startswith("ready"):
+                got_ready.set()
+    stream.close()
+
+
+def parse_ready(line: str) -> dict[str, str]:
+    fields = {}
+    for word in line.split()[1:]:
+        key, sep, value = word.partition("=")
+        if sep:
+            fields[key] = value
+    return fields
+
+
+def config_role(config: Path) -> str:
+    with open(config, "rb") as f:
+        return tomllib.load(f).get("role", "")
+
+
+def start_controller(
+    config: str | Path,
+    *,
+    format: bool = False,
+    env: dict[str, str] | None = None,
+    crashpoints: str | None = None,
+    log_path: str | Path | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+    verbose: int = 1,
+) -> ControllerProcess:
+    """Start ``mirrorfw ROLE --config FILE`` and wait for its ready line."""
+    config = Path(config).resolve()
+    role = config_role(config)
+    if role not in ("primary", "secondary"):
+        raise SupervisorError(f"{config}: role {role!r} is not primary or secondary")
+    log_path = Path(log_path) if log_path else config.with_suffix(f".{role}.log")
+    cmd = [sys.executable, "-m", "harness.cli"] + (["-" + "v" * verbose] if verbose else [])
+    cmd += [role, "--config", str(config)] + (["--format"] if format else [])
+    child_env = dict(os.environ if env is None else env)
+    child_env.pop("MIRRORFW_CRASHPOINTS", None)
+    if crashpoints:
+        child_env["MIRRORFW_CRASHPOINTS"] = crashpoints
+    child_env["PYTHONUNBUFFERED"] = "1"
+    log = open(log_path, "a")
+    log.write(f"=== {time.strftime('%H:%M:%S')} start: {' '.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=child_env)
+    first: list[str] = []
+    got_ready = threading.Event()
+    pump = threading.Thread(target=_pump_output, args=(proc.stdout, log, first, got_ready), daemon=True)
+    pump.start()
+    cp = ControllerProcess(role, config, proc, log_path, _pump=pump)
+    deadline = time.monotonic() + ready_timeout_s
+    while not got_ready.wait(0.05):
+        if proc.poll() is not None:
+            pump.join(2)
+            raise SupervisorError(f"{role} exited with status {proc.returncode} before ready\n{cp.tail()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise SupervisorError(f"{role} not ready after {ready_timeout_s} s\n{cp.tail()}")
+    cp.ready = parse_ready(first[-1])
+    return cp
+
+
+# -- configs for a pair on one host ---------------------------------------------------
+
+
+@dataclass
+class PairConfigs:
+    workdir: Path
+    primary: Path
+    secondary: Path
+    volumes: list[str]
+    size: str
+    text: dict[str, str] = field(default_factory=dict)
+
+    def image(self, kind: str, volume: str) -> Path:
+        """The backing file of volume A, B or C."""
+        return self.workdir / f"{kind.lower()}-{volume}.img"
+
+    def bind_secondary(self, secondary: ControllerProcess) -> str:
+        """Write the secondary's real link port into both configs, so restarts
+        of either find each other at the same address."""
+        address = secondary.ready["link"]
+        for path, old in ((self.secondary, 'listen = "127.0.0.1:0"'), (self.primary, 'peer = "127.0.0.1:0"')):
+            text = path.read_text()
+            key = "listen" if path == self.secondary else "peer"
+            path.write_text(text.replace(old, f'{key} = "{address}"'))
+        return address
+
+    def set_peer(self, address: str) -> None:
+        """Point the primary at another address (a fault proxy, say)."""
+        text = self.primary.read_text()
+        start = text.index("peer = ")
+        end = text.index("\n", start)
+        self.primary.write_text(text[:start] + f'peer = "{address}"' + text[end:])
+
+
+def write_pair_configs(
+    workdir: str | Path,
+    *,
+    volumes: tuple[str, ...] = ("vol0",),
+    size: str = "8MiB",
+    nvram_size: str = "16MiB",
+    session: dict[str, object] | None = None,
+    secret: bytes = b"mirrorfw-test-secret\n",
+    console: bool = False,
+    nbd_socket: bool = False,
+) -> PairConfigs:
+    """Configs for a primary and a secondary on file:// volumes in ``workdir``.
+
+    Link and host ports start as 0 (any free port); ``bind_secondary`` fixes
+    the link port once the secondary runs."""
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "secret").write_bytes(secret)
+    session_lines = "\n".join(f"{k} = {_toml(v)}" for k, v in (session or {}).items())
+
+    def head(role: str) -> str:
+        return (f'role = "{role}"\n[session]\nid = "test"\nsecret_file = "secret"\n{session_lines}\n'
+                f'[nvram]\nurl = "nvram://{workdir}/{role}.nvram?size={nvram_size}"\n')
+
+    p = head("primary")
+    s = head("secondary")
+    for name in volumes:
+        p += f'[[volume]]\nname = "{name}"\nurl = "file://{workdir}/a-{name}.img?size={size}"\n'
+        s += (f'[[volume]]\nname = "{name}"\nb_url = "file://{workdir}/b-{name}.img?size={size}"\n'
+              f'c_url = "file://{workdir}/c-{name}.img?size={size}"\n')
+    p += '[link]\npeer = "127.0.0.1:0"\n[host]\nlisten = "127.0.0.1:0"\n'
+    s += '[link]\nlisten = "127.0.0.1:0"\n[host]\nlisten = "127.0.0.1:0"\n'
+    if nbd_socket:
+        p += f'socket = "{workdir}/primary-nbd.sock"\n'
+    if console:
+        p += '[console]\nurl = "socket://127.0.0.1:0"\nallow_faults = true\n'
+        s += '[console]\nurl = "socket://127.0.0.1:0"\nallow_faults = true\n'
+    primary = workdir / "primary.toml"
+    secondary = workdir / "secondary.toml"
+    primary.write_text(p)
+    secondary.write_text(s)
+    return PairConfigs(workdir, primary, secondary, list(volumes), size, {"primary": p, "secondary": s})
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

@@ -1,0 +1,317 @@
+"""The replication link end to end, in one process over real TCP on 127.0.0.1:
+LinkRemote (the primary's side) against ReplicationService in front of a
+real Secondary on mem:// B and C volumes, with faults injected by
+FaultyLink. Refused peers leave B and C untouched; a link dropped
+mid-drain fails the CG and the resync sends only OOS ∪ CR."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import struct
+
+import crc32c
+import pytest
+
+from drivers import open_device, open_nvram
+from firmware import protocol as p
+from firmware.remote import VolumeGeometry
+from firmware.replication import HandshakeRefused, LinkRemote, ReplicationService
+from hal.link import LinkDown
+from harness.controller import connect_replication_link, listen_replication_links
+from harness.faults import DeviceFaultPlan, FaultyDevice, FaultyLink, LinkFaultPlan
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = b"correct horse battery staple"
+TRACK = 65536
+SIZE = 16 * TRACK
+GEOMETRY = [VolumeGeometry("vol0", SIZE, TRACK), VolumeGeometry("vol1", SIZE // 2, TRACK)]
+
+
+def is_data(frame: bytes) -> bool:
+    return len(frame) > 5 and frame[5] == p.Kind.DATA
+
+
+class Site:
+    """A secondary behind a ReplicationService, listening on 127.0.0.1:0."""
+
+    def __init__(self, tmp_path, *, session_id="test") -> None:
+        secondary_mod = pytest.importorskip("firmware.secondary", reason="firmware/secondary.py not there yet")
+        self.devices = {
+            v.name: (open_device(f"mem://?size={v.size_bytes}"), open_device(f"mem://?size={v.size_bytes}"))
+            for v in GEOMETRY
+        }
+        self.nvram = open_nvram(f"nvram://{tmp_path}/s-{id(self)}.nvram?size=16MiB")
+        self.secondary = secondary_mod.Secondary(self.devices, self.nvram, _clock(), session_id=session_id)
+        self.session_id = session_id
+
+    async def start(self, secret=SECRET):
+        await self.secondary.open(format=True)
+        self.service = ReplicationService(self.secondary, secret, self.session_id,
+                                          random_bytes=random.Random(7).randbytes)
+        self.server = await listen_replication_links("127.0.0.1", 0, self.service.serve)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def image(self) -> bytes:
+        """Every byte of every B and C, to prove nothing changed."""
+        out = b""
+        for b, c in self.devices.values():
+            out += await b.read(0, b.info.num_blocks) + await c.read(0, c.info.num_blocks)
+        return out
+
+    def remote(self, *, secret=SECRET, plan: LinkFaultPlan | None = None, **kw) -> LinkRemote:
+        async def factory():
+            link = await connect_replication_link("127.0.0.1", self.port, timeout_s=2)
+            return FaultyLink(link, plan) if plan is not None else link
+
+        kw.setdefault("backoff_s", (0.01, 0.05))
+        return LinkRemote(factory, secret, random_bytes=random.Random(3).randbytes, **kw)
+
+    async def close(self):
+        self.server.close()
+        await self.server.wait_closed()
+        await self.secondary.close()
+        self.nvram.close()
+
+
+def _clock():
+    from hal.clock import AsyncioClock
+
+    return AsyncioClock()
+
+
+def pattern(volume: int, track: int, cg: int) -> bytes:
+    return bytes([(volume * 31 + track * 7 + cg) % 251 or 1]) * TRACK
+
+
+async def send_cg(remote: LinkRemote, cg: int, tracks) -> None:
+    await asyncio.gather(*(remote.send_track(GEOMETRY[v].name, t, cg, pattern(v, t, cg)) for v, t in tracks))
+    await remote.drain_done(cg)
+    await remote.prepare(cg)
+    await remote.commit(cg)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_happy_path_commits_into_c(tmp_path):
+    async def main():
+        site = await Site(tmp_path).start()
+        remote = site.remote()
+        state = await remote.connect("test", GEOMETRY)
+        assert state.new and state.committed_cg == 0
+        tracks = [(0, t) for t in range(16)] + [(1, t) for t in range(8)]
+        await send_cg(remote, 1, tracks)
+        for v, t in tracks:
+            data = await site.secondary.read_c(GEOMETRY[v].name, t * TRACK, TRACK)
+            assert data == pattern(v, t, 1)
+        assert remote.stats["data_bytes"] == len(tracks) * TRACK
+        assert site.service.stats["data_frames"] == len(tracks)
+        await remote.close()
+        # The secondary remembers: a new pairing is not "new" and knows the CG.
+        again = site.remote()
+        state = await again.connect("test", GEOMETRY)
+        assert not state.new and state.committed_cg == 1
+        await again.close()
+        await site.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("case", ["secret", "session", "geometry"])
+def test_refused_peer_leaves_b_and_c_untouched_and_service_keeps_running(tmp_path, case):
+    async def main():
+        site = await Site(tmp_path).start()
+        good = site.remote()
+        await good.connect("test", GEOMETRY)
+        await send_cg(good, 1, [(0, 0), (0, 5)])
+        await good.close()
+        before = await site.image()
+
+        session, geometry, secret = "test", GEOMETRY, SECRET
+        if case == "secret":
+            secret = b"wrong secret"
+        elif case == "session":
+            session = "other"
+        else:
+            geometry = [VolumeGeometry("vol0", SIZE * 2, TRACK), GEOMETRY[1]]
+        bad = site.remote(secret=secret)
+        with pytest.raises(HandshakeRefused) as info:
+            await bad.connect(session, geometry)
+        await bad.close()
+        want = {"secret": "AUTH", "session": "SESSION", "geometry": "GEOMETRY"}[case]
+        assert want in str(info.value)
+        assert len(site.service.rejected) == 1 and "refused" in site.service.rejected[0]
+        assert await site.image() == before
+
+        # The same service still pairs with the right primary.
+        good = site.remote()
+        state = await good.connect("test", GEOMETRY)
+        assert state.committed_cg == 1
+        await good.close()
+        await site.close()
+
+    run(main())
+
+
+async def raw_exchange(port: int, frames: list[bytes]) -> list[p.Frame | Exception]:
+    """Send raw frames on a fresh link; collect what comes back until it closes."""
+    link = await connect_replication_link("127.0.0.1", port)
+    for f in frames:
+        await link.send(f)
+    got: list[p.Frame | Exception] = []
+    try:
+        while True:
+            raw = await asyncio.wait_for(link.recv(), 5)
+            try:
+                got.append(p.decode(raw))
+            except p.ProtocolError as e:
+                got.append(e)
+    except LinkDown:
+        pass
+    await link.close()
+    return got
+
+
+def with_header_version(raw: bytes, version: int) -> bytes:
+    b = bytearray(raw)
+    b[4] = version
+    return bytes(b[:-4]) + struct.pack(">I", crc32c.crc32c(bytes(b[:-4])))
+
+
+@pytest.mark.parametrize(
+    "frames, code",
+    [
+        ([with_header_version(p.encode(p.Hello(version=1, session_id="test")), 9)], p.ErrorCode.VERSION),
+        ([p.encode(p.Hello(version=2, session_id="test"))], p.ErrorCode.VERSION),
+        ([b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"], p.ErrorCode.BAD_FRAME),
+        ([p.encode(p.Hello(version=1, session_id="test"))[:-1] + b"\0"], p.ErrorCode.BAD_FRAME),  # CRC
+        ([p.encode(p.Data(volume=0, track=0, cg_seq=1, payload=b"x" * TRACK))], p.ErrorCode.STATE),
+    ],
+    ids=["header-version", "hello-version", "not-ours", "bad-crc", "data-before-hello"],
+)
+def test_bad_handshake_frames_get_an_error_frame_and_close(tmp_path, frames, code):
+    async def main():
+        site = await Site(tmp_path).start()
+        before = await site.image()
+        got = await raw_exchange(site.port, frames)
+        assert got and isinstance(got[-1], p.Error), got
+        assert got[-1].code == code
+        assert site.service.rejected
+        assert await site.image() == before
+        await site.close()
+
+    run(main())
+
+
+def test_corrupt_data_frame_is_refused_before_it_reaches_b(tmp_path):
+    async def main():
+        site = await Site(tmp_path).start()
+        plan = LinkFaultPlan(match=is_data)
+        remote = site.remote(plan=plan, down_wait_s=2.0)
+        await remote.connect("test", GEOMETRY)
+        await send_cg(remote, 1, [(0, 1)])
+        before = await site.image()
+        plan.corrupt = 1.0
+        with pytest.raises(LinkDown, match="BAD_FRAME"):
+            await remote.send_track("vol0", 2, 2, pattern(0, 2, 2))
+        assert plan.done["corrupt"] == 1
+        assert site.service.stats["bad_frames"] == 1
+        assert await site.image() == before
+        # The primary's link comes back by itself and the next CG goes through.
+        plan.corrupt = 0.0
+        await send_cg(remote, 2, [(0, 2)])
+        assert await site.secondary.read_c("vol0", 2 * TRACK, TRACK) == pattern(0, 2, 2)
+        assert remote.stats["handshakes"] == 2
+        await remote.close()
+        await site.close()
+
+    run(main())
+
+
+def test_duplicated_and_reordered_frames_still_commit_the_right_data(tmp_path):
+    async def main():
+        site = await Site(tmp_path).start()
+        plan = LinkFaultPlan(seed=5, duplicate=0.5, reorder=0.3)
+        remote = site.remote(plan=plan)
+        await remote.connect("test", GEOMETRY)
+        plan.match = is_data  # the handshake passes untouched
+        tracks = [(0, t) for t in range(16)]
+        await send_cg(remote, 1, tracks)
+        assert plan.done["duplicate"] > 0 and plan.done["reorder"] > 0
+        for v, t in tracks:
+            assert await site.secondary.read_c("vol0", t * TRACK, TRACK) == pattern(v, t, 1)
+        await remote.close()
+        await site.close()
+
+    run(main())
+
+
+def test_drop_mid_drain_fails_the_calls_in_flight_then_reconnects(tmp_path):
+    async def main():
+        site = await Site(tmp_path).start()
+        plan = LinkFaultPlan(match=is_data, drop_after=4)
+        remote = site.remote(plan=plan, window=8)
+        await remote.connect("test", GEOMETRY)
+        await send_cg(remote, 1, [(0, 0)])
+        c_before = await site.secondary.read_c("vol0", 0, SIZE)
+        plan.seen = 0
+        results = await asyncio.gather(
+            *(remote.send_track("vol0", t, 2, pattern(0, t, 2)) for t in range(16)), return_exceptions=True)
+        assert any(isinstance(r, LinkDown) for r in results)
+        assert plan.done["drop"] == 1
+        # C never moved: the failed CG did not commit.
+        assert await site.secondary.read_c("vol0", 0, SIZE) == c_before
+        plan.drop_after = None
+        await remote.abort(2)
+        await send_cg(remote, 3, [(0, t) for t in range(16)])
+        assert await site.secondary.read_c("vol0", 0, TRACK) == pattern(0, 0, 3)
+        assert remote.stats["drops"] >= 1 and remote.stats["handshakes"] >= 2
+        await remote.close()
+        await site.close()
+
+    run(main())
+
+
+def test_window_bounds_frames_in_flight(tmp_path):
+    async def main():
+        site = await Site(tmp_path).start()
+        in_flight = 0
+        peak = 0
+        inner_receive = site.secondary.receive_track
+
+        async def slow_receive(*args):
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await asyncio.sleep(0.002)
+            in_flight -= 1
+            return await inner_receive(*args)
+
+        site.secondary.receive_track = slow_receive
+        remote = site.remote(window=3)
+        await remote.connect("test", GEOMETRY)
+        await send_cg(remote, 1, [(0, t) for t in range(16)])
+        assert 1 <= peak <= 3
+        await remote.close()
+        await site.close()
+
+    run(main())
+
+
+def test_faulty_device_fails_the_ops_its_plan_names():
+    async def main():
+        inner = open_device("mem://?size=1MiB")
+        dev = FaultyDevice(inner, DeviceFaultPlan(ops=frozenset({"write"}), fail_after=2, fail_count=1))
+        await dev.write(0, b"a" * 512)
+        await dev.write(1, b"b" * 512)
+        with pytest.raises(OSError, match="injected"):
+            await dev.write(2, b"c" * 512)
+        await dev.write(2, b"d" * 512)  # fail_count=1: the next one passes
+        assert await dev.read(0, 3) == b"a" * 512 + b"b" * 512 + b"d" * 512
+        assert dev.plan.done["fail"] == 1 and dev.info is inner.info
+
+    run(main())
