@@ -201,16 +201,17 @@ class PrimaryController(Controller):
     role = "primary"
 
     async def start(self) -> None:
-        from firmware.primary import Primary
-
-        from drivers import open_device
-        from firmware.errors import NvramError
-        from firmware.replication import LinkRemote
-
         cfg = self.cfg
         params = cfg.session_params()
         nvram = open_nvram_checked(cfg.nvram_url, format=self.format)
         self._closers.append(nvram.close)
+
+        # Imported here so a refused NVRAM is reported before anything heavy loads.
+        from drivers import open_device
+        from firmware.errors import NvramError
+        from firmware.replication import LinkRemote
+        from firmware.primary import Primary
+
         volumes = {}
         for v in cfg.volumes:
             dev = open_device(v.url)
@@ -264,15 +265,16 @@ class SecondaryController(Controller):
     role = "secondary"
 
     async def start(self) -> None:
-        from firmware.secondary import Secondary
-
-        from drivers import open_device
-        from firmware.errors import NvramError
-        from firmware.replication import ReplicationService
-
         cfg = self.cfg
         nvram = open_nvram_checked(cfg.nvram_url, format=self.format)
         self._closers.append(nvram.close)
+
+        # Imported here so a refused NVRAM is reported before anything heavy loads.
+        from drivers import open_device
+        from firmware.errors import NvramError
+        from firmware.replication import ReplicationService
+        from firmware.secondary import Secondary
+
         volumes = {}
         for v in cfg.volumes:
             b = open_device(v.b_url)

@@ -1,0 +1,200 @@
+"""Controllers as real processes (harness/supervise.py) on file:// volumes:
+writes go through the primary's NBD host port; C is read through the
+secondary's read-only NBD export. SIGKILL either controller (by hand or at
+crash points armed from the environment), restart it, and check that no
+acknowledged write is lost and that C is a consistent cut.
+
+Every write carries its write id, written in order by one client, so a
+consistent cut of the history is exactly a prefix: C may show writes
+1..m for some m and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness.supervise import ControllerProcess, start_controller, write_pair_configs
+
+pytestmark = pytest.mark.timeout(180)
+
+TRACK = 65536
+TRACKS = 16  # the writes cycle over these tracks of vol0
+WRITE_BYTES = 4096
+
+
+def needs_controllers():
+    pytest.importorskip("firmware.primary", reason="firmware/primary.py not there yet")
+    pytest.importorskip("firmware.secondary", reason="firmware/secondary.py not there yet")
+    pytest.importorskip("drivers.nbd.client", reason="drivers/nbd/client.py not there yet")
+
+
+def stamp(write_id: int) -> bytes:
+    return struct.pack(">Q", write_id) * (WRITE_BYTES // 8)
+
+
+def offset_of(write_id: int) -> int:
+    return (write_id % TRACKS) * TRACK
+
+
+def read_stamp(block: bytes) -> int:
+    (value,) = struct.unpack(">Q", block[:8])
+    assert block == struct.pack(">Q", value) * (len(block) // 8), "a torn or foreign block"
+    return value
+
+
+def expected_after(prefix: int) -> dict[int, int]:
+    """What each track shows after writes 1..prefix."""
+    shown = {t: 0 for t in range(TRACKS)}
+    for w in range(1, prefix + 1):
+        shown[w % TRACKS] = w
+    return shown
+
+
+async def nbd(address: str, export: str = "vol0"):
+    from drivers.nbd.client import open_async
+
+    return await open_async(f"nbd://{address}/{export}")
+
+
+async def write_ids(address: str, first: int, last: int, acked: list[int]) -> None:
+    """Write ids first..last in order, one at a time; record each ack. Stops
+    quietly when the controller goes away."""
+    dev = await nbd(address)
+    bs = dev.info.block_size
+    try:
+        for w in range(first, last + 1):
+            await dev.write(offset_of(w) // bs, stamp(w))
+            acked.append(w)
+    except (OSError, ConnectionError, EOFError):
+        pass
+    finally:
+        dev.close()
+
+
+async def read_tracks(address: str) -> dict[int, int]:
+    dev = await nbd(address)
+    bs = dev.info.block_size
+    try:
+        return {t: read_stamp(await dev.read(t * TRACK // bs, WRITE_BYTES // bs)) for t in range(TRACKS)}
+    finally:
+        dev.close()
+
+
+def cut_prefix(shown: dict[int, int]) -> int:
+    """The m for which ``shown`` is writes 1..m; fails when it is not a prefix."""
+    m = max(shown.values())
+    assert shown == expected_after(m), f"not a consistent cut: {shown} vs prefix {m}"
+    return m
+
+
+def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def c_reaches(secondary: ControllerProcess, prefix: int) -> bool:
+    shown = asyncio.run(read_tracks(secondary.ready["nbd"]))
+    return cut_prefix(shown) >= prefix
+
+
+class Pair:
+    def __init__(self, tmp_path, **kw) -> None:
+        self.configs = write_pair_configs(tmp_path, **kw)
+        self.procs: list[ControllerProcess] = []
+
+    def start(self, role: str, *, format: bool = False, crashpoints: str | None = None) -> ControllerProcess:
+        path = self.configs.primary if role == "primary" else self.configs.secondary
+        proc = start_controller(path, format=format, crashpoints=crashpoints)
+        self.procs.append(proc)
+        if role == "secondary" and 'listen = "127.0.0.1:0"' in path.read_text():
+            self.configs.bind_secondary(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.alive():
+                proc.kill()
+
+
+@pytest.fixture
+def pair(tmp_path):
+    needs_controllers()
+    p = Pair(tmp_path)
+    yield p
+    p.close()
+
+
+def test_missing_nvram_is_refused_unless_format(tmp_path):
+    configs = write_pair_configs(tmp_path)
+    configs.set_peer("127.0.0.1:9")
+    run = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "primary", "--config", str(configs.primary)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "primary.nvram does not exist" in run.stderr and "--format" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_config_errors_are_one_line_naming_key_and_file(tmp_path):
+    configs = write_pair_configs(tmp_path)
+    configs.primary.write_text(configs.primary.read_text().replace("[link]", "[link]\nspeed = 9"))
+    run = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "primary", "--config", str(configs.primary)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 2
+    assert "link.speed" in run.stderr and str(configs.primary) in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_pair_replicates_and_stops_cleanly(pair):
+    sec = pair.start("secondary", format=True)
+    pri = pair.start("primary", format=True)
+    acked: list[int] = []
+    asyncio.run(write_ids(pri.ready["nbd"], 1, 40, acked))
+    assert acked == list(range(1, 41))
+    wait_for(lambda: c_reaches(sec, 40), what="C to reach write 40")
+    assert pri.stop() == 0, pri.tail()
+    assert sec.stop() == 0, sec.tail()
+    for proc in (pri, sec):
+        assert "Traceback" not in proc.logs(), proc.tail()
+
+
+def test_primary_sigkill_loses_no_acked_write_and_resyncs(pair):
+    sec = pair.start("secondary", format=True)
+    pri = pair.start("primary", format=True)
+    acked: list[int] = []
+    asyncio.run(write_ids(pri.ready["nbd"], 1, 60, acked))
+    pri.kill()  # every write so far was acknowledged: all must survive
+    pri = pair.start("primary")
+    shown = asyncio.run(read_tracks(pri.ready["nbd"]))
+    assert shown == expected_after(60), "an acknowledged write was lost"
+    wait_for(lambda: c_reaches(sec, 60), what="C to catch up after the primary's restart")
+    assert pri.stop() == 0 and sec.stop() == 0
+
+
+def test_secondary_sigkill_keeps_c_a_consistent_cut(pair):
+    sec = pair.start("secondary", format=True)
+    pri = pair.start("primary", format=True)
+    acked: list[int] = []
+    asyncio.run(write_ids(pri.ready["nbd"], 1, 30, acked))
+    wait_for(lambda: c_reaches(sec, 1), what="a first commit")
+    sec.kill()
+    asyncio.run(write_ids(pri.ready["nbd"], 31, 50, acked))  # the primary goes on without it
+    sec = pair.start("secondary")
+    cut_prefix(asyncio.run(read_tracks(sec.ready["nbd"])))  # consistent right after restart
+    wait_for(lambda: c_reaches(sec, 50), what="C to catch up after the secondary's restart")
+    assert pri.stop() == 0 and sec.stop() == 0
