@@ -136,9 +136,10 @@ class LinkRemote(RemotePort):
         self._volumes: list[VolumeGeometry] = []
         self._index: dict[str, int] = {}
         self.state: RemoteState | None = None
+        self._unreported: RemoteState | None = None  # from a background reconnect, not yet seen by connect()
         self._stale: str | None = None  # why calls must wait for connect()
         self.last_error: str = ""
-        self.stats = {"data_frames": 0, "data_bytes": 0, "handshakes": 0, "drops": 0, "reconnect_attempts": 0}
+        self.stats = {"data_frames": 0, "data_bytes": 0, "data_bytes_tried": 0, "handshakes": 0, "drops": 0, "reconnect_attempts": 0}
 
     # -- link state ------------------------------------------------------------
     @property
@@ -213,9 +214,16 @@ class LinkRemote(RemotePort):
         RemoteError when it refuses the pairing."""
         if self._closed:
             raise LinkDown("link remote closed")
+        same = session_id == self._session_id and list(volumes) == self._volumes
         self._session_id = session_id
         self._volumes = list(volumes)
         async with self._connect_lock:
+            fresh, self._unreported = self._unreported, None
+            if self._link is not None and fresh is not None and same:
+                # The background reconnect already said hello with these
+                # volumes: hand its answer over instead of pairing again.
+                self.state, self._stale = fresh, None
+                return fresh
             if self._link is not None:
                 await self._drop(self._link, "reconnecting for a new hello")
             try:
@@ -260,7 +268,9 @@ class LinkRemote(RemotePort):
                 # on a full copy, so make it call connect() again.
                 self._stale = f"the secondary changed while the link was down (new={state.new}); connect again"
                 log.warning("%s", self._stale)
-            self.state = state if self._stale is None else self.state
+            self._unreported = state
+            if self._stale is None:
+                self.state = state
             return
 
     async def _usable(self) -> Link:
@@ -363,7 +373,9 @@ class LinkRemote(RemotePort):
         except KeyError:
             raise RemoteError(f"volume {volume!r} was not in the hello") from None
         async with self._window:
+            self.stats["data_bytes_tried"] += len(data)
             await self._request(p.Data(volume=index, track=track, cg_seq=cg_seq, payload=bytes(data)))
+        # Acknowledged: the secondary has it.
         self.stats["data_frames"] += 1
         self.stats["data_bytes"] += len(data)
 

@@ -36,11 +36,11 @@ def is_data(frame: bytes) -> bool:
 class Site:
     """A secondary behind a ReplicationService, listening on 127.0.0.1:0."""
 
-    def __init__(self, tmp_path, *, session_id="test") -> None:
+    def __init__(self, tmp_path, *, session_id="test", geometry=GEOMETRY) -> None:
         secondary_mod = pytest.importorskip("firmware.secondary", reason="firmware/secondary.py not there yet")
         self.devices = {
             v.name: (open_device(f"mem://?size={v.size_bytes}"), open_device(f"mem://?size={v.size_bytes}"))
-            for v in GEOMETRY
+            for v in geometry
         }
         self.nvram = open_nvram(f"nvram://{tmp_path}/s-{id(self)}.nvram?size=16MiB")
         self.secondary = secondary_mod.Secondary(self.devices, self.nvram, _clock(), session_id=session_id)
@@ -313,5 +313,81 @@ def test_faulty_device_fails_the_ops_its_plan_names():
         await dev.write(2, b"d" * 512)  # fail_count=1: the next one passes
         assert await dev.read(0, 3) == b"a" * 512 + b"b" * 512 + b"d" * 512
         assert dev.plan.done["fail"] == 1 and dev.info is inner.info
+
+    run(main())
+
+
+def wait_until(predicate, timeout_s: float = 20.0):
+    async def poll():
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not predicate():
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError("timed out")
+            await asyncio.sleep(0.01)
+
+    return poll()
+
+
+RESYNC = {}
+
+
+def test_resync_after_drop_sends_only_oos_and_cr(tmp_path):
+    """A Primary replicating through a link that drops mid-drain: the CG
+    fails, the link comes back, and the bytes sent afterwards are the
+    OOS ∪ CR tracks only, never a full copy."""
+    primary_mod = pytest.importorskip("firmware.primary", reason="firmware/primary.py not there yet")
+    from firmware.params import SessionParams
+    from hal.clock import AsyncioClock
+
+    volume_tracks = 64
+
+    async def main():
+        site = Site(tmp_path, geometry=[VolumeGeometry("vol0", volume_tracks * TRACK, TRACK)])
+        await site.start()
+
+        plan = LinkFaultPlan(match=is_data)
+        remote = site.remote(plan=plan, window=4)
+        a = open_device(f"mem://?size={volume_tracks * TRACK}")
+        nvram = open_nvram(f"nvram://{tmp_path}/p.nvram?size=16MiB")
+        params = SessionParams(track_bytes=TRACK)
+        primary = primary_mod.Primary({"vol0": a}, nvram, AsyncioClock(), params, remote, session_id="test")
+        await primary.open(format=True)
+        await primary.start()
+        await wait_until(lambda: primary.status()["total_successful_cgs"] >= 1)
+        # The first CG is the initial copy of a new secondary: all tracks.
+        full_copy_bytes = remote.stats["data_bytes"]
+
+        await primary.cg_pause()
+        await wait_until(lambda: primary.status()["copy_state"] == "Paused")
+        dirty = list(range(0, volume_tracks, 4))  # 16 tracks
+        for t in dirty:
+            await primary.write("vol0", t * TRACK + 512, b"\xab" * 4096)
+        oos_bytes = (primary.status()["oos_tracks"] + primary.status()["cr_tracks"]) * TRACK
+        assert oos_bytes == len(dirty) * TRACK
+        failed_before = primary.status()["total_failed_cgs"]
+        ok_before = primary.status()["total_successful_cgs"]
+        sent_before = remote.stats["data_bytes"]
+        plan.seen = 0
+        plan.drop_after = 6  # the link dies while the drain is under way
+        await primary.cg_resume()
+        await wait_until(lambda: primary.status()["total_failed_cgs"] > failed_before)
+        sent_at_drop = remote.stats["data_bytes"]
+        plan.drop_after = None
+        await wait_until(lambda: primary.status()["total_successful_cgs"] > ok_before, 30)
+        resent = remote.stats["data_bytes"] - sent_at_drop
+        total = remote.stats["data_bytes"] - sent_before
+        for t in dirty:
+            c = await site.secondary.read_c("vol0", t * TRACK, TRACK)
+            assert c == await a.read(t * TRACK // 512, TRACK // 512) or c[512:4608] == b"\xab" * 4096
+        RESYNC.update(oos_bytes=oos_bytes, sent_before_drop=sent_at_drop - sent_before, resent_after_drop=resent,
+                      total=total, full_copy=full_copy_bytes)
+        print(f"\nresync: OOS-marked {oos_bytes} B; sent before the drop {sent_at_drop - sent_before} B; "
+              f"resent after it {resent} B; full copy would be {full_copy_bytes} B")
+        assert resent <= oos_bytes  # never more than OOS ∪ CR
+        assert total < full_copy_bytes
+        await primary.stop(clean=True)
+        await remote.close()
+        await site.close()
+        nvram.close()
 
     run(main())
