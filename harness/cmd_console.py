@@ -8,6 +8,7 @@ from stdin go to the console and everything it says goes to stdout.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import threading
 
@@ -15,13 +16,14 @@ EXIT_OK, EXIT_ERROR_REPLY, EXIT_CONNECTION = 0, 1, 2
 
 
 def add_arguments(p) -> None:
-    p.add_argument("url", help="console URL: socket://127.0.0.1:4001, rfc2217://127.0.0.1:4002, "
-                               "pty:///path/link (or a device path)")
-    p.add_argument("words", nargs="*", metavar="COMMAND",
-                   help="a console command, e.g. status --json; none: interactive")
+    # Options go before URL: everything after it is the console command, --json included.
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="seconds to wait for a reply (default 30)")
     p.add_argument("--log", metavar="FILE", help="append everything the console says to FILE")
+    p.add_argument("url", help="console URL: socket://127.0.0.1:4001, rfc2217://127.0.0.1:4002, "
+                               "pty:///path/link (or a device path)")
+    p.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND",
+                   help="a console command, e.g. status --json; none: interactive")
 
 
 def run(args) -> int:

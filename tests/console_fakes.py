@@ -125,3 +125,33 @@ class FakePrimary:
     def cache_stats(self) -> dict:
         return {"slots": 1024, "used": 10, "dual": 2, "dirty": 5, "hits": 30, "misses": 10,
                 "destaged": 7, "occupancy": 10 / 1024}
+
+
+class LoopThread:
+    """An asyncio loop on its own thread, so blocking pyserial clients in the
+    test thread can talk to a server the loop runs."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="console-test-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro, timeout_s: float = 30.0):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def call(self, fn, *args, timeout_s: float = 30.0):
+        """Run a plain function on the loop thread (the controller is not thread-safe)."""
+        async def wrapper():
+            return fn(*args)
+
+        return self.run(wrapper(), timeout_s)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
