@@ -42,7 +42,7 @@ async def _check(args):
                              f"--copy gave {len(urls)}")
     devices = [open_device(u, read_only=True) for u in urls]
     try:
-        for d, v in zip(devices, rlog.volumes):
+        for d, v in zip(devices, rlog.volumes, strict=False):
             if d.info.block_size != v.block_size or d.info.num_blocks < v.num_blocks:
                 raise TestbenchError(f"{d.info.url}: {d.info.num_blocks} blocks of {d.info.block_size} bytes; "
                                      f"volume {v.name} was {v.num_blocks} of {v.block_size}")

@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _stats(args) -> int:
     from testbench.traces import read_trace, scan
 
-    st = scan(read_trace(args.trace, args.fmt, **reader_options(args)))
+    opts = reader_options(args)
+    st = scan(read_trace(args.trace, args.fmt, **opts))
     if args.json:
         print(json.dumps(st.as_dict(), indent=2))
         return 0
@@ -83,7 +84,8 @@ def _convert(args) -> int:
     from testbench.traces import format_named, read_trace
 
     fmt = format_named(args.to)
-    result = fmt.write(args.out, read_trace(args.trace, args.fmt, **reader_options(args)), **_writer_options(args))
+    opts = reader_options(args)
+    result = fmt.write(args.out, read_trace(args.trace, args.fmt, **opts), **_writer_options(args))
     print(f"{args.out}: wrote {result.written} records as {fmt.name}"
           + (f"; skipped {result.skipped} the format cannot express" if result.skipped else ""))
     return 0

@@ -164,7 +164,7 @@ class Replayer:
         self.max_io_bytes = max_io_bytes
         self.trace_name = trace_name
         self.stop_on_error = stop_on_error
-        self.geometry = [VolumeGeometry(n, t.info.size_bytes, t.info.block_size) for n, t in zip(self.names, targets)]
+        self.geometry = [VolumeGeometry(n, t.info.size_bytes, t.info.block_size) for n, t in zip(self.names, targets, strict=False)]
         self.start_mono_ns = 0
         self.in_flight: dict[int, WriteRecord] = {}
         self._stop = False
@@ -194,7 +194,7 @@ class Replayer:
         writer = None
         if self.log_path:
             writer = ReplayLogWriter(self.log_path, [LogVolumeInfo(n, t.info.block_size, t.info.num_blocks)
-                                                     for n, t in zip(self.names, self.targets)],
+                                                     for n, t in zip(self.names, self.targets, strict=False)],
                                      start_mono_ns=start, start_wall_ns=time.time_ns(), trace=self.trace_name)
         bar = None
         if self.progress and sys.stderr.isatty():
@@ -253,6 +253,9 @@ class Replayer:
                     if delay > 0:
                         await asyncio.sleep(delay / 1e9)
                 await sem.acquire()
+                if self._stop or (failure and self.stop_on_error):  # failed while we waited for a slot
+                    sem.release()
+                    break
                 if m.op == "W":
                     keys = [(v, b) for b in range(m.lba, m.lba + m.nblocks)]
                     waits = {id(f): f for k in keys if (f := busy.get(k)) is not None}

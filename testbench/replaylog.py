@@ -16,7 +16,19 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from construct import Const, Int8ub, Int16ub, Int16ul, Int32ub, Int32ul, Int64ub, Int64ul, PascalString, PrefixedArray, Struct
+from construct import (
+    Const,
+    Int8ub,
+    Int16ub,
+    Int16ul,
+    Int32ub,
+    Int32ul,
+    Int64ub,
+    Int64ul,
+    PascalString,
+    PrefixedArray,
+    Struct,
+)
 
 from testbench.errors import ReplayLogError
 

@@ -7,7 +7,14 @@ import os
 from collections.abc import Iterable, Iterator
 
 from testbench.errors import TraceError
-from testbench.traces.record import IoRecord, LineWriter, WriteResult, head_lines, parse_int, text_lines
+from testbench.traces.record import (
+    IoRecord,
+    LineWriter,
+    WriteResult,
+    head_lines,
+    parse_int,
+    text_lines,
+)
 
 _OPS = {"R": "R", "W": "W"}
 

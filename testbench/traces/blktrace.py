@@ -20,7 +20,13 @@ from construct import Int16ub, Int16ul, Int32ub, Int32ul, Int64ub, Int64ul, Stru
 
 from testbench.errors import TraceError
 from testbench.traces.record import (
-    SECTOR, IoRecord, LineWriter, WriteResult, head_lines, open_binary, text_lines,
+    SECTOR,
+    IoRecord,
+    LineWriter,
+    WriteResult,
+    head_lines,
+    open_binary,
+    text_lines,
 )
 
 MAGIC = 0x65617400
@@ -229,8 +235,8 @@ def read_text(path: str | os.PathLike, *, events: str = "Q", **_opts) -> Iterato
         s = _SECTORS.match(rest)
         if s:
             offset, length = int(s.group(1)) * SECTOR, int(s.group(2)) * SECTOR
-        elif op == "F":
-            offset = length = 0
+        elif "F" in rwbs:  # a bare (pre)flush carries no sectors
+            op, offset, length = "F", 0, 0
         else:
             raise TraceError(str(path), line_no, f"{action} {rwbs} event without 'SECTOR + COUNT': {line[:80]!r}")
         yield IoRecord(ts, op, offset, length, f"{maj},{mnr}")

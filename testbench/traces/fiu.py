@@ -11,7 +11,15 @@ import re
 from collections.abc import Iterable, Iterator
 
 from testbench.errors import TraceError
-from testbench.traces.record import SECTOR, IoRecord, LineWriter, WriteResult, head_lines, parse_int, text_lines
+from testbench.traces.record import (
+    SECTOR,
+    IoRecord,
+    LineWriter,
+    WriteResult,
+    head_lines,
+    parse_int,
+    text_lines,
+)
 
 _OPS = {"R": "R", "W": "W"}
 

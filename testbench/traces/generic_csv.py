@@ -15,7 +15,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from testbench.errors import TraceError
-from testbench.traces.record import IoRecord, LineWriter, WriteResult, parse_int, parse_number, text_lines
+from testbench.traces.record import (
+    IoRecord,
+    LineWriter,
+    WriteResult,
+    parse_int,
+    parse_number,
+    text_lines,
+)
 
 TIME_UNITS_NS = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1, "filetime": 100}
 SIZE_UNITS = {"byte": 1, "b": 1, "sector": 512, "kib": 1024}

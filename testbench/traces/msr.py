@@ -11,7 +11,14 @@ import re
 from collections.abc import Iterable, Iterator
 
 from testbench.errors import TraceError
-from testbench.traces.record import IoRecord, LineWriter, WriteResult, head_lines, parse_int, text_lines
+from testbench.traces.record import (
+    IoRecord,
+    LineWriter,
+    WriteResult,
+    head_lines,
+    parse_int,
+    text_lines,
+)
 
 TICK_NS = 100
 _TYPES = {"read": "R", "write": "W"}

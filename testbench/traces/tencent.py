@@ -9,7 +9,14 @@ from collections.abc import Iterable, Iterator
 
 from testbench.errors import TraceError
 from testbench.traces.record import (
-    SECTOR, IoRecord, LineWriter, WriteResult, head_lines, parse_int, parse_number, text_lines,
+    SECTOR,
+    IoRecord,
+    LineWriter,
+    WriteResult,
+    head_lines,
+    parse_int,
+    parse_number,
+    text_lines,
 )
 
 _OPS = {"0": "R", "1": "W"}
