@@ -9,7 +9,7 @@ because counting 32 MiB of bits costs ~20 ms.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from bitarray import bitarray
 

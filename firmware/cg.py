@@ -12,7 +12,7 @@ Side effects live in one place per target phase: ``on_enter[phase](event)``.
 from __future__ import annotations
 
 import enum
-from typing import Callable
+from collections.abc import Callable
 
 from firmware.errors import InvalidTransition
 

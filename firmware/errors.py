@@ -34,7 +34,3 @@ class VolumeError(FirmwareError):
 
 class CgFailed(FirmwareError):
     """A consistency group failed; the message says why."""
-
-
-class SecondaryError(FirmwareError):
-    """The secondary refused a request (stale CG, wrong session, geometry)."""

@@ -1,0 +1,304 @@
+"""Secondary: receives each CG into B and keeps C, the consistent copy, as a
+no-copy FlashCopy of B (firmware/flashcopy.py). ``LocalRemote`` lets a
+Primary in the same process call it directly (the link helper's LinkRemote
+carries the same calls over frames)."""
+
+from __future__ import annotations
+
+import logging
+
+from firmware import crashpoints as cp
+from firmware.crashpoints import CrashPoints
+from firmware.errors import NvramError
+from firmware.events import EventBus
+from firmware.flashcopy import FlashCopy
+from firmware.layout import (
+    FC_PREPARED,
+    SECONDARY_MAGIC,
+    VERSION,
+    DoubleRecord,
+    FlashCopyRecord,
+    Header,
+    RegionPlan,
+    plan_region,
+    read_header,
+    region_is_blank,
+)
+from firmware.remote import RemoteError, RemotePort, RemoteState, VolumeGeometry
+from hal.block import BlockDevice
+from hal.clock import Clock
+from hal.host import HostTarget, HostVolume
+from hal.nvram import NvramRegion
+
+log = logging.getLogger(__name__)
+
+AFTER_PREPARE = cp.declare("secondary.after_prepare", "B is durable and PREPARED recorded; commit not yet done")
+MID_COMMIT = cp.declare("secondary.mid_commit", "commit received, the FlashCopy record not yet rewritten")
+MID_FLASHCOPY = cp.declare("secondary.mid_flashcopy", "a grain was copied B->C, its copied bit not yet set")
+
+
+class Secondary:
+    def __init__(self, volumes: dict[str, tuple[BlockDevice, BlockDevice]], nvram: NvramRegion, clock: Clock,
+                 *, session_id: str = "default", events: EventBus | None = None,
+                 crashpoints: CrashPoints | None = None, grain_bytes: int = 65536) -> None:
+        if not volumes:
+            raise RemoteError("a secondary needs at least one volume")
+        self.names = list(volumes)
+        self.b = [volumes[n][0] for n in self.names]
+        self.c = [volumes[n][1] for n in self.names]
+        for name, b, c in zip(self.names, self.b, self.c, strict=False):
+            if c.info.size_bytes < b.info.size_bytes:
+                raise RemoteError(f"{name}: C ({c.info.size_bytes} bytes) is smaller than B "
+                                  f"({b.info.size_bytes} bytes)")
+            for dev in (b, c):
+                if grain_bytes % dev.info.block_size:
+                    raise RemoteError(f"{name}: grain {grain_bytes} is not a multiple of "
+                                      f"{dev.info.url}'s block size {dev.info.block_size}")
+        self._vindex = {n: i for i, n in enumerate(self.names)}
+        self.nvram = nvram
+        self.clock = clock
+        self.session_id = session_id
+        self.events = events if events is not None else EventBus()
+        self.crashpoints = crashpoints if crashpoints is not None else CrashPoints()
+        self.grain_bytes = grain_bytes
+        self.fc: FlashCopy | None = None
+        self._track_bytes: dict[str, int] = {}
+        self.receiving_seq = 0
+        self.received_tracks = 0
+        self.received_bytes = 0
+        self.recovered: dict = {}
+
+    # -- NVRAM -----------------------------------------------------------------
+    async def open(self, format: bool = False) -> None:  # noqa: A002 - contract name
+        view = self.nvram.view
+        persist = self.nvram.persist
+        vols = [(n, b.info.size_bytes) for n, b in zip(self.names, self.b, strict=False)]
+        fresh = format or region_is_blank(view)
+        if fresh:
+            plan = plan_region(SECONDARY_MAGIC, view.nbytes, vols, self.grain_bytes, self.session_id,
+                               with_cache=False)
+            view[: 4 * 4096] = bytes(4 * 4096)
+            for v in plan.volumes:
+                view[v.bitmap_offset : v.bitmap_offset + 2 * v.bitmap_bytes] = bytes(2 * v.bitmap_bytes)
+            persist(0, plan.dir_offset)
+            header_store = DoubleRecord(view, persist, RegionPlan.HEADER_OFFSET, Header)
+            header_store.write(plan.header_fields(generation=1, clean=0))
+            store = DoubleRecord(view, persist, RegionPlan.RECORD_OFFSET, FlashCopyRecord)
+            record = {"session_id": self.session_id, "established": 0, "phase": 0, "committed_seq": 0,
+                      "prepared_seq": 0, "active_select": 0, "commit_wall": 0.0}
+            store.write(record)
+            self.recovered = {"formatted": True}
+        else:
+            _, header = read_header(view, persist)
+            if header is None:
+                raise NvramError("secondary NVRAM has no readable header; open with format=True to initialize")
+            if header["magic"] != SECONDARY_MAGIC or header["version"] != VERSION:
+                raise NvramError(f"NVRAM holds {header['magic']!r} version {header['version']}, "
+                                 f"not a secondary region version {VERSION}")
+            plan = RegionPlan.from_header(header)
+            theirs = [(v.name, v.size_bytes) for v in plan.volumes]
+            if theirs != vols:
+                raise NvramError(f"secondary NVRAM was formatted for {theirs}, the volumes are {vols}")
+            self.grain_bytes = plan.track_bytes
+            store = DoubleRecord(view, persist, RegionPlan.RECORD_OFFSET, FlashCopyRecord)
+            record = store.read()
+            if record is None:
+                raise NvramError("secondary FlashCopy record is unreadable (both copies damaged)")
+            rolled_back = record["phase"] == FC_PREPARED
+            if rolled_back:  # crash between prepare and commit: the previous C stands
+                record["phase"] = 0
+                store.write(record)
+            self.recovered = {"formatted": False, "rolled_back_prepare": rolled_back,
+                              "committed_seq": record["committed_seq"]}
+        self.fc = FlashCopy(self.nvram, plan, store, record, self.b, self.c, fresh=fresh)
+        log.info("secondary NVRAM ready: %s", self.recovered)
+
+    async def close(self) -> None:
+        for dev in self.b + self.c:
+            try:
+                await dev.flush()
+            except Exception as e:  # noqa: BLE001 - closing: report, go on
+                log.warning("flush of %s at close failed: %s", dev.info.url, e)
+
+    @property
+    def committed_cg(self) -> int:
+        return self.fc.record["committed_seq"]
+
+    def _vi(self, volume: str) -> int:
+        try:
+            return self._vindex[volume]
+        except KeyError:
+            raise RemoteError(f"unknown volume {volume!r}; this secondary has {', '.join(self.names)}") from None
+
+    # -- the RemotePort calls, server side --------------------------------------------
+    async def hello(self, session_id: str, volumes: list[VolumeGeometry]) -> RemoteState:
+        if session_id != self.session_id:
+            raise RemoteError(f"session {session_id!r} does not match this secondary's {self.session_id!r}")
+        rec = self.fc.record
+        if rec["session_id"] and rec["session_id"] != session_id:
+            raise RemoteError(f"this secondary's NVRAM belongs to session {rec['session_id']!r}")
+        names = [v.name for v in volumes]
+        if sorted(names) != sorted(self.names):
+            raise RemoteError(f"primary volumes {names} do not match secondary volumes {self.names}")
+        for v in volumes:
+            b = self.b[self._vindex[v.name]]
+            if v.size_bytes != b.info.size_bytes:
+                raise RemoteError(f"{v.name}: primary has {v.size_bytes} bytes, B has {b.info.size_bytes}")
+            if v.track_bytes % b.info.block_size:
+                raise RemoteError(f"{v.name}: track {v.track_bytes} is not a multiple of B's block size")
+            self._track_bytes[v.name] = v.track_bytes
+        self.events.emit("change", "link", state="up", session=session_id)
+        return RemoteState(session_id=self.session_id, committed_cg=rec["committed_seq"],
+                           new=not rec["established"],
+                           volumes=[VolumeGeometry(n, b.info.size_bytes, self._track_bytes[n])
+                                    for n, b in zip(self.names, self.b, strict=False)])
+
+    async def receive_track(self, volume: str, track: int, cg_seq: int, data: bytes) -> None:
+        vi = self._vi(volume)
+        tb = self._track_bytes.get(volume)
+        if tb is None:
+            raise RemoteError("receive_track before hello")
+        if cg_seq <= self.committed_cg:
+            raise RemoteError(f"CG {cg_seq} is not newer than the committed CG {self.committed_cg}")
+        b = self.b[vi]
+        offset = track * tb
+        n = len(data)
+        expect = min(tb, b.info.size_bytes - offset) if 0 <= offset < b.info.size_bytes else -1
+        if n != expect:
+            raise RemoteError(f"{volume} track {track}: {n} bytes, expected {expect}")
+        self.receiving_seq = cg_seq
+        grains = self.fc.grains(vi, offset, n)
+        await self.fc.lock(vi, grains)
+        try:
+            await self.fc.before_b_write(vi, grains, lambda: self.crashpoints.hit(MID_FLASHCOPY))
+            await b.write(offset // b.info.block_size, data)
+        finally:
+            self.fc.unlock(vi, grains)
+        self.received_tracks += 1
+        self.received_bytes += n
+
+    async def drain_done(self, cg_seq: int) -> None:
+        self.events.emit("change", "cg", seq=cg_seq, phase="drained", role="secondary")
+
+    async def prepare(self, cg_seq: int) -> None:
+        if cg_seq <= self.committed_cg:
+            raise RemoteError(f"prepare of CG {cg_seq}: CG {self.committed_cg} is already committed")
+        for b in self.b:
+            await b.flush()  # B durable for this CG before it can become C
+        self.fc.prepare(cg_seq)
+        self.crashpoints.hit(AFTER_PREPARE)
+
+    async def commit(self, cg_seq: int) -> None:
+        rec = self.fc.record
+        if rec["committed_seq"] == cg_seq:
+            return  # a repeated commit (the primary did not see our answer)
+        if rec["phase"] != FC_PREPARED or rec["prepared_seq"] != cg_seq:
+            raise RemoteError(f"commit of CG {cg_seq} without prepare (prepared: {rec['prepared_seq']})")
+        for c in self.c:
+            await c.flush()  # copied grains durable before the bits that point at them are dropped
+        self.crashpoints.hit(MID_COMMIT)
+        self.fc.commit(cg_seq, self.clock.wall())
+        self.events.emit("destroy", "cg", seq=cg_seq, result="committed", role="secondary")
+
+    async def abort(self, cg_seq: int) -> None:
+        if self.fc.record["prepared_seq"] == cg_seq:
+            self.fc.abort()
+        self.events.emit("destroy", "cg", seq=cg_seq, result="failed", role="secondary")
+
+    # -- C --------------------------------------------------------------------------------
+    async def read_c(self, volume: str, offset: int, length: int) -> bytes:
+        vi = self._vi(volume)
+        b = self.b[vi]
+        bs = b.info.block_size
+        if offset < 0 or length < 0 or offset + length > b.info.size_bytes or offset % bs or length % bs:
+            raise RemoteError(f"{volume}: read of {length} bytes at {offset} is outside or unaligned")
+        if length == 0:
+            return b""
+        return await self.fc.read_c(vi, offset, length)
+
+    def host_target(self, read_only: bool = True) -> HostTarget:
+        return SecondaryTarget(self, read_only=read_only)
+
+    async def fast_reverse_restore(self) -> int:
+        """C -> B: B becomes the last committed CG (failover). Returns grains copied."""
+        n = await self.fc.reverse_restore()
+        self.events.emit("change", "session", action="fast_reverse_restore", grains=n)
+        return n
+
+    def status(self) -> dict:
+        rec = self.fc.record
+        return {
+            "role": "secondary",
+            "session_id": self.session_id,
+            "committed_cg": rec["committed_seq"],
+            "last_commit_time": rec["commit_wall"] or None,
+            "prepared_cg": rec["prepared_seq"] if rec["phase"] == FC_PREPARED else None,
+            "established": bool(rec["established"]),
+            "receiving_cg": self.receiving_seq,
+            "received_tracks": self.received_tracks,
+            "received_bytes": self.received_bytes,
+            "cow_copies": self.fc.cow_copies,
+            "volumes": [{"name": n, "size_bytes": b.info.size_bytes, "b_url": b.info.url, "c_url": c.info.url,
+                         "copied_grains": self.fc.copied(i).count()}
+                        for i, (n, b, c) in enumerate(zip(self.names, self.b, self.c, strict=False))],
+        }
+
+
+class SecondaryVolume(HostVolume):
+    def __init__(self, secondary: Secondary, name: str, read_only: bool) -> None:
+        b = secondary.b[secondary._vi(name)]
+        self.secondary = secondary
+        self.name = name
+        self.size_bytes = b.info.size_bytes
+        self.block_size = b.info.block_size
+        self.read_only = read_only
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.secondary.read_c(self.name, offset, length)
+
+    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        raise PermissionError(f"{self.name}: C is the consistent copy and is exported read-only")
+
+    async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+        raise PermissionError(f"{self.name}: C is the consistent copy and is exported read-only")
+
+    async def trim(self, offset: int, length: int) -> None:
+        raise PermissionError(f"{self.name}: C is the consistent copy and is exported read-only")
+
+    async def flush(self) -> None:
+        return None
+
+
+class SecondaryTarget(HostTarget):
+    def __init__(self, secondary: Secondary, read_only: bool = True) -> None:
+        self._volumes = {n: SecondaryVolume(secondary, n, read_only) for n in secondary.names}
+
+    def volumes(self) -> dict[str, HostVolume]:
+        return self._volumes
+
+
+class LocalRemote(RemotePort):
+    """RemotePort by direct calls into a Secondary in the same process."""
+
+    def __init__(self, secondary: Secondary) -> None:
+        self.secondary = secondary
+        self.sent_tracks = 0
+
+    async def connect(self, session_id: str, volumes: list[VolumeGeometry]) -> RemoteState:
+        return await self.secondary.hello(session_id, volumes)
+
+    async def send_track(self, volume: str, track: int, cg_seq: int, data: bytes) -> None:
+        self.sent_tracks += 1
+        await self.secondary.receive_track(volume, track, cg_seq, bytes(data))
+
+    async def drain_done(self, cg_seq: int) -> None:
+        await self.secondary.drain_done(cg_seq)
+
+    async def prepare(self, cg_seq: int) -> None:
+        await self.secondary.prepare(cg_seq)
+
+    async def commit(self, cg_seq: int) -> None:
+        await self.secondary.commit(cg_seq)
+
+    async def abort(self, cg_seq: int) -> None:
+        await self.secondary.abort(cg_seq)
