@@ -110,7 +110,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("cg start", "_cg_start", "start forming consistency groups"),
     Command("cg pause", "_cg_pause", "pause CG formation after the current CG (Pause in Progress -> Paused)"),
     Command("cg resume", "_cg_resume", "resume CG formation after a pause"),
-    Command("cg run", "_cg_run", "form one consistency group now"),
+    Command("cg run", "_cg_run", "run the CG being formed: switch on change recording, release held "
+                                 "acks and drain (from Paused: resume forming CGs)"),
     Command("cg fail", "_cg_fail", "fail the CG in flight (its CR tracks fold back into OOS)",
             (Arg("REASON", "text", optional=True),)),
     Command("run", "_cg_run", "same as: cg run"),
@@ -401,8 +402,8 @@ class CommandSet:
 
     async def _cg_run(self, args, flags, as_json):
         data = await self._call("run")
-        return data, (f"cg run: done; cg_seq {data['cg_seq']}, successful {data['total_successful_cgs']}, "
-                      f"failed {data['total_failed_cgs']}"), None
+        return data, (f"cg run: done; copy_state {data['copy_state']}, phase {data['phase']}, "
+                      f"cg_seq {data['cg_seq']}"), None
 
     async def _cg_fail(self, args, flags, as_json):
         reason = args.get("REASON") or "operator"

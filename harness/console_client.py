@@ -120,13 +120,14 @@ class ConsoleClient:
         deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
         while True:
             best: tuple[int, int, re.Match] | None = None
+            buf = bytes(self._buf)  # match objects must not see the buffer change under them
             for i, rx in enumerate(compiled):
-                m = rx.search(self._buf)
+                m = rx.search(buf)
                 if m and (best is None or m.start() < best[1]):
                     best = (i, m.start(), m)
             if best is not None:
                 i, _, m = best
-                self.before, self.after, self.match = bytes(self._buf[:m.start()]), m.group(0), m
+                self.before, self.after, self.match = buf[:m.start()], m.group(0), m
                 del self._buf[:m.end()]
                 return i
             if time.monotonic() >= deadline:

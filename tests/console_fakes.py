@@ -9,6 +9,7 @@ from bitarray import bitarray
 from firmware.crashpoints import CrashPoints, declare
 from firmware.events import EventBus
 from firmware.params import SessionParams
+from firmware.remote import RemotePort
 
 FAKE_POINT = declare("console_fake.before_commit", "console tests: the fake controller's commit")
 
@@ -155,3 +156,59 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         self.loop.close()
+
+
+class MemNvram:
+    """An in-memory NvramRegion test double (a crash of the test is not simulated)."""
+
+    def __init__(self, size_bytes: int) -> None:
+        self.url = f"mem-nvram://?size={size_bytes}"
+        self.size_bytes = size_bytes
+        self._buf = bytearray(size_bytes)
+        self.persisted = 0
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self._buf)
+
+    def persist(self, offset: int, length: int) -> None:
+        self.persisted += 1
+
+    def close(self) -> None:
+        return None
+
+
+class RecordingRemote(RemotePort):
+    """A RemotePort test double: B and C as dicts of track images, with the
+    contract's commit semantics (C becomes B atomically at commit)."""
+
+    def __init__(self) -> None:
+        self.b: dict[tuple[str, int], bytes] = {}
+        self.c: dict[tuple[str, int], bytes] = {}
+        self.committed = 0
+        self.connects = 0
+
+    async def connect(self, session_id, volumes):
+        from firmware.remote import RemoteState
+
+        self.connects += 1
+        return RemoteState(session_id, self.committed, self.committed == 0, list(volumes))
+
+    async def send_track(self, volume, track, cg_seq, data) -> None:
+        self.b[(volume, track)] = bytes(data)
+
+    async def drain_done(self, cg_seq) -> None:
+        return None
+
+    async def prepare(self, cg_seq) -> None:
+        return None
+
+    async def commit(self, cg_seq) -> None:
+        self.c = dict(self.b)
+        self.committed = cg_seq
+
+    async def abort(self, cg_seq) -> None:
+        self.b = dict(self.c)
+
+    async def close(self) -> None:
+        return None
