@@ -303,7 +303,7 @@ def plan_region(magic: bytes, region_bytes: int, volumes: list[tuple[str, int]],
     dir_offset = pos
     n_slots = 0
     if with_cache:
-        room = region_bytes - dir_offset - PAGE
+        room = region_bytes - dir_offset
         n_slots = max(0, room // (track_bytes + 2 * ebytes))
         if max_slots is not None:
             n_slots = min(n_slots, max_slots)

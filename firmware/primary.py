@@ -594,9 +594,12 @@ class Primary:
                     return
                 await self._send_old(item[0], item[1], seq)
 
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(self.params.drain_inflight):
-                tg.create_task(worker())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(self.params.drain_inflight):
+                    tg.create_task(worker())
+        except BaseExceptionGroup as group:  # one failed send fails the drain: raise it as itself
+            raise group.exceptions[0] from None
         return self.oos_tracks() == 0
 
     async def commit_cg(self) -> None:

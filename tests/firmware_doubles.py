@@ -85,3 +85,46 @@ async def make_rig(*, volumes=("vol0",), size: str = "4MiB", track_bytes: int = 
     if start:
         await primary.start(form_cgs=form_cgs, destage=destage)
     return Rig(clock, a, bc, pnv, snv, params, primary, secondary, remote)
+
+
+async def settle(rounds: int = 30) -> None:
+    """Let every ready task run (mem:// I/O completes without real waiting)."""
+    import asyncio
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+class SpyRemote(LocalRemote):
+    """LocalRemote that calls ``before_send(volume, track, data)`` before each
+    track reaches the secondary and logs every call."""
+
+    def __init__(self, secondary: Secondary) -> None:
+        super().__init__(secondary)
+        self.log: list[tuple] = []
+        self.before_send = None
+        self.fail_sends = False
+
+    async def send_track(self, volume, track, cg_seq, data):
+        self.log.append(("send", volume, track, cg_seq, bytes(data[:8])))
+        if self.before_send is not None:
+            r = self.before_send(volume, track, data)
+            if hasattr(r, "__await__"):
+                await r
+        if self.fail_sends:
+            raise ConnectionError("link down (test)")
+        await super().send_track(volume, track, cg_seq, data)
+
+    async def prepare(self, cg_seq):
+        self.log.append(("prepare", cg_seq))
+        await super().prepare(cg_seq)
+
+    async def commit(self, cg_seq):
+        self.log.append(("commit", cg_seq))
+        await super().commit(cg_seq)
+
+
+def spy_rig_remote(rig: Rig) -> SpyRemote:
+    spy = SpyRemote(rig.secondary)
+    rig.primary.remote = spy
+    rig.remote = spy
+    return spy
