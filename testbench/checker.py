@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from hal.block import BlockDevice
@@ -151,17 +151,22 @@ async def decode_copy(devices: list[BlockDevice], names: list[str], rec: _Record
     return shown, seen
 
 
-async def check_copy(devices: list[BlockDevice], writes: Iterable[WriteRecord], *, names: list[str] | None = None,
+async def check_copy(devices: list[BlockDevice], writes: Iterable[WriteRecord] | Callable[[], Iterable[WriteRecord]], *,
+                     names: list[str] | None = None,
                      check_ns: int | None = None, max_violations: int = 10) -> CheckResult:
     """Decide whether ``devices`` (one per session volume, in log order) hold a
     consistent cut of ``writes``. ``writes`` is iterated three times (a
     ReplayLog or a list). ``check_ns``: when the copy was taken, on the same
-    clock, for the data exposure; default the last acknowledgement in the log."""
+    clock, for the data exposure; default the last acknowledgement in the log.
+    A callable ``writes`` is called once, after the copy has been read: a
+    replay still running can hand over its history as of that moment."""
     names = names or [f"vol{i}" for i in range(len(devices))]
     result = CheckResult()
     rec = _Recorder(max_violations, result)
     result.blocks = sum(d.info.num_blocks for d in devices)
     shown, seen = await decode_copy(devices, names, rec)
+    if callable(writes):
+        writes = writes()
     result.stamped_blocks = sum(1 for ids in shown for x in ids if x)
     result.shown_writes = len(seen)
     max_shown = max(seen, default=NOTHING)

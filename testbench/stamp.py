@@ -13,6 +13,7 @@ apart from an unstamped one:
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import crc32c
@@ -36,7 +37,6 @@ StampHeader = Struct(
 )
 HEADER_BYTES = StampHeader.sizeof()  # 36
 _CHECKSUM_AT = HEADER_BYTES - 4
-_BUILD = StampHeader.compile()  # compiled: the same declaration, ~5x faster
 _Filler = Struct("write_id" / Int64ub, "lba" / Int64ub)
 _ZERO4 = bytes(4)
 
@@ -54,14 +54,15 @@ class Stamp:
     index: int
 
 
-def _block(write_id: int, volume_id: int, lba: int, nblocks: int, index: int, block_size: int) -> bytes:
-    head = _BUILD.build(dict(version=VERSION, volume_id=volume_id, lba=lba, write_id=write_id,
-                             nblocks=nblocks, index=index, checksum=0))
-    pattern = _Filler.build(dict(write_id=write_id, lba=lba))
-    fill_len = block_size - HEADER_BYTES
-    filler = (pattern * (fill_len // len(pattern) + 1))[:fill_len]
-    crc = crc32c.crc32c(head[:_CHECKSUM_AT] + _ZERO4 + filler)
-    return head[:_CHECKSUM_AT] + crc.to_bytes(4, "big") + filler
+# The hot path packs with ``struct``; this format is checked against the
+# construct declaration at import, so the declaration stays the one truth.
+_FAST = struct.Struct(">4sBBHQQIII")
+_FILL = struct.Struct(">QQ")
+_CRC = struct.Struct(">I")
+_probe = dict(version=VERSION, volume_id=0x0102, lba=0x030405, write_id=0x060708, nblocks=9, index=3, checksum=0xA0B0C0D0)
+assert _FAST.pack(MAGIC, VERSION, 0, 0x0102, 0x030405, 0x060708, 9, 3, 0xA0B0C0D0) == StampHeader.build(_probe)
+assert _FILL.pack(1, 2) == _Filler.build(dict(write_id=1, lba=2))
+del _probe
 
 
 def encode(write_id: int, volume_id: int, lba: int, nblocks: int, block_size: int = 512) -> bytes:
@@ -70,24 +71,33 @@ def encode(write_id: int, volume_id: int, lba: int, nblocks: int, block_size: in
         raise ValueError(f"block_size {block_size} too small for a stamp")
     if nblocks < 1:
         raise ValueError("a stamped write has at least one block")
-    return b"".join(_block(write_id, volume_id, lba + i, nblocks, i, block_size) for i in range(nblocks))
+    out = bytearray(nblocks * block_size)
+    view = memoryview(out)
+    fill_len = block_size - HEADER_BYTES
+    reps = fill_len // _FILL.size + 1
+    for i in range(nblocks):
+        base = i * block_size
+        _FAST.pack_into(out, base, MAGIC, VERSION, 0, volume_id, lba + i, write_id, nblocks, i, 0)
+        out[base + HEADER_BYTES:base + block_size] = (_FILL.pack(write_id, lba + i) * reps)[:fill_len]
+        _CRC.pack_into(out, base + _CHECKSUM_AT, crc32c.crc32c(view[base:base + block_size]))  # field still zero
+    return bytes(out)
 
 
 def decode(block: bytes | memoryview) -> Stamp | None:
     """What one block says about itself (see the module docstring)."""
-    block = bytes(block)
-    if block[:4] != MAGIC:
+    if bytes(block[:4]) != MAGIC:
         return None
     if len(block) < HEADER_BYTES + 16:
         raise StampError(f"stamped block of {len(block)} bytes is too short")
-    want = int.from_bytes(block[_CHECKSUM_AT:HEADER_BYTES], "big")
-    got = crc32c.crc32c(block[:_CHECKSUM_AT] + _ZERO4 + block[HEADER_BYTES:])
+    magic, version, reserved, volume_id, lba, write_id, nblocks, index, want = _FAST.unpack_from(block, 0)
+    scratch = bytearray(block)
+    scratch[_CHECKSUM_AT:HEADER_BYTES] = _ZERO4
+    got = crc32c.crc32c(scratch)
     if want != got:
         raise StampError(f"stamp checksum {want:#010x} != {got:#010x} (torn or corrupt block)")
-    h = _BUILD.parse(block[:HEADER_BYTES])
-    if h.version != VERSION or h.index >= h.nblocks:
-        raise StampError(f"stamp version {h.version} / index {h.index} of {h.nblocks} not valid")
-    return Stamp(h.volume_id, h.lba, h.write_id, h.nblocks, h.index)
+    if version != VERSION or reserved != 0 or index >= nblocks:
+        raise StampError(f"stamp version {version} / index {index} of {nblocks} not valid")
+    return Stamp(volume_id, lba, write_id, nblocks, index)
 
 
 def is_zero(block: bytes | memoryview) -> bool:
