@@ -1,0 +1,157 @@
+"""Unit tests of the firmware pieces: CG transition table, NVRAM layout
+(round trips and a hand-made header fixture), TrackBitmap against a shadow
+set, SessionParams parsing."""
+
+from __future__ import annotations
+
+import struct
+
+import crc32c
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from firmware import layout as L
+from firmware.bitmap import TrackBitmap
+from firmware.cg import NEXT, CgMachine, Event, Phase
+from firmware.errors import InvalidTransition, NvramError
+from firmware.params import SessionParams
+
+
+# -- the transition table ---------------------------------------------------------
+@pytest.mark.parametrize("phase", list(Phase), ids=lambda p: p.value)
+@pytest.mark.parametrize("event", list(Event), ids=lambda e: e.value)
+def test_every_phase_event_pair(phase, event):
+    entered = []
+    m = CgMachine({p: (lambda ev, p=p: entered.append((p, ev))) for p in Phase})
+    m.phase = phase
+    if (phase, event) in NEXT:
+        assert m.handle(event) is NEXT[phase, event]
+        assert entered == [(NEXT[phase, event], event)]
+    else:
+        with pytest.raises(InvalidTransition, match=event.value):
+            m.handle(event)
+        assert m.phase is phase and entered == []
+
+
+def test_table_cycle_and_failures_end_idle():
+    for phase in (Phase.QUIESCING, Phase.DRAINING, Phase.COMMITTING):
+        assert NEXT[phase, Event.FAIL] is Phase.IDLE and NEXT[phase, Event.TIMEOUT] is Phase.IDLE
+    m = CgMachine()
+    for ev in (Event.START, Event.RECORDING_ON, Event.DRAINED, Event.COMMITTED):
+        m.handle(ev)
+    assert m.phase is Phase.IDLE
+
+
+# -- layout ---------------------------------------------------------------------------
+def test_header_round_trip_and_hand_made_fixture():
+    plan = L.plan_region(b"MFWP", 8 << 20, [("vol0", 1 << 20)], 65536, "demo", with_cache=True)
+    fields = plan.header_fields(generation=7, clean=1)
+    raw = L.Header.build(fields)
+    back = L.Header.parse(raw)
+    assert back.magic == b"MFWP" and back.generation == 7 and back.volumes[0].name == "vol0"
+    assert L.RegionPlan.from_header(back) == plan
+    # Hand-made from the documented field order (little-endian), not from construct.
+    expect = (b"MFWP" + struct.pack("<HQBIIIIQQQ", 1, 7, 1, 65536, 512, plan.n_slots, plan.entry_bytes,
+                                    plan.dir_offset, plan.slots_offset, plan.total_bytes)
+              + b"demo".ljust(64, b"\0") + struct.pack("<H", 1)
+              + b"vol0".ljust(32, b"\0") + struct.pack("<QQQQ", 1 << 20, 16, 4 * 4096, 4096))
+    assert raw == expect
+
+
+def test_sealed_record_survives_a_torn_update():
+    view = memoryview(bytearray(4 * 4096))
+    rec = L.DoubleRecord(view, lambda o, n: None, 0, L.CgRecord)
+    base = {"seq": 1, "phase": 0, "recording": 0, "oos_select": 0, "start_wall": 0.0, "committed_seq": 0,
+            "cut_wall": 0.0, "commit_wall": 0.0, "successful": 0, "failed": 0, "consecutive": 0}
+    rec.write(base)
+    rec.write(dict(base, seq=2))
+    assert L.DoubleRecord(view, None, 0, L.CgRecord).read()["seq"] == 2
+    # Tear the newest copy (copy 1): the previous version stays readable.
+    view[4096 + 20] ^= 0xFF
+    assert L.DoubleRecord(view, None, 0, L.CgRecord).read()["seq"] == 1
+    view[20] ^= 0xFF
+    assert L.DoubleRecord(view, None, 0, L.CgRecord).read() is None
+
+
+def test_dir_entry_fast_pack_equals_construct_and_crc_rejects_damage():
+    valid = bytes(range(16))
+    fast = L.pack_entry(9, L.STATE_NEW, 1, 2, 12345, valid)
+    slow = L.dir_entry_struct(16).build({"gen": 9, "state": 2, "dirty": 1, "volume": 2, "track": 12345,
+                                         "valid": valid, "crc": crc32c.crc32c(fast[:-4])})
+    assert fast == slow
+    assert L.unpack_entry(fast, 16) == {"gen": 9, "state": 2, "dirty": 1, "volume": 2, "track": 12345,
+                                        "valid": valid}
+    torn = bytearray(fast)
+    torn[10] ^= 1
+    assert L.unpack_entry(bytes(torn), 16) is None
+
+
+def test_region_too_small_is_a_clear_error():
+    with pytest.raises(NvramError, match="too small"):
+        L.plan_region(b"MFWP", 64 << 10, [("v", 1 << 30)], 65536, "s", with_cache=True)
+    with pytest.raises(NvramError, match="1..32 bytes"):
+        L.plan_region(b"MFWP", 64 << 20, [("x" * 40, 1 << 20)], 65536, "s", with_cache=True)
+
+
+# -- bitmap against a shadow model ------------------------------------------------------
+ops = st.lists(st.tuples(st.sampled_from(["set", "clear", "range", "merge", "clear_all"]),
+                         st.integers(0, 299), st.integers(0, 299)), max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops)
+def test_bitmap_matches_shadow_set_after_every_step(steps):
+    buf = memoryview(bytearray(64))
+    bm = TrackBitmap(300, buf)
+    other = TrackBitmap(300)
+    other.set_range(100, 140)
+    shadow: set[int] = set()
+    for op, a, b in steps:
+        if op == "set":
+            assert bm.set(a) == (a not in shadow)
+            shadow.add(a)
+        elif op == "clear":
+            assert bm.clear(a) == (a in shadow)
+            shadow.discard(a)
+        elif op == "range":
+            lo, hi = min(a, b), max(a, b)
+            bm.set_range(lo, hi)
+            shadow |= set(range(lo, hi))
+        elif op == "merge":
+            bm.or_merge(other)
+            shadow |= set(range(100, 140))
+        else:
+            bm.clear_all()
+            shadow.clear()
+        assert bm.count() == len(shadow) == bm.recount()
+        assert bm.set_tracks() == sorted(shadow)
+        assert bm.next_set(a) == min((t for t in shadow if t >= a), default=-1)
+        runs = bm.runs(0, None, 1000)
+        assert sorted(t for r in runs for t in range(*r)) == sorted(shadow)
+    # the bits live in the buffer: a new bitmap on it sees the same set
+    assert TrackBitmap(300, buf).set_tracks() == sorted(shadow)
+
+
+def test_bitmap_of_a_16_tib_volume_finds_bits_without_python_scanning():
+    tracks = (16 << 40) // 65536  # 256 Mi bits
+    bm = TrackBitmap(tracks, memoryview(bytearray(tracks // 8)))
+    bm.set(tracks - 1)
+    bm.set(5)
+    assert bm.next_set(6) == tracks - 1 and bm.next_set(0) == 5
+    assert bm.runs(0, None, 8) == [[5, 6], [tracks - 1, tracks]]
+    assert bm.count() == 2
+
+
+# -- params ------------------------------------------------------------------------------------
+def test_params_parse_and_refuse():
+    p = SessionParams()
+    p.set("max_coord_ms", "20")
+    p.set("track_bytes", "16KiB")
+    p.set("collision_policy", "send-first")
+    assert (p.max_coord_ms, p.track_bytes, p.collision_policy) == (20.0, 16384, "send-first")
+    for name, text in [("track_bytes", "3000"), ("max_coord_ms", "-1"), ("collision_policy", "x"),
+                       ("nope", "1"), ("drain_inflight", "zero")]:
+        with pytest.raises(ValueError, match=name):
+            p.set(name, text)
+    assert (p.max_coord_ms, p.track_bytes) == (20.0, 16384)
