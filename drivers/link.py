@@ -131,6 +131,12 @@ async def connect_link(
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
     except (TimeoutError, ConnectionError, OSError) as e:
         raise LinkDown(f"cannot connect to {host}:{port}: {e or type(e).__name__}") from None
+    if writer.get_extra_info("sockname") == writer.get_extra_info("peername"):
+        # TCP self-connect: nobody listens on a port in the ephemeral range and
+        # the kernel picked that very port as our source. Holding it would
+        # keep the real listener from binding when it comes back.
+        writer.transport.abort()
+        raise LinkDown(f"cannot connect to {host}:{port}: nobody listening (self-connect)")
     return TcpLink(reader, writer, framing)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -290,12 +291,27 @@ class SecondaryController(Controller):
             raise nvram_refusal(e, cfg.nvram_url) from None
         self.service = ReplicationService(self.secondary, cfg.secret, cfg.session_id, random_bytes=os.urandom,
                                           clock=self.clock, events=self.events)
-        server = await listen_replication_links(*cfg.link_listen, self.service.serve)
+        server = await self._listen_with_retry(*cfg.link_listen)
         self._closers.append(server.close)
         host, port = server.sockets[0].getsockname()[:2]
         self.addresses["link"] = f"{host}:{port}"
         await self._start_host_port(self.secondary.host_target(read_only=True), read_only=True)
         await self._start_console(self.secondary)
+
+    async def _listen_with_retry(self, host: str, port: int, wait_s: float = 15.0) -> asyncio.Server:
+        """Bind the link port. Right after a crash of the previous process the
+        port may still be held by its closing connections (FIN_WAIT, which
+        SO_REUSEADDR does not override): retry for a while instead of failing."""
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
+            try:
+                return await listen_replication_links(host, port, self.service.serve)
+            except OSError as e:
+                log.debug("secondary: binding the link port: %r (errno %s)", e, e.errno)
+                if e.errno != errno.EADDRINUSE or asyncio.get_running_loop().time() > deadline:
+                    raise
+                log.info("secondary: link port %s:%d still busy; retrying", host, port)
+                await asyncio.sleep(0.2)
 
     async def stop(self) -> None:
         await self.secondary.close()

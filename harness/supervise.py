@@ -3,9 +3,8 @@
 
 Used by the process tests and by ``mirrorfw demo``::
 
-    pair = write_pair_configs(workdir)                 # secondary + primary configs, secret, paths
+    pair = write_pair_configs(workdir)                 # secondary + primary configs, secret, link port
     sec = start_controller(pair.secondary, format=True)
-    pair.bind_secondary(sec)                           # fix the link port into both configs
     pri = start_controller(pair.primary, format=True)
     ... pri.ready["nbd"] ...
     pri.kill(); pri = start_controller(pair.primary)   # recovery from NVRAM
@@ -164,16 +163,6 @@ class PairConfigs:
         """The backing file of volume A, B or C."""
         return self.workdir / f"{kind.lower()}-{volume}.img"
 
-    def bind_secondary(self, secondary: ControllerProcess) -> str:
-        """Write the secondary's real link port into both configs, so restarts
-        of either find each other at the same address."""
-        address = secondary.ready["link"]
-        for path, old in ((self.secondary, 'listen = "127.0.0.1:0"'), (self.primary, 'peer = "127.0.0.1:0"')):
-            text = path.read_text()
-            key = "listen" if path == self.secondary else "peer"
-            path.write_text(text.replace(old, f'{key} = "{address}"'))
-        return address
-
     def set_peer(self, address: str) -> None:
         """Point the primary at another address (a fault proxy, say)."""
         text = self.primary.read_text()
@@ -192,11 +181,14 @@ def write_pair_configs(
     secret: bytes = b"mirrorfw-test-secret\n",
     console: bool = False,
     nbd_socket: bool = False,
+    link_port: int | None = None,
 ) -> PairConfigs:
     """Configs for a primary and a secondary on file:// volumes in ``workdir``.
 
-    Link and host ports start as 0 (any free port); ``bind_secondary`` fixes
-    the link port once the secondary runs."""
+    The link port is a free one below the ephemeral range (so a primary
+    reconnecting while the secondary is down cannot take it by a TCP
+    self-connect); host and console ports are 0 (any free port, read from
+    the ready line)."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "secret").write_bytes(secret)
@@ -212,8 +204,9 @@ def write_pair_configs(
         p += f'[[volume]]\nname = "{name}"\nurl = "file://{workdir}/a-{name}.img?size={size}"\n'
         s += (f'[[volume]]\nname = "{name}"\nb_url = "file://{workdir}/b-{name}.img?size={size}"\n'
               f'c_url = "file://{workdir}/c-{name}.img?size={size}"\n')
-    p += '[link]\npeer = "127.0.0.1:0"\n[host]\nlisten = "127.0.0.1:0"\n'
-    s += '[link]\nlisten = "127.0.0.1:0"\n[host]\nlisten = "127.0.0.1:0"\n'
+    port = free_port() if link_port is None else link_port
+    p += f'[link]\npeer = "127.0.0.1:{port}"\n[host]\nlisten = "127.0.0.1:0"\n'
+    s += f'[link]\nlisten = "127.0.0.1:{port}"\n[host]\nlisten = "127.0.0.1:0"\n'
     if nbd_socket:
         p += f'socket = "{workdir}/primary-nbd.sock"\n'
     if console:
@@ -224,6 +217,23 @@ def write_pair_configs(
     primary.write_text(p)
     secondary.write_text(s)
     return PairConfigs(workdir, primary, secondary, list(volumes), size, {"primary": p, "secondary": s})
+
+
+def free_port(low: int = 20000, high: int = 32000) -> int:
+    """A port on 127.0.0.1 that is free now, outside the ephemeral range."""
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise SupervisorError(f"no free port in {low}..{high}")
 
 
 def _toml(value: object) -> str:

@@ -118,8 +118,6 @@ class Pair:
         path = self.configs.primary if role == "primary" else self.configs.secondary
         proc = start_controller(path, format=format, crashpoints=crashpoints)
         self.procs.append(proc)
-        if role == "secondary" and 'listen = "127.0.0.1:0"' in path.read_text():
-            self.configs.bind_secondary(proc)
         return proc
 
     def close(self) -> None:
@@ -198,3 +196,62 @@ def test_secondary_sigkill_keeps_c_a_consistent_cut(pair):
     cut_prefix(asyncio.run(read_tracks(sec.ready["nbd"])))  # consistent right after restart
     wait_for(lambda: c_reaches(sec, 50), what="C to catch up after the secondary's restart")
     assert pri.stop() == 0 and sec.stop() == 0
+
+
+class ProxyThread:
+    """A LinkProxy on its own event loop in a thread, driven from sync tests."""
+
+    def __init__(self, upstream: str, plan=None) -> None:
+        import threading
+
+        from harness.controller import LINK_FRAMING
+        from harness.faults import LinkProxy
+
+        host, port = upstream.rsplit(":", 1)
+        self.proxy = LinkProxy(("127.0.0.1", 0), (host, int(port)), plan, framing=LINK_FRAMING)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        host, port = self.call(self.proxy.start())
+        self.address = f"{host}:{port}"
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def cut(self) -> int:
+        return self.call(self.proxy.cut())
+
+    def close(self) -> None:
+        self.call(self.proxy.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def test_link_faults_through_a_proxy_never_break_c(pair):
+    from firmware import protocol
+    from harness.faults import LinkFaultPlan
+
+    sec = pair.start("secondary", format=True)
+    plan = LinkFaultPlan(seed=3, match=lambda f: f[5] == protocol.Kind.DATA)
+    proxy = ProxyThread(sec.ready["link"], plan)
+    try:
+        pair.configs.set_peer(proxy.address)
+        pri = pair.start("primary", format=True)
+        acked: list[int] = []
+        asyncio.run(write_ids(pri.ready["nbd"], 1, 20, acked))
+        wait_for(lambda: c_reaches(sec, 20), what="C to reach write 20 through the proxy")
+        # Corrupt some DATA frames, then drop every connection mid-stream.
+        plan.corrupt = 0.2
+        asyncio.run(write_ids(pri.ready["nbd"], 21, 40, acked))
+        proxy.cut()
+        asyncio.run(write_ids(pri.ready["nbd"], 41, 60, acked))
+        cut_prefix(asyncio.run(read_tracks(sec.ready["nbd"])))
+        plan.corrupt = 0.0
+        wait_for(lambda: c_reaches(sec, 60), what="C to catch up after the faults")
+        assert acked == list(range(1, 61))
+        assert proxy.proxy.connections >= 2
+        assert pri.stop() == 0 and sec.stop() == 0
+        if plan.done["corrupt"]:
+            assert "bad frame" in sec.logs()
+    finally:
+        proxy.close()

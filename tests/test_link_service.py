@@ -262,7 +262,7 @@ def test_drop_mid_drain_fails_the_calls_in_flight_then_reconnects(tmp_path):
         results = await asyncio.gather(
             *(remote.send_track("vol0", t, 2, pattern(0, t, 2)) for t in range(16)), return_exceptions=True)
         assert any(isinstance(r, LinkDown) for r in results)
-        assert plan.done["drop"] == 1
+        assert plan.done["drop"] >= 1  # calls queued behind the window may meet the fault on a new link too
         # C never moved: the failed CG did not commit.
         assert await site.secondary.read_c("vol0", 0, SIZE) == c_before
         plan.drop_after = None
