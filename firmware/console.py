@@ -60,7 +60,9 @@ STATUS_KEYS = (
     "collision_policy", "oos_tracks", "cr_tracks", "held_ack_ms", "drain_bytes", "link",
 )
 CACHE_KEYS = ("slots", "used", "dual", "dirty", "hits", "misses", "destaged", "occupancy")
-SECONDARY_STATUS_KEYS = ("role", "committed_cg", "last_commit_time", "volumes")
+SECONDARY_STATUS_KEYS = ("role", "session_id", "committed_cg", "last_commit_time", "prepared_cg",
+                         "established", "receiving_cg", "received_tracks", "received_bytes", "cow_copies",
+                         "volumes")
 
 
 class CommandError(Exception):
@@ -441,7 +443,8 @@ class CommandSet:
         vols = self._volumes()
         if not vols:
             return {"volumes": []}, "no volumes", None
-        keys = [k for k in ("name", "size_bytes", "tracks", "oos_tracks", "cr_tracks", "url")
+        keys = [k for k in ("name", "size_bytes", "tracks", "oos_tracks", "cr_tracks", "copied_grains",
+                            "url", "b_url", "c_url")
                 if any(k in v for v in vols)] or sorted({k for v in vols for k in v})
         rows = [keys] + [[_show(k, v.get(k)) for k in keys] for v in vols]
         widths = [max(len(r[i]) for r in rows) for i in range(len(keys))]
@@ -573,8 +576,11 @@ class CommandSet:
     def _snapshot(self, stats: bool) -> list[Event]:
         s = self.controller.status()
         if self.role == "secondary":
-            fields = {"role": "secondary", "committed_cg": s.get("committed_cg"),
-                      "last_commit_time": s.get("last_commit_time")}
+            fields = {"name": s.get("session_id", "default"), "role": "secondary",
+                      "committed_cg": s.get("committed_cg"), "receiving_cg": s.get("receiving_cg")}
+            if stats:
+                fields |= {k: s.get(k) for k in ("last_commit_time", "received_tracks", "received_bytes",
+                                                 "cow_copies")}
             out = [Event("exists", "session", _present(fields))]
             out += [Event("exists", "volume", {k: v for k, v in vol.items() if not isinstance(v, (dict, list))})
                     for vol in self._volumes()]

@@ -198,3 +198,28 @@ def test_cg_commands_refused_by_the_primary_leave_it_unchanged(loop, tmp_path):
             assert con.run_json("status")["data"] == before
     finally:
         site.close()
+
+
+def test_secondary_console_reports_the_committed_cg(loop, tmp_path):
+    site = Site(loop, tmp_path, "socket", "secondary")
+    try:
+        sec_server = loop.run(start_console("socket://127.0.0.1:0", site.secondary, role="secondary"))
+        try:
+            with ConsoleClient(site.url) as con, ConsoleClient(sec_server.url) as sec:
+                assert sec.run_json("status")["data"]["committed_cg"] == 0
+                con.run_check("cg start")
+                wait_status(con, lambda d: d["total_successful_cgs"] >= 1)
+                con.run_check("cg pause")
+                data = sec.run_json("status")["data"]
+                assert data["role"] == "secondary" and data["committed_cg"] >= 1
+                assert data["last_commit_time"] is not None
+                assert [v["name"] for v in sec.run_json("volume list")["data"]["volumes"]] == ["vol0"]
+                lines = sec.run_check("events --now")
+                assert lines[0].startswith(f"exists session name:console role:secondary "
+                                           f"committed_cg:{data['committed_cg']}")
+                lines, status = sec.run("cg start")
+                assert status == 1 and "primary command" in lines[0]
+        finally:
+            loop.run(sec_server.close())
+    finally:
+        site.close()

@@ -78,7 +78,7 @@ def test_secondary_role_offers_only_its_commands():
     assert cs.prompt == "mirrorfw-sec> "
     data = jrun(cs, "status")["data"]
     assert data["role"] == "secondary" and data["committed_cg"] == 7
-    assert "exists session role:secondary committed_cg:7" in run(cs, "events --now").text
+    assert "exists session name:default role:secondary committed_cg:7" in run(cs, "events --now").text
 
 
 class FakeSecondary:
