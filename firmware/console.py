@@ -507,7 +507,8 @@ class CommandSet:
         try:
             self.controller.set_param(name, value)
         except ValueError as exc:
-            raise CommandError(f"set {name}: {_one_line(exc)}") from None
+            message = _one_line(exc).removeprefix(f"{name}: ")
+            raise CommandError(f"set {name}: {message}") from None
         params = getattr(self.controller, "params", None)
         now = getattr(params, name, value) if params is not None else value
         return {"parameter": name, "value": now}, f"{name} = {now}", None
@@ -611,7 +612,7 @@ class CommandSet:
 
 def _present(fields: dict) -> dict:
     """events2 lines show an absent value as '-', never as Python's None."""
-    return {k: ("-" if v is None else v) for k, v in fields.items()}
+    return {k: ("-" if v is None or v == "" else v) for k, v in fields.items()}
 
 
 def _is_binary(ch: str) -> bool:
@@ -634,7 +635,7 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def _show(key: str, value: Any) -> str:
-    if value is None:
+    if value is None or value == "":
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"

@@ -54,6 +54,14 @@ def run(args) -> int:
 
 def _stream(client, line: str) -> int:
     client.sendline(line)
+    ended = client.expect([r"exists -\r?\n", client.prompt])  # the snapshot ends; changes follow
+    text = client.before.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    if text.startswith(line + "\n"):  # the console's echo
+        text = text[len(line) + 1:]
+    if ended == 1:  # an error reply instead of a stream
+        sys.stdout.write(text)
+        return EXIT_ERROR_REPLY
+    sys.stdout.write(text + "exists -\n")
     try:
         while True:
             data = client.read_nonblocking()
@@ -61,7 +69,7 @@ def _stream(client, line: str) -> int:
                 text = data.decode("utf-8", errors="replace").replace("\r\n", "\n")
                 sys.stdout.write(text)
                 sys.stdout.flush()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenPipeError):
         client.sendline("")  # ends the stream on the controller side
         return EXIT_OK
 

@@ -149,6 +149,9 @@ class ConsoleClient:
         """Skip the banner and any stale prompts: after this, the console
         waits at a fresh prompt and nothing older is buffered."""
         marker = f"__sync_{secrets.token_hex(4)}"
+        # The blank line first: a session left streaming events by an earlier
+        # client (a pty outlives its clients) ends the stream on any line.
+        self.sendline("")
         self.sendline(f"help {marker}")
         # The marker followed by a quote is only in the error reply, never in an echo.
         self.expect(re.escape(marker) + r"'[^\n]*\n", timeout)

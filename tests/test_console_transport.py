@@ -414,3 +414,27 @@ def test_serial_for_url_sees_a_plain_socket_console(tcp_console):
         assert b'"copy_state": "Running"' in seen
     finally:
         port.close()
+
+
+def test_cli_events_stream_until_interrupted(tcp_console):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "console", tcp_console.url, "events"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent)
+    try:
+        lines = []
+        while not lines or lines[-1] != "exists -":
+            lines.append(proc.stdout.readline().rstrip("\n"))
+        assert lines[0].startswith("exists session name:fake")
+        tcp_console.loop.run(tcp_console.fake.run())
+        assert proc.stdout.readline().rstrip("\n") == "create cg seq:1"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    with tcp_console.client() as client:  # the session ended cleanly and the console goes on
+        assert client.run_json("status")["data"]["cg_seq"] == 1
+    bad = mirrorfw(tcp_console.url, "events", "--bogus")
+    assert bad.returncode == 1 and "unknown option --bogus" in bad.stdout
