@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MAX_LINE_CHARS = 4096
 MAP_CELLS = 64
+HELP_USAGE_CHARS = 40  # wider usages go on a line of their own in `help`
 STREAM_QUEUE_EVENTS = 4096  # events buffered for one slow events reader before dropping
 
 PRIMARY = frozenset({"primary"})
@@ -354,9 +355,14 @@ class CommandSet:
             shown = self.commands
         entries = [{"name": c.name, "usage": c.usage(), "help": c.help,
                     **({"requires": "allow_faults"} if c.faults else {})} for c in shown]
-        width = max(len(e["usage"]) for e in entries)
-        lines = [f"{e['usage']:<{width}}  {e['help']}" + ("  (needs allow_faults)" if "requires" in e else "")
-                 for e in entries]
+        width = min(HELP_USAGE_CHARS, max(len(e["usage"]) for e in entries))
+        lines = []
+        for e in entries:
+            about = e["help"] + ("  (needs allow_faults)" if "requires" in e else "")
+            if len(e["usage"]) > width:  # a long usage gets its own line
+                lines += [e["usage"], f"{'':<{width}}  {about}"]
+            else:
+                lines.append(f"{e['usage']:<{width}}  {about}")
         if not topic:
             lines.append("every command takes --json: one line of JSON {ok, command, data|error}")
         return {"commands": entries}, "\n".join(lines), None
