@@ -66,8 +66,7 @@ def _stream(client, line: str) -> int:
         while True:
             data = client.read_nonblocking()
             if data:
-                text = data.decode("utf-8", errors="replace").replace("\r\n", "\n")
-                sys.stdout.write(text)
+                sys.stdout.write(data.decode("utf-8", errors="replace").replace("\r", ""))
                 sys.stdout.flush()
     except (KeyboardInterrupt, BrokenPipeError):
         client.sendline("")  # ends the stream on the controller side
@@ -99,7 +98,7 @@ def _interactive(client) -> int:
             while not gone.is_set():
                 data = client.read_nonblocking()
                 if data:
-                    sys.stdout.write(data.decode("utf-8", errors="replace").replace("\r\n", "\n"))
+                    sys.stdout.write(data.decode("utf-8", errors="replace").replace("\r", ""))
                     sys.stdout.flush()
         except ConsoleError as exc:
             if not gone.is_set():

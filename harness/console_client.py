@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 PROMPT = re.compile(rb"mirrorfw(?:-sec)?> ")
 POLL_S = 0.05
+READ_BATCH_BYTES = 65536
 
 
 class ConsoleError(Exception):
@@ -103,7 +104,10 @@ class ConsoleClient:
     def read_nonblocking(self) -> bytes:
         """What arrived within the poll interval (maybe nothing); logged, not buffered."""
         try:
-            data = self.serial.read(max(1, self.serial.in_waiting))
+            data = self.serial.read(max(1, self.serial.in_waiting))  # waits up to POLL_S
+            # Then whatever else is there (socket:// reports 1 for "some", so loop).
+            while data and (waiting := self.serial.in_waiting) and len(data) < READ_BATCH_BYTES:
+                data += self.serial.read(waiting)
         except (serial.SerialException, OSError) as exc:
             raise ConsoleConnectionError(f"console {self.url}: read failed: {exc}") from None
         if data and self._log:
