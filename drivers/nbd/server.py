@@ -1,0 +1,592 @@
+"""NBD server: serves a hal.host.HostTarget to NBD clients.
+
+Fixed newstyle negotiation (GO, INFO, LIST, ABORT, EXPORT_NAME,
+STRUCTURED_REPLY); one export per volume. In transmission each request is
+dispatched as its own task, so many are in flight per connection and
+replies leave in completion order.
+
+The hot path is a ``BufferedProtocol``: the kernel receives straight into a
+preallocated ring buffer (headers, small payloads) or straight into the
+payload buffer of a large write; request headers are unpacked with a struct
+derived from the construct declaration; replies are queued and written with
+one ``writelines`` per event-loop wakeup. All bounds and alignment checks
+happen here, before a volume sees the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+
+from construct import ConstructError
+
+from hal.host import HostTarget, HostVolume
+
+from .protocol import (
+    CLIENT_FLAGS,
+    EXPORT_NAME_ZEROES,
+    IHAVEOPT,
+    MAX_STRING_BYTES,
+    OPTION_HEADER,
+    REPLY_FLAG_DONE,
+    REQUEST,
+    REQUEST_MAGIC,
+    REQUEST_SIZE,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY,
+    STRUCTURED_REPLY_MAGIC,
+    ClientFlag,
+    Cmd,
+    CmdFlag,
+    ErrorChunk,
+    ExportNameReply,
+    HandshakeFlag,
+    Info,
+    InfoRequest,
+    NbdErrno,
+    Option,
+    Reply,
+    ReplyType,
+    ServerEntry,
+    ServerGreeting,
+    info_reply,
+    nbd_errno,
+    option_reply,
+)
+from .protocol import (
+    TransmissionFlag as TF,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCK_BYTES = 32 << 20  # largest READ/WRITE payload we accept (advertised maximum)
+MAX_OPTION_BYTES = 64 << 10  # option data beyond this is hostile: disconnect
+DISCARD_LIMIT_BYTES = 256 << 20  # oversized WRITE payloads up to this are drained, then EINVAL
+RING_BYTES = 256 << 10
+DIRECT_PAYLOAD_BYTES = 64 << 10  # payloads at least this big are received straight into their buffer
+MAX_INFLIGHT = 256  # per connection; past it we stop reading until replies go out
+HANDSHAKE_TIMEOUT_S = 60.0
+CLOSE_WAIT_S = 10.0
+
+_KNOWN_CMD_FLAGS = CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF
+_WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
+
+
+class _Disconnect(Exception):
+    """The peer broke the protocol or went away; drop the connection."""
+
+
+class _Export:
+    """A volume as offered on the wire: size, block sizes, flags."""
+
+    def __init__(self, volume: HostVolume, read_only: bool) -> None:
+        self.volume = volume
+        self.name = volume.name
+        self.size = int(volume.size_bytes)
+        self.read_only = bool(read_only or getattr(volume, "read_only", False))
+        self.min_block = max(1, int(getattr(volume, "block_size", 512) or 1))
+        preferred = int(getattr(volume, "preferred_block_size", 0) or max(4096, self.min_block))
+        self.preferred = max(preferred, self.min_block)
+        self.max_block = max(self.min_block, MAX_BLOCK_BYTES - MAX_BLOCK_BYTES % self.min_block)
+        flags = TF.HAS_FLAGS | TF.SEND_FLUSH
+        if getattr(volume, "multi_conn", True):
+            flags |= TF.CAN_MULTI_CONN
+        if self.read_only:
+            flags |= TF.READ_ONLY
+        else:
+            flags |= TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES
+        self.flags = int(flags)
+
+
+class NbdServer:
+    """Serves every volume of ``target`` as an export named after it."""
+
+    def __init__(self, target: HostTarget, *, read_only: bool = False) -> None:
+        self.target = target
+        self.read_only = read_only
+        self._servers: list[asyncio.AbstractServer] = []
+        self._unix_paths: list[str] = []
+        self._connections: set[_Connection] = set()
+        self.closing = False
+
+    # -- exports --------------------------------------------------------------
+    def exports(self) -> dict[str, _Export]:
+        return {name: _Export(vol, self.read_only) for name, vol in self.target.volumes().items()}
+
+    def find_export(self, name: str) -> _Export | None:
+        volumes = self.target.volumes()
+        if name == "" and len(volumes) == 1:
+            (vol,) = volumes.values()
+            return _Export(vol, self.read_only)
+        vol = volumes.get(name)
+        return _Export(vol, self.read_only) if vol is not None else None
+
+    # -- listening ------------------------------------------------------------
+    async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self._new_connection, host, port, reuse_address=True)
+        self._servers.append(server)
+        sockname = server.sockets[0].getsockname()
+        log.info("nbd: listening on %s:%d", sockname[0], sockname[1])
+        return sockname[0], sockname[1]
+
+    async def start_unix(self, path: str) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                os.unlink(path)  # a stale socket from a previous run
+        server = await loop.create_unix_server(self._new_connection, path)
+        self._servers.append(server)
+        self._unix_paths.append(path)
+        log.info("nbd: listening on unix socket %s", path)
+
+    def _new_connection(self) -> _Connection:
+        return _Connection(self)
+
+    async def close(self) -> None:
+        """Stop listening, let in-flight requests finish, drop connections."""
+        self.closing = True
+        for server in self._servers:
+            server.close()
+        conns = list(self._connections)
+        await asyncio.gather(*(c.shutdown() for c in conns), return_exceptions=True)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), CLOSE_WAIT_S)
+        self._servers.clear()
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._unix_paths.clear()
+
+
+class _Connection(asyncio.BufferedProtocol):
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_event_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.ring = bytearray(RING_BYTES)
+        self.ring_view = memoryview(self.ring)
+        self.start = 0  # unread bytes are ring[start:end]
+        self.end = 0
+        # A large WRITE being received straight into its own buffer.
+        self.payload: bytearray | None = None
+        self.payload_view: memoryview | None = None
+        self.payload_filled = 0
+        self.payload_req: tuple = ()
+        self.into_payload = False
+        self.discard_left = 0  # bytes of a refused WRITE's payload still to skip
+        self.export: _Export | None = None
+        self.structured = False
+        self.transmitting = False
+        self.closed = False
+        self.disc_requested = False
+        self.reading_paused = False
+        self.writing_paused = False
+        self.inflight = 0
+        self.tasks: set[asyncio.Task] = set()
+        self.out: list = []
+        self.flush_scheduled = False
+        self.waiter: asyncio.Future | None = None
+        self.negotiation: asyncio.Task | None = None
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    # -- transport callbacks --------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.server.closing:
+            transport.abort()
+            return
+        self.server._connections.add(self)
+        self.negotiation = self.loop.create_task(self._negotiate())
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.server._connections.discard(self)
+        if self.inflight:
+            log.info("nbd %s: client went away with %d requests in flight", self.peer, self.inflight)
+        self._wake()
+        self.out.clear()
+
+    def eof_received(self):
+        self._wake()
+        return False  # close the transport
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._update_reading()
+
+    def get_buffer(self, sizehint: int):
+        if self.payload is not None:
+            self.into_payload = True
+            return self.payload_view[self.payload_filled :]
+        self.into_payload = False
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif RING_BYTES - self.end < 4096:
+            n = self.end - self.start
+            self.ring[:n] = self.ring[self.start : self.end]
+            self.start, self.end = 0, n
+        return self.ring_view[self.end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.into_payload:
+            self.payload_filled += nbytes
+            if self.payload_filled == len(self.payload):
+                data, req = self.payload, self.payload_req
+                self.payload = self.payload_view = None
+                self._dispatch(*req, data)
+                if self.end > self.start:
+                    self._parse()
+            return
+        self.end += nbytes
+        if self.transmitting:
+            self._parse()
+        else:
+            self._wake()
+
+    # -- negotiation ----------------------------------------------------------
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _recv(self, n: int) -> bytes:
+        while self.end - self.start < n:
+            if self.closed or (self.transport is not None and self.transport.is_closing()):
+                raise _Disconnect("connection closed during negotiation")
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        data = bytes(self.ring[self.start : self.start + n])
+        self.start += n
+        return data
+
+    def _send(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    async def _negotiate(self) -> None:
+        try:
+            await asyncio.wait_for(self._haggle(), HANDSHAKE_TIMEOUT_S)
+        except _Disconnect as e:
+            log.info("nbd %s: negotiation ended: %s", self.peer, e)
+            self._abort()
+        except TimeoutError:
+            log.warning("nbd %s: negotiation timed out after %.0f s", self.peer, HANDSHAKE_TIMEOUT_S)
+            self._abort()
+        except asyncio.CancelledError:
+            self._abort()
+            raise
+        except Exception:  # noqa: BLE001 - a bug must not take the server down
+            log.exception("nbd %s: negotiation failed", self.peer)
+            self._abort()
+        else:
+            if self.export is not None and not self.closed:
+                self.transmitting = True
+                log.info("nbd %s: serving export %r (%d bytes%s)", self.peer, self.export.name,
+                         self.export.size, ", read-only" if self.export.read_only else "")
+                self._parse()
+
+    async def _haggle(self) -> None:
+        self._send(ServerGreeting.build(dict(flags=HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)))
+        (cflags,) = CLIENT_FLAGS.unpack(await self._recv(4))
+        if cflags & ~int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES):
+            raise _Disconnect(f"unknown client flags {cflags:#x}")
+        no_zeroes = bool(cflags & ClientFlag.C_NO_ZEROES)
+        while True:
+            magic, option, length = OPTION_HEADER.unpack(await self._recv(OPTION_HEADER.size))
+            if magic != IHAVEOPT:
+                raise _Disconnect(f"bad option magic {magic:#x}")
+            if length > MAX_OPTION_BYTES:
+                raise _Disconnect(f"option {option} data of {length} bytes is too long")
+            data = await self._recv(length)
+            if self.server.closing:
+                self._send(option_reply(option, Reply.ERR_SHUTDOWN))
+                raise _Disconnect("server shutting down")
+            if option == Option.EXPORT_NAME:
+                export = self._lookup(data)
+                if export is None:
+                    raise _Disconnect(f"no export named {data[:64]!r}")
+                reply = ExportNameReply.build(dict(size=export.size, flags=export.flags))
+                self._send(reply if no_zeroes else reply + bytes(EXPORT_NAME_ZEROES))
+                self.export = export
+                return
+            if option == Option.ABORT:
+                self._send(option_reply(option, Reply.ACK))
+                raise _Disconnect("client aborted negotiation")
+            if option == Option.LIST:
+                if length:
+                    self._send(option_reply(option, Reply.ERR_INVALID, b"LIST takes no data"))
+                    continue
+                for name in self.server.target.volumes():
+                    self._send(option_reply(option, Reply.SERVER, ServerEntry.build(dict(name=name, description=""))))
+                self._send(option_reply(option, Reply.ACK))
+            elif option == Option.STRUCTURED_REPLY:
+                if length:
+                    self._send(option_reply(option, Reply.ERR_INVALID, b"STRUCTURED_REPLY takes no data"))
+                else:
+                    self.structured = True
+                    self._send(option_reply(option, Reply.ACK))
+            elif option in (Option.INFO, Option.GO):
+                if self._info(option, data) and option == Option.GO:
+                    return
+            else:
+                self._send(option_reply(option, Reply.ERR_UNSUP, f"option {option} not supported".encode()))
+
+    def _lookup(self, raw_name: bytes) -> _Export | None:
+        try:
+            name = raw_name.decode("utf8")
+        except UnicodeDecodeError:
+            return None
+        return self.server.find_export(name)
+
+    def _info(self, option: int, data: bytes) -> bool:
+        try:
+            req = InfoRequest.parse(data)
+            if len(data) != 4 + len(req.name.encode()) + 2 + 2 * len(req.requests):
+                raise ValueError("trailing bytes")
+        except (ConstructError, ValueError, UnicodeDecodeError):
+            self._send(option_reply(option, Reply.ERR_INVALID, b"malformed INFO/GO request"))
+            return False
+        export = self.server.find_export(req.name)
+        if export is None:
+            msg = f"no export named {req.name!r}; exports: {', '.join(self.server.target.volumes())}"
+            self._send(option_reply(option, Reply.ERR_UNKNOWN, msg.encode()[:MAX_STRING_BYTES]))
+            return False
+        self._send(info_reply(option, Info.EXPORT, size=export.size, flags=export.flags))
+        if Info.NAME in req.requests:
+            self._send(info_reply(option, Info.NAME, name=export.name))
+        if Info.DESCRIPTION in req.requests:
+            self._send(info_reply(option, Info.DESCRIPTION, description=f"mirrorfw volume {export.name}"))
+        # Sent whether asked or not (the spec allows it): we enforce alignment.
+        self._send(info_reply(option, Info.BLOCK_SIZE, minimum=export.min_block,
+                              preferred=export.preferred, maximum=export.max_block))
+        self._send(option_reply(option, Reply.ACK))
+        if option == Option.GO:
+            self.export = export
+        return True
+
+    # -- transmission ---------------------------------------------------------
+    def _parse(self) -> None:
+        """Take every complete request out of the ring buffer."""
+        ring, start, end = self.ring, self.start, self.end
+        export = self.export
+        while not self.closed:
+            if self.discard_left:
+                skip = min(self.discard_left, end - start)
+                start += skip
+                self.discard_left -= skip
+                if self.discard_left:
+                    break
+            if end - start < REQUEST_SIZE:
+                break
+            magic, flags, cmd, handle, offset, length = REQUEST.unpack_from(ring, start)
+            start += REQUEST_SIZE
+            if magic != REQUEST_MAGIC:
+                self.start, self.end = start, end
+                log.warning("nbd %s: bad request magic %#010x; disconnecting", self.peer, magic)
+                self._abort()
+                return
+            err = self._check(export, flags, cmd, offset, length)
+            if cmd == Cmd.WRITE:
+                if err:
+                    if length > DISCARD_LIMIT_BYTES:
+                        log.warning("nbd %s: write of %d bytes refused; disconnecting", self.peer, length)
+                        self._abort()
+                        return
+                    self.discard_left = length
+                    self._reply_error(cmd, handle, err)
+                    continue
+                avail = end - start
+                if avail >= length:
+                    data = ring[start : start + length]
+                    start += length
+                    self._dispatch(flags, cmd, handle, offset, length, data)
+                    continue
+                # Payload not all here: receive the rest straight into its buffer.
+                payload = bytearray(length)
+                payload[:avail] = self.ring_view[start:end]
+                self.payload, self.payload_view = payload, memoryview(payload)
+                self.payload_filled = avail
+                self.payload_req = (flags, cmd, handle, offset, length)
+                start = end
+                break
+            if err:
+                self._reply_error(cmd, handle, err)
+            elif cmd == Cmd.DISC:
+                self.start, self.end = start, end
+                self._disc()
+                return
+            else:
+                self._dispatch(flags, cmd, handle, offset, length, None)
+        self.start, self.end = start, end
+
+    def _check(self, export: _Export, flags: int, cmd: int, offset: int, length: int) -> int:
+        """0 if the request may go to the volume, else the NBD errno to reply."""
+        if flags & ~_KNOWN_CMD_FLAGS:
+            return NbdErrno.EINVAL
+        if cmd == Cmd.READ or cmd == Cmd.WRITE:
+            if length > export.max_block:
+                return NbdErrno.EOVERFLOW if cmd == Cmd.READ else NbdErrno.EINVAL
+        elif cmd == Cmd.TRIM or cmd == Cmd.WRITE_ZEROES:
+            pass
+        elif cmd == Cmd.FLUSH or cmd == Cmd.DISC:
+            return 0
+        else:
+            return NbdErrno.EINVAL  # unknown or unadvertised command
+        if cmd in _WRITES and export.read_only:
+            return NbdErrno.EPERM
+        if offset + length > export.size:
+            return NbdErrno.ENOSPC if cmd == Cmd.WRITE or cmd == Cmd.WRITE_ZEROES else NbdErrno.EINVAL
+        mb = export.min_block
+        if offset % mb or length % mb:
+            return NbdErrno.EINVAL
+        return 0
+
+    def _dispatch(self, flags, cmd, handle, offset, length, data) -> None:
+        self.inflight += 1
+        if self.inflight >= MAX_INFLIGHT:
+            self._update_reading()
+        self.idle.clear()
+        task = self.loop.create_task(self._serve(flags, cmd, handle, offset, length, data))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, flags, cmd, handle, offset, length, data) -> None:
+        volume = self.export.volume
+        payload = None
+        err = 0
+        try:
+            if cmd == Cmd.READ:
+                payload = await volume.read(offset, length)
+                if len(payload) != length:
+                    log.error("nbd %s: volume %s returned %d bytes for a %d-byte read",
+                              self.peer, volume.name, len(payload), length)
+                    err = NbdErrno.EIO
+            elif cmd == Cmd.WRITE:
+                await volume.write(offset, data, fua=bool(flags & CmdFlag.FUA))
+            elif cmd == Cmd.FLUSH:
+                await volume.flush()
+            elif cmd == Cmd.TRIM:
+                await volume.trim(offset, length)
+                if flags & CmdFlag.FUA:
+                    await volume.flush()
+            elif cmd == Cmd.WRITE_ZEROES:
+                await volume.write_zeroes(offset, length, fua=bool(flags & CmdFlag.FUA))
+        except PermissionError:
+            err = NbdErrno.EPERM
+        except OSError as e:
+            err = nbd_errno(e.errno)
+            log.info("nbd %s: %s %s at %d+%d failed: %s", self.peer, Cmd(cmd).name, volume.name,
+                     offset, length, e)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one bad request must not end the server
+            log.exception("nbd %s: %s %s at %d+%d failed", self.peer, Cmd(cmd).name, volume.name, offset, length)
+            err = NbdErrno.EIO
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self.idle.set()
+            if self.reading_paused:
+                self._update_reading()
+        if err:
+            self._reply_error(cmd, handle, err)
+        elif payload is not None:
+            if self.structured:
+                self._queue(
+                    STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.OFFSET_DATA,
+                                          handle, 8 + length),
+                    offset.to_bytes(8, "big"),
+                    payload,
+                )
+            else:
+                self._queue(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), payload)
+        else:
+            self._queue(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle))
+        if self.disc_requested and self.inflight == 0:
+            self._disc()
+
+    def _reply_error(self, cmd: int, handle: int, err: int) -> None:
+        if self.structured and cmd == Cmd.READ:
+            # A structured client must get a structured reply to READ.
+            body = ErrorChunk.build(dict(error=err, message=""))
+            self._queue(STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.ERROR,
+                                              handle, len(body)), body)
+        else:
+            self._queue(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle))
+
+    def _queue(self, *parts) -> None:
+        if self.closed:
+            return
+        self.out.extend(parts)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self.flush_scheduled = False
+        out, self.out = self.out, []
+        if out and not self.closed:
+            self.transport.writelines(out)
+
+    def _update_reading(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        want_pause = self.writing_paused or self.inflight >= MAX_INFLIGHT
+        if want_pause and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        elif not want_pause and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def _disc(self) -> None:
+        """NBD_CMD_DISC: finish what is in flight, then close."""
+        self.disc_requested = True
+        self.transmitting = False  # read no more requests
+        if self.transport is not None and not self.reading_paused:
+            self.reading_paused = True
+            with contextlib.suppress(Exception):
+                self.transport.pause_reading()
+        if self.inflight == 0 and not self.closed:
+            self._flush_out()
+            self.transport.close()
+
+    def _abort(self) -> None:
+        if not self.closed and self.transport is not None:
+            self._flush_out()
+            self.transport.close()
+        self.closed = True
+        self._wake()
+
+    async def shutdown(self) -> None:
+        """Server closing: finish in-flight requests, flush replies, close."""
+        if self.negotiation is not None and not self.negotiation.done():
+            self.negotiation.cancel()
+        self.transmitting = False
+        if self.transport is not None and not self.closed and not self.reading_paused:
+            self.reading_paused = True
+            with contextlib.suppress(Exception):
+                self.transport.pause_reading()
+        if self.inflight:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.idle.wait(), CLOSE_WAIT_S)
+        self._abort()
