@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("testbench.cli_check", "check that a copy is a consistent cut of a replay log"),
     "primary": ("harness.cmd_primary", "run the primary controller from a config file"),
     "secondary": ("harness.cmd_secondary", "run the secondary controller from a config file"),
+    "serve": ("harness.cmd_serve", "serve plain devices over NBD (replication off)"),
     "console": ("harness.cmd_console", "talk to a controller console (socket://, rfc2217://, pty://); one command or interactive"),
 }
 
