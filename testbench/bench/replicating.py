@@ -1,0 +1,282 @@
+"""The primary with replication on, next to nbdkit's file plugin, in one run.
+
+A secondary and a primary run as real processes (harness.supervise) on
+file:// volumes in a work folder; once the initial full copy has committed,
+fio's nbd engine drives the primary's host port (Unix socket) while CGs
+cycle (interval 0: as fast as they form), then the same fio jobs drive
+``nbdkit file`` on a backing file of the same size in the same folder.
+Meanwhile the primary's console is polled for data exposure (RPO) and, at
+the end, for the held-ack time per CG; VmHWM of both processes gives the
+RSS peaks.
+
+    python -m testbench.bench.replicating --seconds 10 --workdir /tmp/rb
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+VOLUME_SIZE = "256MiB"
+VOLUME_BYTES = 256 << 20
+NVRAM_SIZE = "128MiB"
+INITIAL_COPY_TIMEOUT_S = 300.0
+POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class FioJob:
+    key: str
+    rw: str
+    bs: str
+    iodepth: int
+
+
+JOBS = (FioJob("randwrite_4k_qd16", "randwrite", "4k", 16), FioJob("seqwrite_1m_qd1", "write", "1m", 1))
+
+
+class BenchSkipped(RuntimeError):
+    """A part cannot run here (missing tool, no root); the message says why."""
+
+
+def run_fio_nbd(uri: str, job: FioJob, seconds: float) -> dict:
+    """One fio job through its nbd engine (libnbd) against ``uri``."""
+    cmd = ["fio", f"--name={job.key}", "--ioengine=nbd", f"--uri={uri}", f"--rw={job.rw}", f"--bs={job.bs}",
+           f"--iodepth={job.iodepth}", f"--runtime={seconds}", "--time_based", "--randrepeat=0", "--norandommap",
+           "--output-format=json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+    if proc.returncode != 0 or "{" not in proc.stdout:
+        raise RuntimeError(f"fio {job.key} on {uri} failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+    w = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]["write"]
+    clat = w.get("clat_ns", {}).get("percentile", {})
+    return {"iops": w["iops"], "mib_s": w["bw_bytes"] / (1 << 20), "ios": w["total_ios"],
+            "seconds": w["runtime"] / 1000, "errors": 0,
+            "clat_p50_ms": clat.get("50.000000", 0) / 1e6, "clat_p99_ms": clat.get("99.000000", 0) / 1e6,
+            "bs": job.bs, "iodepth": job.iodepth}
+
+
+def vm_hwm_mib(pid: int) -> float | None:
+    """Peak resident set of a live process (VmHWM), MiB."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p99": None, "max": None, "samples": 0}
+    s = sorted(values)
+
+    def pct(p: float) -> float:
+        return s[min(len(s) - 1, int(p * (len(s) - 1) + 0.5))]
+
+    return {"p50": pct(0.5), "p99": pct(0.99), "max": s[-1], "samples": len(s)}
+
+
+class StatusPoller:
+    """Polls ``status --json`` on a console in a thread: data exposure samples
+    (once a CG has committed) and the last status seen."""
+
+    def __init__(self, console_url: str) -> None:
+        from harness.console_client import ConsoleClient
+
+        self.client = ConsoleClient(console_url, timeout_s=20.0)
+        self.exposure_s: list[float] = []
+        self.last: dict = {}
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def status(self) -> dict:
+        return self.client.run_json("status")["data"]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_S):
+            try:
+                st = self.status()
+            except Exception as e:  # noqa: BLE001 - reported with the results
+                self.errors.append(str(e))
+                continue
+            self.last = st
+            if st.get("total_successful_cgs") and st.get("data_exposure_s") is not None:
+                self.exposure_s.append(float(st["data_exposure_s"]))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def close(self) -> None:
+        self.stop()
+        self.client.close()
+
+
+def wait_initial_copy(poller: StatusPoller, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = poller.status()
+        if st.get("total_successful_cgs", 0) >= 1 and not st.get("oos_tracks"):
+            return st
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"initial copy not committed after {timeout_s} s: {st}")
+        time.sleep(0.5)
+
+
+class NbdkitFile:
+    """``nbdkit file`` on a Unix socket, for the peer figures."""
+
+    def __init__(self, backing: Path, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self.proc = subprocess.Popen(
+            ["nbdkit", "--exit-with-parent", "-f", "-U", str(socket_path), "file", f"file={backing}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while not socket_path.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nbdkit exited: {self.proc.stderr.read().decode(errors='replace')[-300:]}")
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError("nbdkit did not create its socket in 20 s")
+            time.sleep(0.05)
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.socket_path}"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run_replicating_bench(seconds: float, workdir: str | Path | None = None) -> dict:
+    """Measure (see the module docstring). Raises BenchSkipped when fio's nbd
+    engine or nbdkit is missing."""
+    from harness.supervise import start_controller, write_pair_configs
+
+    if shutil.which("fio") is None:
+        raise BenchSkipped("fio is not installed (make deps)")
+    if shutil.which("nbdkit") is None:
+        raise BenchSkipped("nbdkit is not installed (make deps)")
+    engines = subprocess.run(["fio", "--enghelp"], capture_output=True, text=True).stdout
+    if "nbd" not in engines.split():
+        raise BenchSkipped("this fio has no nbd engine")
+    own = workdir is None
+    work = Path(tempfile.mkdtemp(prefix="mirrorfw-repl-", dir="/tmp") if own else workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    pair = write_pair_configs(work / "pair", size=VOLUME_SIZE, nvram_size=NVRAM_SIZE, console=True, nbd_socket=True,
+                              session={"cg_interval_s": 0.0})
+    procs = []
+    poller = None
+    nbdkit = None
+    result: dict = {"volume_bytes": VOLUME_BYTES, "seconds_per_test": seconds, "workdir": str(work)}
+    try:
+        sec = start_controller(pair.secondary, format=True, verbose=0)
+        procs.append(sec)
+        pri = start_controller(pair.primary, format=True, verbose=0)
+        procs.append(pri)
+        poller = StatusPoller(pri.ready["console"])
+        t0 = time.monotonic()
+        wait_initial_copy(poller, INITIAL_COPY_TIMEOUT_S)
+        result["initial_copy_s"] = time.monotonic() - t0
+        log.info("initial copy committed in %.1f s", result["initial_copy_s"])
+        before = poller.status()
+        poller.start()
+        uri = f"nbd+unix:///vol0?socket={pri.ready['nbd_socket']}"
+        mine = run_jobs(uri, seconds)
+        poller.stop()
+        after = poller.status()
+        mine["cgs_during"] = after["total_successful_cgs"] - before["total_successful_cgs"]
+        mine["failed_cgs_during"] = after["total_failed_cgs"] - before["total_failed_cgs"]
+        mine["drain_bytes_during"] = after["drain_bytes"] - before["drain_bytes"]
+        mine["copy_state"] = after["copy_state"]
+        result["status_after"] = after
+        result["held_ack_ms"] = {k: after["held_ack_ms"].get(k) for k in ("p50", "p99", "max", "count")}
+        result["rpo_s"] = percentiles(poller.exposure_s)
+        result["rss_mib"] = {"primary_peak": vm_hwm_mib(pri.pid), "secondary_peak": vm_hwm_mib(sec.pid)}
+        result["poll_errors"] = poller.errors[:5]
+        result["mirrorfw_replicating"] = mine
+        # The peer, on an equal backing file in the same folder, after the
+        # controllers are done (so they do not share the two cores with it).
+        for p in reversed(procs):
+            p.stop()
+        backing = work / "nbdkit-backing.img"
+        with open(backing, "wb") as f:
+            f.truncate(VOLUME_BYTES)
+        nbdkit = NbdkitFile(backing, work / "nbdkit.sock")
+        result["nbdkit"] = run_jobs(nbdkit.uri, seconds)
+        result["ratios"] = {
+            "randwrite_4k_replicating_vs_nbdkit": _ratio(mine, result["nbdkit"], "randwrite_4k_qd16", "iops"),
+            "seqwrite_1m_replicating_vs_nbdkit": _ratio(mine, result["nbdkit"], "seqwrite_1m_qd1", "mib_s"),
+        }
+        return result
+    finally:
+        if poller is not None:
+            poller.close()
+        if nbdkit is not None:
+            nbdkit.close()
+        for p in reversed(procs):
+            if p.alive():
+                p.kill()
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            for img in work.rglob("*.img"):
+                img.unlink(missing_ok=True)  # sparse, but do not leave GiBs of images behind
+
+
+def _ratio(mine: dict, peer: dict, key: str, figure: str) -> float | None:
+    ours = mine.get(key, {}).get(figure)
+    theirs = peer.get(key, {}).get(figure)
+    return ours / theirs if ours is not None and theirs else None
+
+
+def run_jobs(uri: str, seconds: float) -> dict:
+    """Every job of JOBS; a failed job records its error instead of figures."""
+    out = {}
+    for job in JOBS:
+        try:
+            out[job.key] = run_fio_nbd(uri, job, seconds)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            log.warning("%s", e)
+            out[job.key] = {"error": str(e)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--workdir")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    print(json.dumps(run_replicating_bench(args.seconds, args.workdir), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

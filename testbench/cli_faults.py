@@ -1,0 +1,168 @@
+"""``mirrorfw faults``: the seeded fault campaign; writes faults/results.json
+(keys as in RESULTS.md) and exits 0 only when every loss and inconsistency
+counter is 0.
+
+Parts (``--only`` picks some): crash (SIGKILL at every declared crash point),
+link (LinkProxy faults and an outage), device (FaultyDevice EIO/latency under
+A and B), fuzz (nbd, link, console, trace, config), load (8 clients x QD32).
+Default about 5 minutes in all; ``--quick`` about 1 minute.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PARTS = ("fuzz", "device", "link", "load", "crash")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", default="faults/results.json", help="results file (JSON)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="about a minute: fewer cases, points and seconds")
+    p.add_argument("--only", action="append", choices=PARTS, metavar="PART",
+                   help=f"run only this part (repeatable): {', '.join(PARTS)}")
+    p.add_argument("--points", help="crash points to use, comma-separated (default: every declared point)")
+    p.add_argument("--workdir", help="folder for the pairs' files (default: a fresh one under /tmp)")
+
+
+def _progress(text: str) -> None:
+    print(f"faults: {text}", file=sys.stderr, flush=True)
+
+
+def empty_results(seed: int) -> dict:
+    return {
+        "seed": seed,
+        "crash": {"injected": 0, "acked_writes_lost": 0, "inconsistent_copies": 0, "full_resyncs": 0},
+        "link": {"faults": 0, "corrupt_applied": 0, "resync_bytes": 0, "oos_bytes": 0},
+        "device": {"faults": 0, "silent_losses": 0},
+        "fuzz": {k: {"cases": 0, "crashes": 0} for k in ("nbd", "link", "console", "trace", "config")},
+        "load": {"clients": 8, "queue_depth": 32, "seconds": 0, "writes": 0, "lost": 0, "peak_rss_mib": 0},
+        "skipped": {},
+        "errors": {},
+    }
+
+
+def failures(res: dict) -> list[str]:
+    """Every counter that must be 0 and is not (or a part that broke)."""
+    bad = []
+    for part, key in (("crash", "acked_writes_lost"), ("crash", "inconsistent_copies"), ("link", "corrupt_applied"),
+                      ("device", "silent_losses"), ("load", "lost")):
+        if res[part].get(key):
+            bad.append(f"{part}.{key} = {res[part][key]}")
+    for name, f in res["fuzz"].items():
+        if f.get("crashes"):
+            bad.append(f"fuzz.{name}.crashes = {f['crashes']}")
+    if res["link"].get("c_consistent") is False:
+        bad.append("link: C is not a consistent cut")
+    if res["load"].get("c_consistent") is False:
+        bad.append("load: C is not a consistent cut")
+    bad += [f"{part}: {err}" for part, err in res["errors"].items()]
+    bad += [f"crash: {e}" for e in res["crash"].get("errors", [])]
+    return bad
+
+
+def run(args) -> int:
+    logging.getLogger("drivers.nbd").setLevel(logging.ERROR)  # fuzzed clients are logged by the thousand
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    quick = args.quick
+    parts = args.only or list(PARTS)
+    res = empty_results(args.seed)
+    res["quick"] = quick
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="mirrorfw-faults-", dir="/tmp")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    points = [p.strip() for p in args.points.split(",") if p.strip()] if args.points else None
+    if points:
+        from firmware.crashpoints import POINTS
+        from testbench.faults.crash import crash_points
+
+        known = crash_points()
+        unknown = [p for p in points if p not in POINTS]
+        if unknown:
+            print(f"mirrorfw faults: unknown crash point(s) {', '.join(unknown)}; known: {', '.join(known)}",
+                  file=sys.stderr)
+            return 2
+    seed = args.seed
+
+    def fuzz():
+        from testbench.faults.fuzz import run_fuzz
+
+        res["fuzz"] = run_fuzz(60 if quick else 400, seed, progress=_progress)
+
+    def device():
+        from testbench.faults.device import run_device
+
+        res["device"] = run_device(work / "device", seed=seed, writes=300 if quick else 2000, progress=_progress)
+
+    def link():
+        from testbench.faults.link import run_link
+
+        res["link"] = run_link(work / "link", seed=seed, seconds=4 if quick else 15, progress=_progress)
+
+    def load():
+        from testbench.faults.load import run_load
+
+        res["load"] = run_load(work / "load", seed=seed, seconds=3 if quick else 20, progress=_progress)
+
+    def crash():
+        from testbench.faults.crash import crash_points, run_crash
+
+        chosen = points or crash_points()
+        if quick and not points:
+            chosen = chosen[::3]
+        res["crash"] = run_crash(work / "crash", seed=seed, seconds_per_point=2 if quick else 6, points=chosen,
+                                 progress=_progress)
+
+    runners = {"fuzz": fuzz, "device": device, "link": link, "load": load, "crash": crash}
+    t_all = time.monotonic()
+    for name in PARTS:
+        if name not in parts:
+            res["skipped"][name] = "not selected (--only)"
+            continue
+        _progress(f"{name} ...")
+        t0 = time.monotonic()
+        try:
+            runners[name]()
+        except Exception as e:  # noqa: BLE001 - a broken part is reported and fails the campaign
+            logging.getLogger(__name__).debug("part %s", name, exc_info=True)
+            res["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        _progress(f"{name} done in {time.monotonic() - t0:.1f} s: "
+                  f"{json.dumps({k: v for k, v in res[name].items() if not isinstance(v, dict | list)})}")
+    res["seconds"] = round(time.monotonic() - t_all, 1)
+    bad = failures(res)
+    res["passed"] = not bad
+    res["failures"] = bad
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    if not args.workdir:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    print(summary(res))
+    print(f"results: {out}")
+    return 0 if not bad else 1
+
+
+def summary(res: dict) -> str:
+    c, lk, d, ld = res["crash"], res["link"], res["device"], res["load"]
+    lines = [
+        f"fault campaign  seed {res['seed']}  {res['seconds']} s  {'PASS' if res['passed'] else 'FAIL'}",
+        f"crash   injected {c['injected']}  acked_writes_lost {c['acked_writes_lost']}  "
+        f"inconsistent_copies {c['inconsistent_copies']}  full_resyncs {c['full_resyncs']}"
+        + (f"  not hit: {', '.join(c.get('not_hit', []))}" if c.get("not_hit") else ""),
+        f"link    faults {lk['faults']}  corrupt_applied {lk['corrupt_applied']}  resync_bytes {lk['resync_bytes']}  "
+        f"oos_bytes {lk['oos_bytes']}",
+        f"device  faults {d['faults']}  silent_losses {d['silent_losses']}",
+        "fuzz    " + "  ".join(f"{k} {v.get('cases')}/{v.get('crashes')}" for k, v in res["fuzz"].items())
+        + "  (cases/crashes)",
+        f"load    {ld['clients']} clients x QD{ld['queue_depth']}  {ld['seconds']} s  writes {ld['writes']}  "
+        f"lost {ld['lost']}  peak_rss_mib {ld['peak_rss_mib']}",
+    ]
+    lines += [f"FAIL: {b}" for b in res["failures"]]
+    lines += [f"skipped {k}: {v}" for k, v in res["skipped"].items()]
+    return "\n".join(lines)
