@@ -73,7 +73,7 @@ MAX_INFLIGHT = 256  # per connection; past it we stop reading until replies go o
 HANDSHAKE_TIMEOUT_S = 60.0
 CLOSE_WAIT_S = 10.0
 
-_KNOWN_CMD_FLAGS = CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF
+_UNKNOWN_CMD_FLAGS = 0xFFFF & ~int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF)
 _WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
 
 
@@ -440,7 +440,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _check(self, export: _Export, flags: int, cmd: int, offset: int, length: int) -> int:
         """0 if the request may go to the volume, else the NBD errno to reply."""
-        if flags & ~_KNOWN_CMD_FLAGS:
+        if flags & _UNKNOWN_CMD_FLAGS:
             return NbdErrno.EINVAL
         if cmd == Cmd.READ or cmd == Cmd.WRITE:
             if length > export.max_block:
