@@ -81,6 +81,8 @@ def parse_crashpoints(text: str) -> list[tuple[str, int]]:
 
 
 def make_crashpoints(env: dict[str, str] | None = None) -> CrashPoints:
+    """Crash points that SIGKILL this process, armed from the environment.
+    Call after the firmware modules that declare the points are imported."""
     points = CrashPoints(on_hit=sigkill_self)
     text = (os.environ if env is None else env).get(CRASHPOINTS_ENV, "")
     try:
@@ -126,7 +128,7 @@ class Controller:
         self.out = out or sys.stdout
         self.clock = AsyncioClock()
         self.events = EventBus()
-        self.crashpoints = make_crashpoints()
+        self.crashpoints = CrashPoints(on_hit=sigkill_self)  # armed in start(), once the points are declared
         self._stop = asyncio.Event()
         self._closers: list[Any] = []  # async callables, run in reverse on stop
         self.addresses: dict[str, str] = {}
@@ -210,8 +212,11 @@ class PrimaryController(Controller):
         # Imported here so a refused NVRAM is reported before anything heavy loads.
         from drivers import open_device
         from firmware.errors import NvramError
-        from firmware.replication import LinkRemote
         from firmware.primary import Primary
+        from firmware.replication import LinkRemote
+
+        armed = make_crashpoints()
+        self.crashpoints.armed.update(armed.armed)
 
         volumes = {}
         for v in cfg.volumes:
@@ -275,6 +280,9 @@ class SecondaryController(Controller):
         from firmware.errors import NvramError
         from firmware.replication import ReplicationService
         from firmware.secondary import Secondary
+
+        armed = make_crashpoints()
+        self.crashpoints.armed.update(armed.armed)
 
         volumes = {}
         for v in cfg.volumes:
