@@ -176,8 +176,13 @@ class WriteCache:
     def has(self, volume: int, track: int) -> bool:
         return (volume, track) in self._index
 
-    def available(self) -> int:
-        return len(self._free) + len(self._clean)
+    def available(self, pinned: set[Key] | None = None) -> int:
+        """Slots an allocation can get: free ones plus evictable clean images
+        (minus those of ``pinned`` tracks, which the caller is about to use)."""
+        n = len(self._free) + len(self._clean)
+        if pinned:
+            n -= sum(1 for k in pinned if k in self._clean)
+        return n
 
     def dirty_count(self) -> int:
         return len(self._dirty)
@@ -186,12 +191,19 @@ class WriteCache:
         return self.n_slots - len(self._free)
 
     # -- allocation ---------------------------------------------------------------------
-    def allocate(self, volume: int, track: int, state: int) -> CacheEntry:
-        """A new empty image (not yet in the directory: the first ``apply`` writes it)."""
+    def allocate(self, volume: int, track: int, state: int, pinned: set[Key] | None = None) -> CacheEntry:
+        """A new empty image (not yet in the directory: the first ``apply`` writes
+        it). Never evicts the images of ``pinned`` tracks."""
+        victim = None
+        if not self._free and self._clean:
+            for key, entry in self._clean.items():  # LRU first
+                if not pinned or key not in pinned:
+                    victim = entry
+                    break
         if self._free:
             slot = self._free.pop()
-        elif self._clean:
-            _, victim = self._clean.popitem(last=False)
+        elif victim is not None:
+            del self._clean[victim.key]
             self._drop(victim)
             self._write_free(victim)
             self.counters.evictions += 1

@@ -378,6 +378,7 @@ class Primary:
         tb = self.track_bytes
         first, last = offset // tb, (offset + mv.nbytes - 1) // tb
         force_send_first: set[int] = set()
+        pinned = {(vi, t) for t in range(first, last + 1)}
         while True:
             recording = self.machine.recording
             dual = self.params.collision_policy == "dual-image"
@@ -403,12 +404,12 @@ class Primary:
             if to_send:
                 await self._send_first(vi, to_send)
                 continue
-            if allocs > cache.available():
+            if allocs > cache.available(pinned):
                 if new_allocs:  # dual-image with no free slot: fall back to send-first
                     self.fallbacks += len(new_allocs)
                     force_send_first.update(new_allocs)
                     continue
-                await self._make_room(allocs)
+                await self._make_room(allocs, pinned)
                 continue
             break
         # ---- landing: no await from here on ----
@@ -417,7 +418,7 @@ class Primary:
         for t, entry, state in plan:
             bitmap.set(t)  # the bit before the data it announces
             if entry is None:
-                entry = cache.allocate(vi, t, state)
+                entry = cache.allocate(vi, t, state, pinned)
             start = max(offset, t * tb)
             end = min(offset + mv.nbytes, (t + 1) * tb)
             cache.apply(entry, start - t * tb, mv[src : src + end - start])
@@ -439,12 +440,12 @@ class Primary:
                 await self._wait_cg_end()
                 return
 
-    async def _make_room(self, needed: int) -> None:
+    async def _make_room(self, needed: int, pinned: set) -> None:
         if self._destaging_bg:
             await self.cache.wait_space()
             return
         done = await self.destager.destage(limit=max(needed, 1))
-        if not done and needed > self.cache.available():
+        if not done and needed > self.cache.available(pinned):
             raise CacheFull(f"no cache slot can be freed ({self.cache.stats()})")
 
     async def read(self, volume: str, offset: int, length: int) -> bytes:

@@ -61,7 +61,7 @@ class MirrorMachine(RuleBasedStateMachine):
         return self.loop.run_until_complete(coro)
 
     def teardown(self) -> None:
-        for t in self.tasks:
+        for t in asyncio.all_tasks(self.loop):
             t.cancel()
         self.loop.run_until_complete(settle(5))
         self.loop.close()
@@ -186,6 +186,6 @@ class MirrorMachine(RuleBasedStateMachine):
                     f"volume {v} track {t} differs from B but is in neither OOS nor CR"
 
 
-MirrorMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=30, deadline=None,
+MirrorMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=40, deadline=None,
                                            suppress_health_check=[HealthCheck.too_slow])
 TestMirror = pytest.mark.timeout(120)(MirrorMachine.TestCase)
