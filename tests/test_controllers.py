@@ -296,8 +296,8 @@ COMMIT_PHASE_BUG = pytest.mark.xfail(
 
 PRIMARY_POINTS = ["primary.after_cache_write:20", "primary.after_recording_on:2", "primary.mid_drain:5",
                   "primary.before_oos_clear:5",
-                  pytest.param("primary.after_prepare:1", marks=COMMIT_PHASE_BUG),
-                  pytest.param("primary.after_commit:1", marks=COMMIT_PHASE_BUG)]
+                  pytest.param("primary.after_prepare:1", marks=[COMMIT_PHASE_BUG, pytest.mark.slow]),
+                  pytest.param("primary.after_commit:1", marks=[COMMIT_PHASE_BUG, pytest.mark.slow])]
 
 
 @pytest.mark.parametrize("point", PRIMARY_POINTS)
@@ -319,8 +319,8 @@ def test_primary_killed_at_crash_point_recovers_every_acked_write(pair, point):
     assert pri.stop() == 0 and sec.stop() == 0
 
 
-SECONDARY_POINTS = [pytest.param("secondary.after_prepare:1", marks=COMMIT_PHASE_BUG),
-                    pytest.param("secondary.mid_commit:1", marks=COMMIT_PHASE_BUG),
+SECONDARY_POINTS = [pytest.param("secondary.after_prepare:1", marks=[COMMIT_PHASE_BUG, pytest.mark.slow]),
+                    pytest.param("secondary.mid_commit:1", marks=[COMMIT_PHASE_BUG, pytest.mark.slow]),
                     "secondary.mid_flashcopy:3"]
 
 
