@@ -684,7 +684,11 @@ class Primary:
         seq = self._seq
         self._fail_reason = reason
         self.machine.handle(event)
-        task = asyncio.ensure_future(self._abort_remote(seq))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # failed from a timer outside the loop: the next CG's prepare supersedes it
+            return
+        task = loop.create_task(self._abort_remote(seq))
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 

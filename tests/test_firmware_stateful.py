@@ -43,6 +43,7 @@ class MirrorMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
         self.rig = self.run(make_rig(volumes=VOLS, size="64KiB", track_bytes=TRACK,
                                      nvram_bytes=49152 + 4096 + 20 * TRACK, drain_inflight=3,
                                      destage_inflight=2))
@@ -65,6 +66,7 @@ class MirrorMachine(RuleBasedStateMachine):
             t.cancel()
         self.loop.run_until_complete(settle(5))
         self.loop.close()
+        asyncio.set_event_loop(None)
 
     def _wire(self, p) -> None:
         orig = p._land
