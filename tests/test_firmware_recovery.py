@@ -8,7 +8,14 @@ import pytest
 from firmware_doubles import Crash, make_rig, settle
 
 from firmware.errors import NvramError
-from firmware.primary import AFTER_CACHE_WRITE, AFTER_PREPARE, BEFORE_OOS_CLEAR, MID_DRAIN, Primary
+from firmware.primary import (
+    AFTER_CACHE_WRITE,
+    AFTER_COMMIT,
+    AFTER_PREPARE,
+    BEFORE_OOS_CLEAR,
+    MID_DRAIN,
+    Primary,
+)
 
 pytestmark = pytest.mark.timeout(60)
 T = 65536
@@ -18,7 +25,7 @@ def blk(ch: str, n: int = 4096) -> bytes:
     return ch.encode() * n
 
 
-@pytest.mark.parametrize("point", [MID_DRAIN, BEFORE_OOS_CLEAR, AFTER_PREPARE])
+@pytest.mark.parametrize("point", [MID_DRAIN, BEFORE_OOS_CLEAR, AFTER_PREPARE, AFTER_COMMIT])
 @pytest.mark.parametrize("policy", ["dual-image", "send-first"])
 def test_reopen_after_abandoned_mid_cg_loses_no_acked_write_and_merges_cr(point, policy):
     async def main():
