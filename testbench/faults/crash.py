@@ -68,7 +68,7 @@ def _one_point(work: Path, name: str, skip: int, seconds: float, seed: int) -> d
     try:
         pair.start_both()
         pair.wait_caught_up(60, after_cgs=0)  # the initial full copy is behind us
-        pair.console(role).run_check(f"fault arm {name} {skip}")
+        pair.console(role).run_check(f"fault arm {name} after {skip}")
         victim = pair.procs[role]
         wl = StampedWorkload(VOLUME_BYTES, seed=seed, region_bytes=VOLUME_BYTES // 2)
         url = pair.nbd_url()
@@ -83,13 +83,15 @@ def _one_point(work: Path, name: str, skip: int, seconds: float, seed: int) -> d
         victim.wait(10)
         r["acked"] = wl.acked
         pair.drop_console(role)
-        before = None if role == "primary" else pair.status()
-        pair.start(role)
+        before = None
         if role == "secondary":
-            # The primary went on alone; the workload may go on too.
+            # The primary goes on alone while the secondary is down.
             asyncio.run(wl.run([url], 4, min(1.0, seconds)))
             r["acked"] = wl.acked
-        else:
+            before = pair.status()
+        pair.start(role)
+        url = pair.nbd_url()  # a restarted primary listens on a new port
+        if role == "primary":
             image = asyncio.run(read_volume(url))
             r["acked_writes_lost"], r["lost_examples"] = lost_acked_writes(image, wl.history, 512)
         # C right after the restart, then after catching up: both consistent cuts.

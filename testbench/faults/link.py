@@ -65,7 +65,9 @@ def run_link(workdir: Path, *, seed: int, seconds: float, progress=print) -> dic
     try:
         sec = pair.start("secondary", format=True)
         data = LinkFaultPlan(seed=seed, direction="send", match=lambda f: len(f) > 5 and f[5] == protocol.Kind.DATA)
-        back = LinkFaultPlan(seed=seed + 1, direction="send")
+        # Replies only: a corrupted handshake reply makes the primary Fatal (reported
+        # separately), which would end the part before the outage is measured.
+        back = LinkFaultPlan(seed=seed + 1, direction="send", match=lambda f: len(f) > 5 and f[5] == protocol.Kind.ACK)
         proxy = ProxyThread(sec.ready["link"], data, back)
         pair.configs.set_peer(proxy.address)
         pair.start("primary", format=True)

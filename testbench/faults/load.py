@@ -46,6 +46,8 @@ def run_load(workdir: Path, *, seed: int, seconds: float, clients: int = 8, queu
         verdict = asyncio.run(check_c(pair.nbd_url("secondary"), wl.history))
         pair.resume()
         out["c_consistent"] = verdict["consistent"]
+        if not verdict["consistent"]:
+            out["violations"] = verdict["violations"]
         out["peak_rss_mib"] = vm_hwm_mib(pair.procs["primary"].pid)
         out["secondary_peak_rss_mib"] = vm_hwm_mib(pair.procs["secondary"].pid)
         return out
