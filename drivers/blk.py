@@ -155,7 +155,10 @@ class BlkDevice(FdDevice):
             sg_ata(self.fd, identify.ATA_FLUSH_CACHE_EXT, extend=True)
 
     async def _flush(self) -> None:
-        await self._io("flush", self._flush_sync)
+        if self._sata_flush:
+            await self._io("flush", self._flush_sync)
+        else:
+            await super()._flush()
 
     async def _discard(self, lba: int, count: int) -> None:
         bs = self.info.block_size

@@ -9,9 +9,10 @@ which); otherwise I/O goes through the page cache and ``flush`` makes it
 durable. Writers take an exclusive flock, so a second writer of the same image
 gets EBUSY instead of silently interleaving.
 
-``FdDevice`` is the part shared with drivers.blk: I/O on a descriptor in the
-thread pool, with the descriptor closed only after in-flight I/O is done (a
-closed-and-reused descriptor number would send a late write to another file).
+``FdDevice`` is the part shared with drivers.blk: I/O on a descriptor through
+osio.DeviceIo (io_uring where it works, else the thread pool), with the
+descriptor closed only after in-flight I/O is done (a closed-and-reused
+descriptor number would send a late write to another file).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import errno
 import logging
 import os
 import stat
-import threading
 
 from hal import osio
 from hal.block import BlockDevice, DeviceError, DeviceInfo
@@ -32,70 +32,60 @@ _RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
 
 
 class FdDevice(BlockDevice):
-    """A BlockDevice over an open file descriptor; I/O runs in the pool."""
+    """A BlockDevice over an open file descriptor; reads, writes and syncs go
+    through osio.DeviceIo (io_uring or the pool), anything else to the pool."""
 
     def __init__(self, info: DeviceInfo, fd: int) -> None:
         super().__init__(info)
         self.fd = fd
-        self._inflight = 0
-        self._lock = threading.Lock()
-        self._fd_closed = False
+        self._dio = osio.DeviceIo(fd, direct=info.direct_io)
         self._dsync_writes = bool(_RWF_DSYNC)
 
-    # -- in-flight accounting and error mapping -----------------------------
+    def _error(self, what: str, e: OSError) -> DeviceError:
+        return DeviceError(e.errno or errno.EIO, f"{what}: {e.strerror or e}", self.info.url)
+
     async def _io(self, what: str, fn, *args):
-        with self._lock:
-            self._inflight += 1
+        """A blocking call on the descriptor in the pool, errors as DeviceError."""
         try:
-            return await osio.run_blocking(fn, *args)
+            return await self._dio.call(fn, *args)
         except DeviceError:
             raise
         except OSError as e:
-            raise DeviceError(e.errno or errno.EIO, f"{what}: {e.strerror or e}", self.info.url) from None
-        finally:
-            with self._lock:
-                self._inflight -= 1
-                last = self.closed and self._inflight == 0
-            if last:
-                self._close_fd()
-
-    def _close_fd(self) -> None:
-        with self._lock:
-            if self._fd_closed:
-                return
-            self._fd_closed = True
-        os.close(self.fd)
+            raise self._error(what, e) from None
 
     def _close(self) -> None:
-        with self._lock:
-            busy = self._inflight
-        if not busy:
-            self._close_fd()
-        # else: the last in-flight I/O closes it
+        self._dio.close()  # closes the descriptor after the last in-flight op
 
     # -- data path ------------------------------------------------------------
     async def _read(self, lba: int, count: int) -> bytes:
         bs = self.info.block_size
-        return await self._io("read", osio.read_aligned, self.fd, lba * bs, count * bs)
-
-    def _write_sync(self, data, offset: int, fua: bool) -> None:
-        if fua and self._dsync_writes:
-            try:
-                osio.write_aligned(self.fd, data, offset, _RWF_DSYNC)
-                return
-            except OSError as e:
-                if e.errno != errno.EOPNOTSUPP:
-                    raise
-                self._dsync_writes = False  # old kernel/fs: write, then fdatasync
-        osio.write_aligned(self.fd, data, offset)
-        if fua:
-            os.fdatasync(self.fd)
+        try:
+            return await self._dio.read(lba * bs, count * bs)
+        except OSError as e:
+            raise self._error("read", e) from None
 
     async def _write(self, lba: int, data, fua: bool) -> None:
-        await self._io("write", self._write_sync, data, lba * self.info.block_size, fua)
+        offset = lba * self.info.block_size
+        try:
+            if fua and self._dsync_writes:
+                try:
+                    await self._dio.write(data, offset, dsync=True)
+                    return
+                except OSError as e:
+                    if e.errno != errno.EOPNOTSUPP:
+                        raise
+                    self._dsync_writes = False  # old kernel/fs: write, then fdatasync
+            await self._dio.write(data, offset)
+            if fua:
+                await self._dio.fdatasync()
+        except OSError as e:
+            raise self._error("write", e) from None
 
     async def _flush(self) -> None:
-        await self._io("flush", os.fdatasync, self.fd)
+        try:
+            await self._dio.fdatasync()
+        except OSError as e:
+            raise self._error("flush", e) from None
 
 
 class FileDevice(FdDevice):

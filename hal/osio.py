@@ -1,16 +1,22 @@
 """OS primitives the device drivers share: page-aligned buffers for O_DIRECT,
 positional I/O that never comes back short, opening with O_DIRECT (and
 finding out whether the filesystem allows it), the thread pool that keeps
-blocking calls off the event loop, and errno classification.
+blocking calls off the event loop, ``DeviceIo`` (a device's reads, writes
+and syncs off the loop: io_uring when it works here, else the thread pool),
+and errno classification.
 
-io_uring is not used: the thread pool is the one path (DESIGN.md section 3
-keeps it as the fallback anyway; liburing wheels proved fragile here).
+io_uring comes from the optional PyPI ``liburing`` (extra ``uring``, pinned
+to 2024.5.3: 2026.3.30 died with an illegal instruction on these machines,
+which no ``try`` can catch, so other versions are not even imported unless
+MIRRORFW_IO_ENGINE=uring asks for them). Any failure to import it or to set
+up a ring (seccomp, ENOSYS, io_uring_disabled) falls back to the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import mmap
 import os
 import threading
@@ -20,8 +26,11 @@ from typing import Any, TypeVar
 
 from hal._ioctl import ffi, lib
 
+log = logging.getLogger(__name__)
+
 PAGE_BYTES = mmap.PAGESIZE
 O_DIRECT: int = getattr(os, "O_DIRECT", lib.O_DIRECT)
+_RWF_DSYNC: int = getattr(os, "RWF_DSYNC", 0)
 
 # Errors that mean "this device / filesystem does not do that", as opposed to
 # "it tried and failed": callers fall back (to sysfs, to buffered I/O, to
@@ -255,3 +264,422 @@ def lock_exclusive(fd: int, path: str) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise OSError(errno.EBUSY, f"{path} is in use (locked by another opener)") from None
+
+
+# -- a device's data path off the loop: io_uring, else the thread pool -----------
+ENGINE_ENV = "MIRRORFW_IO_ENGINE"  # auto (io_uring when it works) | uring | threads
+URING_KNOWN_GOOD = frozenset({"2024.5.3"})
+RING_ENTRIES = 256  # per device; more in flight than this spills to the pool
+# Ops queued in one loop iteration go to the pool as one job per chunk: with
+# O_DIRECT the device works on several chunks at once; through the page cache
+# one thread doing the whole batch beats many threads fighting for the GIL.
+DIRECT_CHUNKS = int(os.environ.get("MIRRORFW_IO_DIRECT_CHUNKS", "8"))
+
+_READ, _WRITE, _FSYNC = 0, 1, 2
+_uring_mod: Any = None
+_uring_tried = False
+_uring_lock = threading.Lock()
+
+
+def _liburing() -> Any:
+    """The liburing module, or None (not installed, untrusted version, or
+    io_uring refused here); decided once per process."""
+    global _uring_mod, _uring_tried
+    with _uring_lock:
+        if _uring_tried:
+            return _uring_mod
+        _uring_tried = True
+        choice = os.environ.get(ENGINE_ENV, "auto").strip().lower()
+        if choice not in ("auto", "uring", "threads"):
+            log.warning("%s=%r: expected auto, uring or threads; using auto", ENGINE_ENV, choice)
+            choice = "auto"
+        if choice == "threads":
+            return None
+        try:
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                have = version("liburing")
+            except PackageNotFoundError:
+                return None
+            if have not in URING_KNOWN_GOOD and choice != "uring":
+                log.warning("liburing %s is not a version known to work here (%s); using the thread pool "
+                            "(set %s=uring to try it anyway)", have, ", ".join(sorted(URING_KNOWN_GOOD)), ENGINE_ENV)
+                return None
+            import liburing
+
+            probe = _Ring.__new__(_Ring)  # a throwaway ring: is io_uring allowed at all?
+            probe._setup(liburing, 4)
+            probe._exit()
+        except Exception as e:  # noqa: BLE001 - ImportError, OSError(ENOSYS/EPERM), anything: fall back
+            log.info("io_uring unavailable (%s); device I/O uses the thread pool", e)
+            return None
+        _uring_mod = liburing
+        return liburing
+
+
+def engine_name() -> str:
+    """Which path DeviceIo takes for reads and writes in this process."""
+    return "uring" if _liburing() is not None else "threads"
+
+
+class _Op:
+    """One read, write or sync in flight. ``view`` is what is still to do
+    (it shrinks on a short transfer); ``buf`` a pooled buffer to give back."""
+
+    __slots__ = ("kind", "view", "offset", "flags", "buf", "length", "fut", "iov")
+
+    def __init__(self, kind: int, view, offset: int, flags: int, buf: AlignedBuffer | None, length: int) -> None:
+        self.kind = kind
+        self.view = view
+        self.offset = offset
+        self.flags = flags
+        self.buf = buf
+        self.length = length
+        self.fut: asyncio.Future | None = None
+        self.iov = None
+
+
+def _run_op(fd: int, op: _Op) -> Any:
+    """The thread-pool body of one op; returns the read bytes or None."""
+    if op.kind == _READ:
+        pread_into(fd, op.view, op.offset)
+        return bytes(op.buf.view[: op.length])
+    if op.kind == _WRITE:
+        pwrite_from(fd, op.view, op.offset, op.flags)
+        return None
+    os.fdatasync(fd)
+    return None
+
+
+class _Ring:
+    """An io_uring bound to one event loop: SQEs queued during a loop
+    iteration go in with one io_uring_enter; completions wake the loop
+    through an eventfd and are reaped in one pass."""
+
+    def _setup(self, u: Any, entries: int) -> None:
+        self.u = u
+        self.ring = u.io_uring()
+        u.io_uring_queue_init(entries, self.ring, 0)
+        self.efd = -1
+        try:
+            self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            u.io_uring_register_eventfd(self.ring, self.efd)
+        except BaseException:
+            self._exit()
+            raise
+
+    def __init__(self, u: Any, loop: asyncio.AbstractEventLoop, owner: DeviceIo) -> None:
+        self._setup(u, RING_ENTRIES)
+        self.loop = loop
+        self.owner = owner
+        self.cqe = u.io_uring_cqe()
+        self.ops: dict[int, _Op] = {}
+        self.next_id = 1
+        self.unsubmitted = 0
+        self.submit_scheduled = False
+        self.dead = False
+        try:
+            loop.add_reader(self.efd, self.reap)
+        except BaseException:
+            self._exit()
+            raise
+
+    def room(self) -> bool:
+        return not self.dead and len(self.ops) < RING_ENTRIES
+
+    def queue(self, fd: int, op: _Op) -> None:
+        u = self.u
+        sqe = u.io_uring_get_sqe(self.ring)
+        if not sqe:  # SQ full of unsubmitted entries
+            self.submit()
+            sqe = u.io_uring_get_sqe(self.ring)
+            if not sqe:
+                raise OSError(errno.EAGAIN, "io_uring submission queue full")
+        kind = op.kind
+        if kind == _WRITE:
+            if op.flags:
+                op.iov = u.iovec(op.view)
+                u.io_uring_prep_writev2(sqe, fd, op.iov, 1, op.offset, op.flags)
+            else:
+                u.io_uring_prep_write(sqe, fd, op.view, op.view.nbytes, op.offset)
+        elif kind == _READ:
+            u.io_uring_prep_read(sqe, fd, op.view, op.view.nbytes, op.offset)
+        else:
+            u.io_uring_prep_fsync(sqe, fd, u.IORING_FSYNC_DATASYNC)
+        ud = self.next_id
+        self.next_id = ud + 1
+        u.io_uring_sqe_set_data64(sqe, ud)
+        self.ops[ud] = op
+        self.unsubmitted += 1
+        if not self.submit_scheduled:
+            self.submit_scheduled = True
+            self.loop.call_soon(self.submit)
+
+    def submit(self) -> None:
+        self.submit_scheduled = False
+        if self.unsubmitted and not self.dead:
+            try:
+                self.u.io_uring_submit(self.ring)
+                self.unsubmitted = 0
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EBUSY, errno.EINTR):
+                    self.submit_scheduled = True  # completions first, then try again
+                    self.loop.call_soon(self.submit)
+                else:
+                    self._fail_all(e)
+                    return
+        self.reap()  # page-cache I/O often completes inside the submit
+
+    def reap(self) -> None:
+        if self.dead:
+            return
+        try:
+            os.eventfd_read(self.efd)
+        except BlockingIOError:
+            pass
+        u, ring, cqe, ops = self.u, self.ring, self.cqe, self.ops
+        peek, seen = u.io_uring_peek_cqe, u.io_uring_cqe_seen
+        done = []
+        while peek(ring, cqe) == 0:
+            res, ud = cqe.res, cqe.user_data
+            seen(ring, cqe)
+            op = ops.pop(ud, None)
+            if op is not None:
+                done.append((op, res))
+        owner = self.owner
+        for op, res in done:
+            owner._completed(op, res)
+
+    def _fail_all(self, e: OSError) -> None:
+        """io_uring_enter itself failed: nothing queued can be trusted to run;
+        fail it all and let this device use the pool from now on."""
+        log.warning("io_uring submit failed (%s); falling back to the thread pool", e)
+        self.dead = True
+        ops, self.ops = list(self.ops.values()), {}
+        for op in ops:
+            self.owner._finish(op, None, OSError(e.errno or errno.EIO, f"io_uring submit: {e}"))
+
+    def close(self) -> None:
+        self.dead = True
+        if not self.loop.is_closed():
+            try:
+                self.loop.remove_reader(self.efd)
+            except Exception:  # noqa: BLE001 - a loop going away has nothing to remove
+                pass
+        self._exit()
+
+    def _exit(self) -> None:
+        try:
+            self.u.io_uring_queue_exit(self.ring)
+        finally:
+            if self.efd >= 0:
+                os.close(self.efd)
+                self.efd = -1
+
+
+class DeviceIo:
+    """Reads, writes and syncs on one descriptor, off the event loop.
+
+    io_uring when available (one ring per device, bound to the loop that
+    uses it), else the thread pool with the ops queued during one loop
+    iteration run as one job (per chunk) and completed with one wakeup.
+    Each op counts as in flight until the kernel or the worker is really done
+    with it (not merely until its awaiting task gives up), so ``close()``
+    closes the descriptor only after the last one: a reused descriptor number
+    never receives a late write. Errors are OSError with the errno.
+    """
+
+    def __init__(self, fd: int, *, direct: bool) -> None:
+        self.fd = fd
+        self.direct = direct
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._closing = False
+        self._fd_closed = False
+        self._ring: _Ring | None = None
+        self._batch: list[_Op] = []
+        self._batch_loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    # -- the public face ----------------------------------------------------
+    def read(self, offset: int, length: int) -> asyncio.Future:
+        """A future for ``length`` bytes at ``offset`` (bytes)."""
+        buf = buffers.get(length)
+        return self._submit(_Op(_READ, buf.view, offset, 0, buf, length))
+
+    def write(self, data, offset: int, *, dsync: bool = False) -> asyncio.Future:
+        """A future done when all of ``data`` is at ``offset`` (RWF_DSYNC with
+        ``dsync``: on stable storage too)."""
+        view = data if type(data) is memoryview and data.format == "B" else memoryview(data).cast("B")
+        buf = None
+        if self.direct and address_of(view) % PAGE_BYTES:
+            buf = buffers.get(view.nbytes)
+            buf.view[:] = view
+            view = buf.view
+        return self._submit(_Op(_WRITE, view, offset, _RWF_DSYNC if dsync else 0, buf, view.nbytes))
+
+    def fdatasync(self) -> asyncio.Future:
+        return self._submit(_Op(_FSYNC, None, 0, 0, None, 0))
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Anything else blocking on this descriptor (ioctl, fallocate), in the
+        pool, counted as in flight like the rest."""
+        with self._lock:
+            self._inflight += 1
+        cf = executor().submit(fn, *args)
+        cf.add_done_callback(self._cf_done)
+        return await asyncio.wrap_future(cf)
+
+    def close(self) -> None:
+        """Close the descriptor now, or when the last op in flight is done."""
+        with self._lock:
+            self._closing = True
+            idle = self._inflight == 0
+        if idle:
+            self._teardown()
+
+    # -- plumbing -------------------------------------------------------------
+    def _submit(self, op: _Op) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        op.fut = fut = loop.create_future()
+        with self._lock:
+            self._inflight += 1
+        ring = self._ring
+        if ring is None or ring.loop is not loop or not ring.room():
+            ring = self._ring_for(loop)
+        if ring is not None:
+            try:
+                ring.queue(self.fd, op)
+                return fut
+            except Exception as e:  # noqa: BLE001 - e.g. a buffer liburing will not take: use the pool
+                log.debug("io_uring queue failed (%s); this op goes to the pool", e)
+        self._to_pool(loop, op)
+        return fut
+
+    def _ring_for(self, loop: asyncio.AbstractEventLoop) -> _Ring | None:
+        ring = self._ring
+        if ring is not None:
+            if ring.loop is loop and not ring.dead:
+                return ring if ring.room() else None
+            if ring.ops:
+                return None  # still busy on another loop; the pool serves this one
+            ring.close()
+            self._ring = None
+        u = _liburing()
+        if u is None or self._closing:
+            return None
+        try:
+            self._ring = ring = _Ring(u, loop, self)
+        except Exception as e:  # noqa: BLE001 - out of rings / memlock: the pool still works
+            log.info("io_uring ring setup failed (%s); this device uses the thread pool", e)
+            return None
+        return ring
+
+    def _completed(self, op: _Op, res: int) -> None:
+        """A CQE for ``op``: finish it, or go on after a short transfer."""
+        if res < 0:
+            self._finish(op, None, OSError(-res, os.strerror(-res)))
+            return
+        kind = op.kind
+        if kind == _FSYNC:
+            self._finish(op, None, None)
+            return
+        view = op.view
+        if res >= view.nbytes:
+            self._finish(op, bytes(op.buf.view[: op.length]) if kind == _READ else None, None)
+            return
+        if res == 0:
+            what = "read" if kind == _READ else "write"
+            self._finish(op, None, OSError(errno.EIO, f"short {what}: {op.length - view.nbytes} of "
+                                           f"{op.length} bytes at offset {op.offset - op.length + view.nbytes}"))
+            return
+        op.view = view[res:]
+        op.offset += res
+        ring = self._ring
+        try:
+            if ring is None or ring.dead:
+                raise OSError(errno.EIO, "ring gone")
+            ring.queue(self.fd, op)
+        except Exception:  # noqa: BLE001
+            self._to_pool(asyncio.get_running_loop(), op)
+
+    def _finish(self, op: _Op, result: Any, exc: BaseException | None) -> None:
+        if op.buf is not None:
+            buffers.put(op.buf)
+            op.buf = None
+        op.view = op.iov = None
+        fut = op.fut
+        if not fut.done():
+            if exc is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(exc)
+        self._op_done()
+
+    def _op_done(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            last = self._closing and self._inflight == 0
+        if last:
+            self._teardown()
+
+    def _cf_done(self, _cf) -> None:
+        self._op_done()
+
+    def _teardown(self) -> None:
+        with self._lock:
+            if self._fd_closed:
+                return
+            self._fd_closed = True
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.close()
+        os.close(self.fd)
+
+    # -- the thread-pool path: one job per chunk of a loop iteration's ops ----
+    def _to_pool(self, loop: asyncio.AbstractEventLoop, op: _Op) -> None:
+        if self._batch and self._batch_loop is not loop:
+            self._kick()
+        self._batch.append(op)
+        if len(self._batch) == 1:
+            self._batch_loop = loop
+            loop.call_soon(self._kick)
+
+    def _kick(self) -> None:
+        batch, self._batch = self._batch, []
+        loop = self._batch_loop
+        if not batch:
+            return
+        chunks = min(len(batch), DIRECT_CHUNKS) if self.direct else 1
+        if any(op.kind == _FSYNC for op in batch):
+            chunks = len(batch)  # a sync must not wait behind a chunk of writes
+        step = -(-len(batch) // chunks)
+        pool = executor()
+        for i in range(0, len(batch), step):
+            pool.submit(self._run_chunk, loop, batch[i : i + step])
+
+    def _run_chunk(self, loop: asyncio.AbstractEventLoop, ops: list[_Op]) -> None:
+        fd = self.fd
+        results = []
+        for op in ops:
+            try:
+                results.append((op, _run_op(fd, op), None))
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+                results.append((op, None, e))
+        try:
+            loop.call_soon_threadsafe(self._chunk_done, results)
+        except RuntimeError:  # the loop is closed: nobody awaits; still account for them
+            for op, _, _ in results:
+                if op.buf is not None:
+                    buffers.put(op.buf)
+                    op.buf = None
+                self._op_done()
+
+    def _chunk_done(self, results: list) -> None:
+        for op, result, exc in results:
+            self._finish(op, result, exc)
+

@@ -132,6 +132,7 @@ def run_nbd_bench(workdir: str, seconds: float) -> dict:
     }
     for name, (start, uri_fmt) in servers.items():
         sock = work / f"{name}.sock"
+        sock.unlink(missing_ok=True)  # a stale socket from an earlier run would look "ready" at once
         proc = start(backing, sock)
         try:
             uri = uri_fmt.format(sock=sock)
