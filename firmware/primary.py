@@ -520,11 +520,18 @@ class Primary:
     async def _send_old(self, vi: int, t: int, seq: int) -> None:
         """Send the old image of one OOS track and, once the secondary has it,
         discard the old image (claim 7) and clear OOS (claim 9). Concurrent
-        callers for the same track share one send."""
+        callers for the same track share one send.
+
+        Only a track whose OOS bit is still set in the CG being formed has an
+        old image: once a send cleared the bit, a write lands on the track's
+        (now only) image and records in CR, so sending the track again would
+        put a write of the next CG into B under this one. A caller that
+        decided to send before awaiting (the drain's worker, a send-first
+        write with several tracks) re-checks here, after any shared send."""
         key = (vi, t)
-        fut = self._inflight.get(key)
-        if fut is not None:
+        while (fut := self._inflight.get(key)) is not None:
             await asyncio.shield(fut)
+        if not (self.machine.recording and seq == self._seq and self.oos[vi].test(t)):
             return
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut

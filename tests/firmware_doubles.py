@@ -3,6 +3,7 @@ that wires a Primary to a Secondary in one process on mem:// devices."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from drivers.mem import open as open_mem
@@ -11,6 +12,7 @@ from firmware.events import EventBus
 from firmware.params import SessionParams
 from firmware.primary import Primary
 from firmware.secondary import LocalRemote, Secondary
+from hal.block import BlockDevice
 from hal.clock import VirtualClock
 from hal.nvram import NvramRegion
 
@@ -128,3 +130,79 @@ def spy_rig_remote(rig: Rig) -> SpyRemote:
     rig.primary.remote = spy
     rig.remote = spy
     return spy
+
+
+# ---------------------------------------------------------------------------
+# Concurrency: devices and a remote that yield to the event loop a random
+# (seeded) number of times around every call, so a writer, the destager, the
+# drain workers, send-first sends and the CG loop interleave across their
+# awaits the way they do on real devices and a real link, deterministically.
+# ---------------------------------------------------------------------------
+
+
+class JitterDevice(BlockDevice):
+    def __init__(self, inner: BlockDevice, rng, max_yields: int = 3) -> None:
+        super().__init__(inner.info)
+        self.inner = inner
+        self.rng = rng
+        self.max_yields = max_yields
+
+    async def _yield(self) -> None:
+        for _ in range(self.rng.randint(0, self.max_yields)):
+            await asyncio.sleep(0)
+
+    async def _read(self, lba: int, count: int) -> bytes:
+        await self._yield()
+        data = await self.inner.read(lba, count)
+        await self._yield()
+        return data
+
+    async def _write(self, lba: int, data, fua: bool) -> None:
+        await self._yield()
+        await self.inner.write(lba, data, fua=fua)
+        await self._yield()
+
+    async def _flush(self) -> None:
+        await self._yield()
+        await self.inner.flush()
+
+
+class JitterRemote(LocalRemote):
+    def __init__(self, secondary: Secondary, rng, max_yields: int = 4) -> None:
+        super().__init__(secondary)
+        self.rng = rng
+        self.max_yields = max_yields
+
+    async def _yield(self) -> None:
+        for _ in range(self.rng.randint(0, self.max_yields)):
+            await asyncio.sleep(0)
+
+    async def send_track(self, volume, track, cg_seq, data):
+        await self._yield()
+        await super().send_track(volume, track, cg_seq, data)
+        await self._yield()
+
+    async def drain_done(self, cg_seq):
+        await self._yield()
+        await super().drain_done(cg_seq)
+
+    async def prepare(self, cg_seq):
+        await self._yield()
+        await super().prepare(cg_seq)
+        await self._yield()
+
+    async def commit(self, cg_seq):
+        await self._yield()
+        await super().commit(cg_seq)
+        await self._yield()
+
+
+def jitter_rig(rig: Rig, rng) -> None:
+    """Put every device and the link of a (not yet started) rig behind jitter."""
+    p, s = rig.primary, rig.secondary
+    p.devices = [JitterDevice(d, rng) for d in p.devices]
+    p.destager.devices = p.devices
+    s.b = [JitterDevice(d, rng) for d in s.b]
+    s.c = [JitterDevice(d, rng) for d in s.c]
+    s.fc.b, s.fc.c = s.b, s.c
+    rig.remote = p.remote = JitterRemote(s, rng)
