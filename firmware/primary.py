@@ -638,7 +638,7 @@ class Primary:
                 body.cancel()
                 await asyncio.gather(body, return_exceptions=True)
             if not body.cancelled() and body.exception() is None:
-                return True
+                return body.result()
             if self._fail_fut.done():
                 reason, event = self._fail_fut.result()
             else:
@@ -657,7 +657,12 @@ class Primary:
                 if not f.done():
                     f.set_result(None)
 
-    async def _cg_body(self) -> None:
+    async def _cg_body(self) -> bool:
+        # The body runs a loop iteration after form_cg created it: a pause (or
+        # suspend) that came in between found the machine idle and reported
+        # Paused at once, so no CG may start now (the demo reads C then).
+        if self.copy_state != RUNNING or self._stopping:
+            return False
         await self.quiesce()
         if self.coordinate is not None:
             await self.coordinate()
@@ -676,6 +681,7 @@ class Primary:
             if timer is not None:
                 timer.cancel()
         await self.commit_cg()
+        return True
 
     def _request_fail(self, reason: str, event: Event = Event.FAIL) -> None:
         """Fail the CG being formed (callable from timers)."""

@@ -68,6 +68,37 @@ def test_send_first_does_not_resend_a_track_the_drain_sent_meanwhile():
     asyncio.run(main())
 
 
+def test_pause_that_comes_before_the_cg_body_runs_starts_no_cg():
+    """Root cause: the CG loop creates the CG body as a task that starts one
+    loop iteration later; a ``cg pause`` in between found the machine idle,
+    reported Paused at once, and the CG then started and committed anyway
+    while the demo read C across volumes (a read straddling a commit)."""
+    async def main():
+        hit = 0
+        for k in range(12):
+            rig = await make_rig(volumes=("v0", "v1"), size="256KiB", form_cgs=True, destage=True)
+            p = rig.primary
+            for _ in range(200):
+                if p.status()["total_successful_cgs"]:
+                    break
+                await asyncio.sleep(0)
+            await p.write("v0", 0, blk("w"))  # wakes the loop waiting for a write
+            for _ in range(k):
+                await asyncio.sleep(0)
+            phase_at_pause = p.machine.phase
+            await p.cg_pause()
+            assert p.copy_state == "Paused"
+            hit += phase_at_pause is Phase.IDLE
+            seq, done = p.status()["cg_seq"], p.status()["total_successful_cgs"]
+            await settle(100)
+            assert p.machine.phase is Phase.IDLE, f"a CG started while Paused (pause after {k} yields)"
+            assert (p.status()["cg_seq"], p.status()["total_successful_cgs"]) == (seq, done)
+            await p.cg_resume()
+            await p.stop()
+        assert hit, "no pause came while the machine was idle"
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------------------
 # seeded random concurrent workload
 # ---------------------------------------------------------------------------
@@ -211,8 +242,9 @@ async def random_run(seed: int, *, volumes=("v0", "v1"), size="1MiB", track_byte
     return w
 
 
-# Seeds that failed before the fix above (a CR write sent in the CG before).
-@pytest.mark.parametrize("seed,policy", [(9, "dual-image"), (0, "send-first"), (6, "send-first")])
+# Seeds that failed before the fixes above (a CR write sent in the CG before, a CG run while Paused).
+@pytest.mark.parametrize("seed,policy", [(2, "dual-image"), (7, "dual-image"), (9, "dual-image"),
+                                         (0, "send-first"), (6, "send-first")])
 def test_concurrent_writes_keep_c_the_cut_of_the_last_commit(seed, policy):
     w = asyncio.run(random_run(seed, policy=policy))
     assert not w.problems, "\n".join(w.problems[:5])
