@@ -40,6 +40,7 @@ def add_arguments(p) -> None:
     p.add_argument("--format", dest="fmt", default=None, help="trace format when it cannot be detected (see `mirrorfw trace --help`)")
     p.add_argument("--volumes", type=int, default=2, help="number of volumes in the session (default 2)")
     p.add_argument("--size", default="64MiB", help="size of each volume (default 64MiB; trace offsets wrap modulo it)")
+    p.add_argument("--nvram-size", default="64MiB", help="NVRAM (write cache and bitmaps) per controller (default 64MiB)")
     p.add_argument("--timing", default="original", help="afap, original, or scale=X (default original)")
     p.add_argument("--queue-depth", type=int, default=16, help="replay queue depth (default 16)")
     p.add_argument("--check-every-s", type=float, default=5.0, help="check C this often while the replay runs (default 5)")
@@ -166,7 +167,7 @@ def run(args) -> int:
                "max_drain_s": args.max_drain_s, "collision_policy": args.collision_policy}
     for leftover in workdir.glob("*.img"):  # every run starts from empty volumes
         leftover.unlink()
-    pair = write_pair_configs(workdir, volumes=names, size=args.size, nvram_size="256MiB", session=session,
+    pair = write_pair_configs(workdir, volumes=names, size=args.size, nvram_size=args.nvram_size, session=session,
                               console=True)
     say = lambda text: print(f"demo: {text}", file=sys.stderr, flush=True)  # noqa: E731
     say(f"work folder {workdir}; trace {trace}; {args.volumes} volume(s) of {args.size}")
