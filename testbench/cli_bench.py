@@ -64,7 +64,7 @@ def empty_results() -> dict:
 
 def machine() -> dict:
     return {"cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-            "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "platform": platform.platform()}
 
 

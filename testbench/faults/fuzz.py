@@ -262,7 +262,7 @@ async def _nbd_cases(cases: int, seed: int) -> list[str]:
                     writer.write_eof()
                 while await asyncio.wait_for(reader.read(65536), 0.2):
                     pass
-            except (asyncio.TimeoutError, ConnectionError, OSError):
+            except (TimeoutError, ConnectionError, OSError):
                 pass
             finally:
                 writer.close()
