@@ -122,3 +122,19 @@ def test_open_nvram_refuses_other_schemes(tmp_path):
     with pytest.raises(DeviceError) as e:
         open_nvram(f"nvram://{tmp_path}?size=1MiB")
     assert e.value.errno == errno.EISDIR
+
+
+def test_persist_mode_is_chosen_by_url(tmp_path):
+    from drivers import open_nvram
+
+    plain = open_nvram(f"nvram://{tmp_path}/a.nvram?size=64KiB")
+    synced = open_nvram(f"nvram://{tmp_path}/b.nvram?size=64KiB&persist=msync")
+    try:
+        assert (plain.msync, synced.msync) == (False, True)
+        synced.view[0:4] = b"abcd"
+        synced.persist(0, 4)
+    finally:
+        plain.close()
+        synced.close()
+    with pytest.raises(UrlError, match="persist='fsync'.*none.*msync"):
+        open_nvram(f"nvram://{tmp_path}/c.nvram?size=64KiB&persist=fsync")
