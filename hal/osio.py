@@ -267,9 +267,19 @@ def lock_exclusive(fd: int, path: str) -> None:
 
 
 # -- a device's data path off the loop: io_uring, else the thread pool -----------
-ENGINE_ENV = "MIRRORFW_IO_ENGINE"  # auto (io_uring when it works) | uring | threads
+# auto: io_uring for O_DIRECT descriptors (the device works on many requests at
+# once without a thread each), the pool for page-cache ones (ext4 cannot do a
+# buffered write without blocking, so io_uring hands each one to a kernel
+# worker thread: one switch per write, where a pool job takes a whole batch).
+# uring: io_uring for every descriptor; threads: the pool for every one.
+ENGINE_ENV = "MIRRORFW_IO_ENGINE"
 URING_KNOWN_GOOD = frozenset({"2024.5.3"})
 RING_ENTRIES = 256  # per device; more in flight than this spills to the pool
+# Page-cache descriptors first try RWF_NOWAIT on the loop: the kernel completes
+# it only when it need not wait (a cache hit; no dirty throttling), else says
+# EAGAIN and the op goes off the loop. Bounded so one big copy stays short.
+INLINE_MAX_BYTES = 1 << 20
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 # Ops queued in one loop iteration go to the pool as one job per chunk: with
 # O_DIRECT the device works on several chunks at once; through the page cache
 # one thread doing the whole batch beats many threads fighting for the GIL.
@@ -278,13 +288,14 @@ DIRECT_CHUNKS = int(os.environ.get("MIRRORFW_IO_DIRECT_CHUNKS", "8"))
 _READ, _WRITE, _FSYNC = 0, 1, 2
 _uring_mod: Any = None
 _uring_tried = False
+_uring_all = False  # MIRRORFW_IO_ENGINE=uring: page-cache descriptors too
 _uring_lock = threading.Lock()
 
 
 def _liburing() -> Any:
     """The liburing module, or None (not installed, untrusted version, or
     io_uring refused here); decided once per process."""
-    global _uring_mod, _uring_tried
+    global _uring_mod, _uring_tried, _uring_all
     with _uring_lock:
         if _uring_tried:
             return _uring_mod
@@ -295,6 +306,7 @@ def _liburing() -> Any:
             choice = "auto"
         if choice == "threads":
             return None
+        _uring_all = choice == "uring"
         try:
             from importlib.metadata import PackageNotFoundError, version
 
@@ -318,9 +330,12 @@ def _liburing() -> Any:
         return liburing
 
 
-def engine_name() -> str:
-    """Which path DeviceIo takes for reads and writes in this process."""
-    return "uring" if _liburing() is not None else "threads"
+def engine_name(direct: bool = True) -> str:
+    """Which path DeviceIo takes off the loop for a descriptor (O_DIRECT or
+    not) in this process: "uring" or "threads"."""
+    if _liburing() is None:
+        return "threads"
+    return "uring" if direct or _uring_all else "threads"
 
 
 class _Op:
@@ -500,30 +515,45 @@ class DeviceIo:
         self._ring: _Ring | None = None
         self._batch: list[_Op] = []
         self._batch_loop: asyncio.AbstractEventLoop | None = None
+        self._nowait_reads = self._nowait_writes = bool(_RWF_NOWAIT) and not direct
+        self._ring_ok = _liburing() is not None and (direct or _uring_all)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
 
     @property
     def inflight(self) -> int:
         return self._inflight
 
     # -- the public face ----------------------------------------------------
-    def read(self, offset: int, length: int) -> asyncio.Future:
-        """A future for ``length`` bytes at ``offset`` (bytes)."""
+    async def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``."""
+        if self._nowait_reads and length <= INLINE_MAX_BYTES:
+            data = self._read_nowait(offset, length)
+            if data is not None:
+                return data
         buf = buffers.get(length)
-        return self._submit(_Op(_READ, buf.view, offset, 0, buf, length))
+        return await self._submit(_Op(_READ, buf.view, offset, 0, buf, length))
 
-    def write(self, data, offset: int, *, dsync: bool = False) -> asyncio.Future:
-        """A future done when all of ``data`` is at ``offset`` (RWF_DSYNC with
-        ``dsync``: on stable storage too)."""
+    async def write(self, data, offset: int, *, dsync: bool = False) -> None:
+        """Done when all of ``data`` is at ``offset`` (with ``dsync``: on
+        stable storage too, RWF_DSYNC)."""
         view = data if type(data) is memoryview and data.format == "B" else memoryview(data).cast("B")
         buf = None
-        if self.direct and address_of(view) % PAGE_BYTES:
-            buf = buffers.get(view.nbytes)
-            buf.view[:] = view
-            view = buf.view
-        return self._submit(_Op(_WRITE, view, offset, _RWF_DSYNC if dsync else 0, buf, view.nbytes))
+        if self.direct:
+            if address_of(view) % PAGE_BYTES:
+                buf = buffers.get(view.nbytes)
+                buf.view[:] = view
+                view = buf.view
+        elif self._nowait_writes and not dsync and view.nbytes <= INLINE_MAX_BYTES:
+            done = self._write_nowait(view, offset)
+            if done == view.nbytes:
+                return
+            view = view[done:]
+            offset += done
+        await self._submit(_Op(_WRITE, view, offset, _RWF_DSYNC if dsync else 0, buf, view.nbytes))
 
-    def fdatasync(self) -> asyncio.Future:
-        return self._submit(_Op(_FSYNC, None, 0, 0, None, 0))
+    async def fdatasync(self) -> None:
+        await self._submit(_Op(_FSYNC, None, 0, 0, None, 0))
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Anything else blocking on this descriptor (ioctl, fallocate), in the
@@ -534,6 +564,31 @@ class DeviceIo:
         cf.add_done_callback(self._cf_done)
         return await asyncio.wrap_future(cf)
 
+    # -- on the loop, when the kernel promises not to wait --------------------
+    def _read_nowait(self, offset: int, length: int) -> bytes | None:
+        buf = bytearray(length)
+        try:
+            n = os.preadv(self.fd, [buf], offset, _RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if not is_unsupported(e):
+                raise
+            self._nowait_reads = False
+            return None
+        return bytes(buf) if n == length else None  # short: not all cached (or EOF): off the loop
+
+    def _write_nowait(self, view, offset: int) -> int:
+        try:
+            return os.pwritev(self.fd, [view], offset, _RWF_NOWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            if not is_unsupported(e):
+                raise
+            self._nowait_writes = False  # e.g. ext4 buffered writes: EOPNOTSUPP
+            return 0
+
     def close(self) -> None:
         """Close the descriptor now, or when the last op in flight is done."""
         with self._lock:
@@ -543,14 +598,24 @@ class DeviceIo:
             self._teardown()
 
     # -- plumbing -------------------------------------------------------------
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        # asyncio.get_running_loop() costs a getpid() system call per op on 3.11;
+        # one thread runs one loop at a time, so the last one seen, still
+        # running on this same thread, is the running loop.
+        loop = self._loop
+        if loop is None or self._loop_thread != threading.get_ident() or not loop.is_running():
+            self._loop = loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
+        return loop
+
     def _submit(self, op: _Op) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         op.fut = fut = loop.create_future()
         with self._lock:
             self._inflight += 1
         ring = self._ring
         if ring is None or ring.loop is not loop or not ring.room():
-            ring = self._ring_for(loop)
+            ring = self._ring_for(loop) if self._ring_ok else None
         if ring is not None:
             try:
                 ring.queue(self.fd, op)
@@ -605,7 +670,7 @@ class DeviceIo:
                 raise OSError(errno.EIO, "ring gone")
             ring.queue(self.fd, op)
         except Exception:  # noqa: BLE001
-            self._to_pool(asyncio.get_running_loop(), op)
+            self._to_pool(self._running_loop(), op)
 
     def _finish(self, op: _Op, result: Any, exc: BaseException | None) -> None:
         if op.buf is not None:

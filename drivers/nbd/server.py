@@ -1,9 +1,11 @@
 """NBD server: serves a hal.host.HostTarget to NBD clients.
 
 Fixed newstyle negotiation (GO, INFO, LIST, ABORT, EXPORT_NAME,
-STRUCTURED_REPLY); one export per volume. In transmission each request is
-dispatched as its own task, so many are in flight per connection and
-replies leave in completion order.
+STRUCTURED_REPLY); one export per volume. In transmission each request runs
+inline up to its first real wait (a volume that answers at once costs no
+task and no extra loop iteration; there is no current task during that first
+step), then goes on as a task of its own, so many are in flight per
+connection and replies leave in completion order.
 
 The hot path is a ``BufferedProtocol``: the kernel receives straight into a
 preallocated ring buffer (headers, small payloads) or straight into the
@@ -74,7 +76,51 @@ HANDSHAKE_TIMEOUT_S = 60.0
 CLOSE_WAIT_S = 10.0
 
 _UNKNOWN_CMD_FLAGS = 0xFFFF & ~int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF)
+# Plain ints on the per-request path: IntFlag's & is a Python-level call.
+_FUA = int(CmdFlag.FUA)
+_NOTHING = object()
 _WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
+
+
+class _Resumed:
+    """A coroutine already run by hand up to its first wait, handed to a Task:
+    the Task's first step gets the future the coroutine waits on (or, if that
+    is already done, the coroutine goes straight on); later steps go to the
+    coroutine itself."""
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro, first) -> None:
+        self._coro = coro
+        self._first = first
+
+    def send(self, value):
+        first = self._first
+        if first is not _NOTHING:
+            self._first = _NOTHING
+            if first is None or not first.done():
+                return first
+            first._asyncio_future_blocking = False
+        return self._coro.send(value)
+
+    def throw(self, typ, val=None, tb=None):
+        self._first = _NOTHING
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self._first = _NOTHING
+        self._coro.close()
+
+    def __await__(self):
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.send(None)
 
 
 class _Disconnect(Exception):
@@ -465,7 +511,12 @@ class _Connection(asyncio.BufferedProtocol):
         if self.inflight >= MAX_INFLIGHT:
             self._update_reading()
         self.idle.clear()
-        task = self.loop.create_task(self._serve(flags, cmd, handle, offset, length, data))
+        coro = self._serve(flags, cmd, handle, offset, length, data)
+        try:
+            waiting_on = coro.send(None)
+        except StopIteration:
+            return  # answered inline
+        task = self.loop.create_task(_Resumed(coro, waiting_on))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -481,15 +532,15 @@ class _Connection(asyncio.BufferedProtocol):
                               self.peer, volume.name, len(payload), length)
                     err = NbdErrno.EIO
             elif cmd == Cmd.WRITE:
-                await volume.write(offset, data, fua=bool(flags & CmdFlag.FUA))
+                await volume.write(offset, data, fua=bool(flags & _FUA))
             elif cmd == Cmd.FLUSH:
                 await volume.flush()
             elif cmd == Cmd.TRIM:
                 await volume.trim(offset, length)
-                if flags & CmdFlag.FUA:
+                if flags & _FUA:
                     await volume.flush()
             elif cmd == Cmd.WRITE_ZEROES:
-                await volume.write_zeroes(offset, length, fua=bool(flags & CmdFlag.FUA))
+                await volume.write_zeroes(offset, length, fua=bool(flags & _FUA))
         except PermissionError:
             err = NbdErrno.EPERM
         except OSError as e:
