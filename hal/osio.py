@@ -124,8 +124,8 @@ def is_aligned(data, alignment: int = PAGE_BYTES) -> bool:
 # -- positional I/O ----------------------------------------------------------
 def pread_into(fd: int, view: memoryview, offset: int) -> None:
     """Fill ``view`` from ``offset``; a short read (end of file) raises EIO."""
-    done = 0
     total = view.nbytes
+    done = os.preadv(fd, [view], offset)
     while done < total:
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
@@ -135,9 +135,12 @@ def pread_into(fd: int, view: memoryview, offset: int) -> None:
 
 def pwrite_from(fd: int, view, offset: int, flags: int = 0) -> None:
     """Write all of ``view`` at ``offset`` (``flags``: os.RWF_DSYNC etc.)."""
-    view = memoryview(view).cast("B")
-    done = 0
+    if type(view) is not memoryview or view.format != "B":
+        view = memoryview(view).cast("B")
     total = view.nbytes
+    done = os.pwritev(fd, [view], offset, flags) if flags else os.pwrite(fd, view, offset)
+    if done == 0 and total:
+        raise OSError(errno.EIO, f"short write: 0 of {total} bytes at offset {offset}")
     while done < total:
         if flags:
             n = os.pwritev(fd, [view[done:]], offset + done, flags)

@@ -94,13 +94,19 @@ class _Resumed:
         self._coro = coro
         self._first = first
 
-    def send(self, value):
+    def __next__(self):  # what a Task's step calls
         first = self._first
         if first is not _NOTHING:
             self._first = _NOTHING
             if first is None or not first.done():
                 return first
             first._asyncio_future_blocking = False
+        return self._coro.send(None)
+
+    def send(self, value):
+        if value is None:
+            return self.__next__()
+        self._first = _NOTHING
         return self._coro.send(value)
 
     def throw(self, typ, val=None, tb=None):
@@ -118,9 +124,6 @@ class _Resumed:
 
     def __iter__(self):
         return self
-
-    def __next__(self):
-        return self.send(None)
 
 
 class _Disconnect(Exception):
@@ -510,7 +513,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.inflight += 1
         if self.inflight >= MAX_INFLIGHT:
             self._update_reading()
-        self.idle.clear()
+        if self.inflight == 1:
+            self.idle.clear()
         coro = self._serve(flags, cmd, handle, offset, length, data)
         try:
             waiting_on = coro.send(None)
