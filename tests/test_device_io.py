@@ -15,6 +15,14 @@ from hal import osio
 PATHS = ["pool", "pool-inline", "uring", "uring-direct", "pool-direct"]
 
 
+def _want_uring(monkeypatch) -> None:
+    """io_uring is opt-in (MIRRORFW_IO_ENGINE=uring): turn it on for this test only."""
+    monkeypatch.setenv(osio.ENGINE_ENV, "uring")
+    monkeypatch.setattr(osio, "_uring_tried", False)
+    monkeypatch.setattr(osio, "_uring_mod", None)
+    monkeypatch.setattr(osio, "_uring_all", False)
+
+
 def _open(tmp_path, path_kind: str, size: int = 1 << 20) -> osio.DeviceIo:
     name = tmp_path / "img"
     with open(name, "wb") as f:
@@ -41,7 +49,9 @@ def _open(tmp_path, path_kind: str, size: int = 1 << 20) -> osio.DeviceIo:
 
 
 @pytest.fixture(params=PATHS)
-def dio(request, tmp_path):
+def dio(request, tmp_path, monkeypatch):
+    if request.param.startswith("uring"):
+        _want_uring(monkeypatch)
     d = _open(tmp_path, request.param)
     yield d
     d.close()
@@ -60,6 +70,9 @@ def test_writes_read_back_in_issue_order(dio):
         # many at once, distinct ranges, odd buffer types
         blocks = [os.urandom(4096) for _ in range(40)]
         await asyncio.gather(*(dio.write(memoryview(bytearray(b)), i * 4096) for i, b in enumerate(blocks)))
+        # overlapping and not awaited in between: they land in the order issued
+        await asyncio.gather(*(dio.write(bytes([i]) * 8192, 524288 + (i % 2) * 4096) for i in range(20)))
+        assert await dio.read(524288, 12288) == bytes([18]) * 4096 + bytes([19]) * 8192
         got = await asyncio.gather(*(dio.read(i * 4096, 4096) for i in range(40)))
         assert got == blocks
         await dio.write(b"\x5a" * 8192, 0, dsync=True)
@@ -80,7 +93,8 @@ def test_read_past_the_end_is_an_oserror_with_errno(dio):
 
 
 @pytest.mark.timeout(60)
-def test_close_waits_for_in_flight_writes_even_when_the_waiter_gives_up(tmp_path):
+def test_close_waits_for_in_flight_writes_even_when_the_waiter_gives_up(tmp_path, monkeypatch):
+    _want_uring(monkeypatch)
     for kind in PATHS:
         sub = tmp_path / kind
         sub.mkdir()
