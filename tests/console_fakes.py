@@ -81,8 +81,8 @@ class FakePrimary:
         self.events.emit("change", "session", copy_state=state)
 
     def set_param(self, name: str, text: str) -> None:
+        self.params.set(name, text)  # a refused value is no call that changed anything
         self.calls.append(("set_param", name, text))
-        self.params.set(name, text)
 
     # ---- contract: queries --------------------------------------------------
     def status(self) -> dict:
