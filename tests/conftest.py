@@ -6,6 +6,15 @@ import os
 
 import pytest
 
+from hypothesis import settings
+
+# In CI every property test runs the same examples each time (a red run
+# replays exactly); locally they explore new ones. HYPOTHESIS_PROFILE=explore
+# in CI, or =ci locally, swaps them.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "explore"))
+
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (loop devices and block ioctls)")
 
