@@ -130,6 +130,30 @@ def test_c_is_the_last_commit_before_the_first_after_an_abort_and_across_a_resta
     asyncio.run(main())
 
 
+def test_a_write_whose_only_evictable_slot_is_its_own_track_waits_instead_of_failing():
+    """CacheFull ('all N cache slots hold dirty or new images') from allocate
+    inside _land, the host saw EIO. Root cause (fixed in 1126894, this pins
+    it): the room check counted the write's own clean images as evictable,
+    but landing applies to them first (making them dirty), so the allocation
+    for the next track of the same write found nothing to evict. A write must
+    wait for destage (back-pressure), never fail because the cache is busy."""
+    async def main():
+        rig = await make_rig(size="8MiB")
+        p = rig.primary
+        n = p.plan.n_slots
+        assert n + 2 <= 128, "the volume must have more tracks than the cache has slots"
+        await p.write("vol0", 0, blk("0"))
+        for t in range(10, 10 + n - 1):
+            await p.write("vol0", t * T, blk("x"))
+        await p.destager.destage()
+        for t in range(10, 10 + n - 1):  # dirty again; track 0 is the only clean image, no slot is free
+            await p.write("vol0", t * T, blk("y"))
+        assert p.cache.stats()["used"] == n and p.cache.dirty_count() == n - 1
+        await p.write("vol0", T - 4096, blk("w", 8192))  # track 0 (its clean image) and track 1 (needs a slot)
+        assert await p.read("vol0", T - 4096, 8192) == blk("w", 8192)
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------------------
 # seeded random concurrent workload
 # ---------------------------------------------------------------------------
