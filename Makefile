@@ -17,7 +17,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml setup.py hal/_ioctl_build.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,fast]'
+	# io_uring (liburing, built from source) is optional: without it its tests skip and say so.
+	$(BIN)/python -m pip install -q -e '.[test,fast,uring]' || $(BIN)/python -m pip install -q -e '.[test,fast]'
 	touch $@
 
 # Debian packages the tests drive as real peers. Apt when root; otherwise say
