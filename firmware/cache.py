@@ -434,12 +434,23 @@ class Destager:
         self._task: asyncio.Task | None = None
         self._sem: asyncio.Semaphore | None = None
 
-    async def destage_entry(self, entry: CacheEntry) -> None:
+    def claim(self, entry: CacheEntry) -> tuple[int, list[tuple[int, bytes]]]:
+        """Claim the track and snapshot the image, with no await in between or
+        before: a claim taken later (when a task first runs) lets ``next_dirty``
+        hand the image out again, and a promote meanwhile can free the slot for
+        another track's data, which would then be written to this track."""
+        self.cache.destaging.add(entry.key)
+        return self.cache.destage_snapshot(entry, self.track_len(*entry.key))
+
+    async def destage_entry(self, entry: CacheEntry,
+                            claimed: tuple[int, list[tuple[int, bytes]]] | None = None) -> None:
+        """Write one image to A; ``claimed`` is the ``claim(entry)`` taken when
+        it was picked (taken here when None: the caller must not have awaited
+        since picking it)."""
         cache = self.cache
         key = entry.key
-        cache.destaging.add(key)
         try:
-            seq, runs = cache.destage_snapshot(entry, self.track_len(*key))
+            seq, runs = claimed if claimed is not None else self.claim(entry)
             dev = self.devices[entry.volume]
             bs = dev.info.block_size
             base = entry.track * cache.track_bytes
@@ -465,7 +476,7 @@ class Destager:
                 if not running:
                     break
             elif len(running) < self.inflight:
-                running.add(asyncio.ensure_future(self.destage_entry(entry)))
+                running.add(asyncio.ensure_future(self.destage_entry(entry, self.claim(entry))))
                 continue
             finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             for t in finished:

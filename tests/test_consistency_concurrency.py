@@ -304,3 +304,48 @@ def test_concurrent_writes_keep_c_the_cut_of_the_last_commit(seed, policy):
     w = asyncio.run(random_run(seed, policy=policy))
     assert not w.problems, "\n".join(w.problems[:5])
     assert w.cut_seq > 10
+
+
+def test_destage_writes_the_image_it_picked_not_what_its_slot_holds_when_the_task_starts():
+    """Root cause: ``Destager.destage`` picked a dirty image with ``next_dirty``
+    and spawned ``destage_entry`` for it, but the track was claimed (put in
+    ``destaging``) and the image snapshot only when that task first ran. In
+    between, (a) ``next_dirty`` handed the same image out again, so one image
+    had several destage tasks, and the first to finish dropped the claim: the
+    track's next image could be destaged while an older snapshot was still
+    being written to A after it (the demo's torn write inside one track, once
+    the clean image was evicted and the track composed from A); (b) a promote
+    could discard the image and its slot be reused by another track, whose
+    data the late task then wrote to this track on A (the demo's 'misplaced'
+    stamp: another track's data at the same offset in the track)."""
+    async def main():
+        rig = await make_rig()
+        p = rig.primary
+        cache, a = p.cache, p.devices[0]
+        writes: list[tuple[int, bytes]] = []
+        inner = a._write
+
+        async def spy(lba, data, fua):
+            writes.append((lba, bytes(data)))
+            await inner(lba, data, fua)
+
+        a._write = spy
+        await p.write("vol0", 0, blk("o"))
+        await p.destager.destage()
+        await p.write("vol0", 0, blk("O"))  # track 0's image, dirty: the old image of the next CG
+        await p.quiesce()
+        await p.run()
+        await p.write("vol0", 4096, blk("N"))  # dual image: track 0's new image
+        writes.clear()
+        destage = asyncio.ensure_future(p.destager.destage())
+        await asyncio.sleep(0)  # destage() has picked track 0's old image; its task has not run yet
+        assert cache.promote(0, 0)  # what _send_old does once the old image is sent
+        p.oos[0].clear(0)
+        await p.write("vol0", 5 * T, blk("x", T))  # track 5 takes the freed slot
+        await destage
+        assert all(b"x" not in data for lba, data in writes if lba < T // 512), \
+            "another track's data was destaged onto track 0"
+        old = [data for lba, data in writes if lba == 0 and data == blk("O")]
+        assert len(old) <= 1, f"the old image was destaged {len(old)} times"
+        assert await a.read(0, 16) == blk("O") + blk("N")
+    asyncio.run(main())
