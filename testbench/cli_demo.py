@@ -57,8 +57,9 @@ class CgFollower:
     """Follows the primary's ``events`` stream in a thread and keeps one
     record per CG (for the report's CG timeline, held-ack and drain plots)."""
 
-    def __init__(self, console_url: str, t0_mono: float) -> None:
+    def __init__(self, console_url: str, t0_mono: float, track_bytes: int) -> None:
         self.cgs: dict[int, dict] = {}
+        self.track_bytes = track_bytes
         self._t0 = t0_mono
         self._stop = threading.Event()
         self._client = ConsoleClient(console_url, timeout_s=1.0)
@@ -96,8 +97,8 @@ class CgFollower:
             cg["failed"] = not cg["ok"]
             if "reason" in fields:
                 cg["reason"] = fields["reason"]
-            if "drain_bytes" in fields:
-                cg["drain_bytes"] = int(fields["drain_bytes"])
+            if "tracks" in fields:  # every drained track is sent whole
+                cg["drain_bytes"] = int(fields["tracks"]) * self.track_bytes
             if "cycle_s" in fields:
                 cg["drain_s"] = float(fields["cycle_s"])
 
@@ -126,6 +127,10 @@ class PrimaryConsole:
     def status(self) -> dict:
         with self._lock:
             return self.client.run_json("status")["data"]
+
+    def volumes(self) -> list[dict]:
+        with self._lock:
+            return self.client.run_json("volume list")["data"]["volumes"]
 
     def _wait_for(self, predicate, timeout_s: float, what: str) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -186,7 +191,7 @@ def run(args) -> int:
     report_dir = workdir / "report"
     print(result["text"])
     print(f"\nreport: {report_dir}/report.txt, {report_dir}/report.json; plots: "
-          + ", ".join(Path(f).name for f in result.get("files", []) if str(f).endswith(".png")))
+          + ", ".join(Path(f).name for f in result.get("files", {}).values() if str(f).endswith(".png")))
     print(f"logs: {workdir}/primary.log, {workdir}/secondary.log")
     if args.keep:
         print(f"controllers left running: primary pid {primary.pid}, secondary pid {secondary.pid}")
@@ -205,7 +210,8 @@ def _replay_and_check(args, workdir: Path, trace: str, names, pready: dict, srea
     from testbench.demo import replay_and_check
 
     console = PrimaryConsole(pready["console"])
-    follower = CgFollower(pready["console"], time.monotonic())
+    track_bytes = console.volumes()[0]["track_bytes"]
+    follower = CgFollower(pready["console"], time.monotonic(), track_bytes)
     try:
         async def pause() -> None:
             await asyncio.to_thread(console.pause)
