@@ -349,3 +349,13 @@ def test_destage_writes_the_image_it_picked_not_what_its_slot_holds_when_the_tas
         assert len(old) <= 1, f"the old image was destaged {len(old)} times"
         assert await a.read(0, 16) == blk("O") + blk("N")
     asyncio.run(main())
+
+
+# Seeds that failed before the destager claimed its image when picking it (C showed
+# an older write than the cut on part of a track), with the controller's default
+# destage concurrency.
+@pytest.mark.parametrize("seed", [2, 10])
+def test_concurrent_writes_with_eight_destages_in_flight_keep_c_the_cut(seed):
+    w = asyncio.run(random_run(seed, policy="dual-image", destage_inflight=8))
+    assert not w.problems, "\n".join(w.problems[:5])
+    assert w.cut_seq > 5
