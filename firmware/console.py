@@ -221,8 +221,9 @@ class CommandSet:
                 raise CommandError("a line must be text")
             as_json = len(line) <= MAX_LINE_CHARS and "--json" in line.split()
             command, args, flags = self.parse(line)
-            if command is None:
-                return Reply(True, "", None, None)
+            if command is None:  # blank or comment; "--json" anywhere on the line still asks for JSON
+                return Reply(True, json.dumps({"ok": True, "command": None, "data": None}) if as_json else "",
+                             None, None)
             data, text, stream = await getattr(self, command.handler)(args, flags, as_json)
         except CommandError as exc:
             return self._error(command, str(exc), as_json)

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 from console_fakes import FAKE_POINT, FakePrimary
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from firmware.console import COMMANDS, MAX_LINE_CHARS, CommandSet, Reply
@@ -346,6 +346,7 @@ READ_ONLY = {"status", "help", "volume list", "volume show", "bitmap show", "cac
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(line=st.one_of(st.text(max_size=200), st.lists(WORDS, max_size=6).map(" ".join),
                       st.binary(max_size=100).map(lambda b: b.decode("utf-8", errors="replace"))))
+@example(line="# --json")  # found by the fuzz: a comment line answered "" although --json was on it
 def test_fuzz_no_line_raises_and_refused_lines_change_nothing(line):
     fake = FakePrimary()
     cs = CommandSet(fake, allow_faults=True)
