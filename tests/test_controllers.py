@@ -287,17 +287,20 @@ async def write_until(address: str, first: int, last: int, acked: list[int], sto
         dev.close()
 
 
-# Known firmware-core bugs these tests found (reported to the lead): after a kill
-# in the commit phase, writes acknowledged during that CG's drain are in A but
-# neither in OOS nor in C, so C never catches up (the replica silently stops
-# short). Non-strict xfail so a fix turns them green without an edit.
-COMMIT_PHASE_BUG = pytest.mark.xfail(
-    reason="firmware core: CR writes of a CG that dies in its commit phase are lost from OOS", strict=False)
+# The commit-phase crash points were xfail for a firmware-core bug (CR writes of a
+# CG that died in its commit phase were lost from OOS); fixed, they passed 35 runs
+# (primary points) and 75 runs (secondary.after_prepare) in a row. One point stays
+# non-strict xfail: secondary.mid_commit timed out once in about 100 runs (C not
+# caught up within 15 s of the restart, under heavy CPU load, logs not kept);
+# cause not found yet (the next failure should keep its --basetemp logs).
+MID_COMMIT_RARE = pytest.mark.xfail(
+    reason="rare: C not caught up within 15 s after a secondary kill mid-commit (1 in ~100 runs, under load)",
+    strict=False)
 
 PRIMARY_POINTS = ["primary.after_cache_write:20", "primary.after_recording_on:2", "primary.mid_drain:5",
                   "primary.before_oos_clear:5",
-                  pytest.param("primary.after_prepare:1", marks=[COMMIT_PHASE_BUG, pytest.mark.slow]),
-                  pytest.param("primary.after_commit:1", marks=[COMMIT_PHASE_BUG, pytest.mark.slow])]
+                  pytest.param("primary.after_prepare:1", marks=pytest.mark.slow),
+                  pytest.param("primary.after_commit:1", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("point", PRIMARY_POINTS)
@@ -319,8 +322,8 @@ def test_primary_killed_at_crash_point_recovers_every_acked_write(pair, point):
     assert pri.stop() == 0 and sec.stop() == 0
 
 
-SECONDARY_POINTS = [pytest.param("secondary.after_prepare:1", marks=[COMMIT_PHASE_BUG, pytest.mark.slow]),
-                    pytest.param("secondary.mid_commit:1", marks=[COMMIT_PHASE_BUG, pytest.mark.slow]),
+SECONDARY_POINTS = [pytest.param("secondary.after_prepare:1", marks=pytest.mark.slow),
+                    pytest.param("secondary.mid_commit:1", marks=[MID_COMMIT_RARE, pytest.mark.slow]),
                     "secondary.mid_flashcopy:3"]
 
 
