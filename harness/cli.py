@@ -39,6 +39,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         description="Storage-controller firmware emulator for asynchronous remote "
         "mirroring with consistency groups.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
@@ -47,6 +48,15 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
             importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mirrorfw")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def one_line(exc: BaseException) -> str:

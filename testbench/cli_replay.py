@@ -14,7 +14,7 @@ COUNT_LIMIT_BYTES = 256 << 20  # pre-count records (for the progress bar's ETA) 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trace")
+    p.add_argument("trace", help="trace file (format detected, or --format; .gz read transparently)")
     p.add_argument("--target", action="append", required=True,
                    help="device URL(s), one per volume, comma-separated or repeated: nbd://host:port/vol0, file:///a.img")
     p.add_argument("--volume-names", help="names of the volumes, comma-separated (default vol0, vol1, ...)")
