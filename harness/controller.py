@@ -173,6 +173,31 @@ class Controller:
     async def stop(self) -> None:
         raise NotImplementedError
 
+    def _open_nvram(self):
+        nvram = open_nvram_checked(self.cfg.nvram_url, format=self.format)
+        self._closers.append(nvram.close)
+        return nvram
+
+    def _arm_crashpoints(self) -> None:
+        """From MIRRORFW_CRASHPOINTS; after the firmware import has declared the points."""
+        self.crashpoints.armed.update(make_crashpoints().armed)
+
+    def _open_device(self, url: str):
+        from drivers import open_device
+
+        dev = open_device(url)
+        self._closers.append(dev.close)
+        return dev
+
+    async def _open_firmware(self, controller) -> None:
+        """Recover (or format) the Primary's or Secondary's NVRAM; a refusal is one clear line."""
+        from firmware.errors import NvramError
+
+        try:
+            await controller.open(format=self.format)
+        except NvramError as e:
+            raise nvram_refusal(e, self.cfg.nvram_url) from None
+
     async def _start_host_port(self, target, *, read_only: bool) -> None:
         from drivers.nbd.server import NbdServer
 
@@ -206,23 +231,13 @@ class PrimaryController(Controller):
     async def start(self) -> None:
         cfg = self.cfg
         params = cfg.session_params()
-        nvram = open_nvram_checked(cfg.nvram_url, format=self.format)
-        self._closers.append(nvram.close)
-
+        nvram = self._open_nvram()
         # Imported here so a refused NVRAM is reported before anything heavy loads.
-        from drivers import open_device
-        from firmware.errors import NvramError
         from firmware.primary import Primary
         from firmware.replication import LinkRemote
 
-        armed = make_crashpoints()
-        self.crashpoints.armed.update(armed.armed)
-
-        volumes = {}
-        for v in cfg.volumes:
-            dev = open_device(v.url)
-            self._closers.append(dev.close)
-            volumes[v.name] = dev
+        self._arm_crashpoints()
+        volumes = {v.name: self._open_device(v.url) for v in cfg.volumes}
         host, port = cfg.link_peer
 
         async def link_factory():
@@ -233,10 +248,7 @@ class PrimaryController(Controller):
         self._closers.append(self.remote.close)
         self.primary = Primary(volumes, nvram, self.clock, params, self.remote, session_id=cfg.session_id,
                                events=self.events, crashpoints=self.crashpoints)
-        try:
-            await self.primary.open(format=self.format)
-        except NvramError as e:
-            raise nvram_refusal(e, cfg.nvram_url) from None
+        await self._open_firmware(self.primary)
         self.addresses["link_peer"] = f"{host}:{port}"
         await self._start_host_port(self.primary.host_target(), read_only=False)
         await self._start_console(self.primary)
@@ -272,31 +284,16 @@ class SecondaryController(Controller):
 
     async def start(self) -> None:
         cfg = self.cfg
-        nvram = open_nvram_checked(cfg.nvram_url, format=self.format)
-        self._closers.append(nvram.close)
-
+        nvram = self._open_nvram()
         # Imported here so a refused NVRAM is reported before anything heavy loads.
-        from drivers import open_device
-        from firmware.errors import NvramError
         from firmware.replication import ReplicationService
         from firmware.secondary import Secondary
 
-        armed = make_crashpoints()
-        self.crashpoints.armed.update(armed.armed)
-
-        volumes = {}
-        for v in cfg.volumes:
-            b = open_device(v.b_url)
-            self._closers.append(b.close)
-            c = open_device(v.c_url)
-            self._closers.append(c.close)
-            volumes[v.name] = (b, c)
+        self._arm_crashpoints()
+        volumes = {v.name: (self._open_device(v.b_url), self._open_device(v.c_url)) for v in cfg.volumes}
         self.secondary = Secondary(volumes, nvram, self.clock, session_id=cfg.session_id, events=self.events,
                                    crashpoints=self.crashpoints)
-        try:
-            await self.secondary.open(format=self.format)
-        except NvramError as e:
-            raise nvram_refusal(e, cfg.nvram_url) from None
+        await self._open_firmware(self.secondary)
         self.service = ReplicationService(self.secondary, cfg.secret, cfg.session_id, random_bytes=os.urandom,
                                           clock=self.clock, events=self.events)
         server = await self._listen_with_retry(*cfg.link_listen)
