@@ -54,10 +54,11 @@ class BenchSkipped(RuntimeError):
     """The bench cannot run here; the message says why."""
 
 
-def run_fio(uri: str, job: FioJob, seconds: float) -> dict:
+def run_fio(uri: str, job: FioJob, seconds: float, size_bytes: int = BACKING_BYTES) -> dict:
+    """One fio job through its nbd engine (libnbd) against ``uri``."""
     cmd = ["fio", f"--name={job.key}", "--ioengine=nbd", f"--uri={uri}", f"--rw={job.rw}", f"--bs={job.bs}",
            f"--iodepth={job.iodepth}", f"--runtime={seconds}", "--time_based", "--randrepeat=0",
-           "--norandommap", f"--size={BACKING_BYTES}", "--output-format=json"]
+           "--norandommap", f"--size={size_bytes}", "--output-format=json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
     if proc.returncode != 0 or "{" not in proc.stdout:
         raise RuntimeError(f"fio {job.key} on {uri} failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
@@ -66,6 +67,7 @@ def run_fio(uri: str, job: FioJob, seconds: float) -> dict:
     clat = side.get("clat_ns", {}).get("percentile", {})
     return {"iops": round(side["iops"], 1), "mib_s": round(side["bw_bytes"] / (1 << 20), 1),
             "ios": side["total_ios"], "errors": j["error"], "bs": job.bs, "iodepth": job.iodepth,
+            "seconds": side["runtime"] / 1000,
             "clat_p50_ms": clat.get("50.000000", 0) / 1e6, "clat_p99_ms": clat.get("99.000000", 0) / 1e6}
 
 
@@ -79,7 +81,7 @@ def _wait_for_socket(proc: subprocess.Popen, path: Path, what: str) -> None:
         time.sleep(0.05)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -96,7 +98,7 @@ def start_mirrorfw(backing: Path, sock: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if not line.startswith("ready"):
-        _stop(proc)
+        stop_process(proc)
         raise RuntimeError(f"mirrorfw serve did not start: {line!r} {proc.stderr.read()[-500:]}")
     return proc
 
@@ -138,7 +140,7 @@ def run_nbd_bench(workdir: str, seconds: float) -> dict:
             uri = uri_fmt.format(sock=sock)
             results[name] = {job.key: run_fio(uri, job, seconds) for job in JOBS}
         finally:
-            _stop(proc)
+            stop_process(proc)
     local, peer = results["mirrorfw_local"], results["nbdkit"]
 
     def ratio(key: str, field: str) -> float | None:

@@ -23,8 +23,9 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from testbench.bench.nbd import BenchSkipped, FioJob, run_fio, start_nbdkit, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -35,35 +36,7 @@ INITIAL_COPY_TIMEOUT_S = 300.0
 POLL_S = 0.25
 
 
-@dataclass(frozen=True)
-class FioJob:
-    key: str
-    rw: str
-    bs: str
-    iodepth: int
-
-
 JOBS = (FioJob("randwrite_4k_qd16", "randwrite", "4k", 16), FioJob("seqwrite_1m_qd1", "write", "1m", 1))
-
-
-class BenchSkipped(RuntimeError):
-    """A part cannot run here (missing tool, no root); the message says why."""
-
-
-def run_fio_nbd(uri: str, job: FioJob, seconds: float) -> dict:
-    """One fio job through its nbd engine (libnbd) against ``uri``."""
-    cmd = ["fio", f"--name={job.key}", "--ioengine=nbd", f"--uri={uri}", f"--rw={job.rw}", f"--bs={job.bs}",
-           f"--iodepth={job.iodepth}", f"--runtime={seconds}", "--time_based", "--randrepeat=0", "--norandommap",
-           "--output-format=json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
-    if proc.returncode != 0 or "{" not in proc.stdout:
-        raise RuntimeError(f"fio {job.key} on {uri} failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
-    w = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]["write"]
-    clat = w.get("clat_ns", {}).get("percentile", {})
-    return {"iops": w["iops"], "mib_s": w["bw_bytes"] / (1 << 20), "ios": w["total_ios"],
-            "seconds": w["runtime"] / 1000, "errors": 0,
-            "clat_p50_ms": clat.get("50.000000", 0) / 1e6, "clat_p99_ms": clat.get("99.000000", 0) / 1e6,
-            "bs": job.bs, "iodepth": job.iodepth}
 
 
 def vm_hwm_mib(pid: int) -> float | None:
@@ -142,37 +115,6 @@ def wait_initial_copy(poller: StatusPoller, timeout_s: float) -> dict:
         time.sleep(0.5)
 
 
-class NbdkitFile:
-    """``nbdkit file`` on a Unix socket, for the peer figures."""
-
-    def __init__(self, backing: Path, socket_path: Path) -> None:
-        self.socket_path = socket_path
-        self.proc = subprocess.Popen(
-            ["nbdkit", "--exit-with-parent", "-f", "-U", str(socket_path), "file", f"file={backing}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 20
-        while not socket_path.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nbdkit exited: {self.proc.stderr.read().decode(errors='replace')[-300:]}")
-            if time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError("nbdkit did not create its socket in 20 s")
-            time.sleep(0.05)
-
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///?socket={self.socket_path}"
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def run_replicating_bench(seconds: float, workdir: str | Path | None = None) -> dict:
     """Measure (see the module docstring). Raises BenchSkipped when fio's nbd
     engine or nbdkit is missing."""
@@ -227,8 +169,9 @@ def run_replicating_bench(seconds: float, workdir: str | Path | None = None) -> 
         backing = work / "nbdkit-backing.img"
         with open(backing, "wb") as f:
             f.truncate(VOLUME_BYTES)
-        nbdkit = NbdkitFile(backing, work / "nbdkit.sock")
-        result["nbdkit"] = run_jobs(nbdkit.uri, seconds)
+        nbdkit_sock = work / "nbdkit.sock"
+        nbdkit = start_nbdkit(backing, nbdkit_sock)
+        result["nbdkit"] = run_jobs(f"nbd+unix:///?socket={nbdkit_sock}", seconds)
         result["ratios"] = {
             "randwrite_4k_replicating_vs_nbdkit": _ratio(mine, result["nbdkit"], "randwrite_4k_qd16", "iops"),
             "seqwrite_1m_replicating_vs_nbdkit": _ratio(mine, result["nbdkit"], "seqwrite_1m_qd1", "mib_s"),
@@ -238,7 +181,7 @@ def run_replicating_bench(seconds: float, workdir: str | Path | None = None) -> 
         if poller is not None:
             poller.close()
         if nbdkit is not None:
-            nbdkit.close()
+            stop_process(nbdkit)
         for p in reversed(procs):
             if p.alive():
                 p.kill()
@@ -260,7 +203,7 @@ def run_jobs(uri: str, seconds: float) -> dict:
     out = {}
     for job in JOBS:
         try:
-            out[job.key] = run_fio_nbd(uri, job, seconds)
+            out[job.key] = run_fio(uri, job, seconds, VOLUME_BYTES)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             log.warning("%s", e)
             out[job.key] = {"error": str(e)}
