@@ -100,6 +100,7 @@ class Primary:
         self.drain_bytes = 0
         self.fallbacks = 0  # dual-image writes that fell back to send-first
         self.send_first_sends = 0
+        self.total_loop_errors = 0  # unexpected errors the CG loop survived (each logged)
         self.recovered: dict = {}
         self._seq = 0
         self._remote_committed = 0
@@ -774,27 +775,47 @@ class Primary:
     # ================================================================ the CG loop
     async def _cg_loop(self) -> None:
         while not self._stopping:
-            if self.copy_state != RUNNING:
-                self._kick.clear()
-                await self._kick.wait()
-                continue
-            if not self.link_up:
-                try:
-                    await self._connect()
-                except RemoteError:
-                    continue
-                except LINK_ERRORS:
-                    await self.clock.sleep(1.0)
-                    continue
-            before = self._rec["successful"] + self._rec["failed"]
-            committed = await self.form_cg()
-            if self._rec["successful"] + self._rec["failed"] == before:
-                await self.clock.sleep(0.1)  # the CG did not even start
-            if self.copy_state == PAUSING:
-                self.copy_state = PAUSED
-            if not committed and not self.link_up:
-                continue
-            await self._interval_wait(committed)
+            try:
+                await self._cg_loop_step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the loop must outlive any one CG's bug
+                # A silent death of this task left a primary that never formed
+                # another CG (link "down", phase idle). Log it, fail the CG in
+                # flight so CR folds back into OOS, and go on.
+                log.exception("CG loop: unexpected error in CG %d; failing it and going on", self._seq)
+                self.total_loop_errors += 1
+                if self.machine.phase is not Phase.IDLE:
+                    try:
+                        self._fail_sync("internal error", Event.FAIL)
+                    except Exception:  # noqa: BLE001
+                        log.exception("CG loop: could not fail CG %d", self._seq)
+                self._set_link(False)  # reconnect and say hello again before the next CG
+                await self.clock.sleep(0.5)
+
+    async def _cg_loop_step(self) -> None:
+        """One turn of the CG loop: connect if needed, form one CG, wait the interval."""
+        if self.copy_state != RUNNING:
+            self._kick.clear()
+            await self._kick.wait()
+            return
+        if not self.link_up:
+            try:
+                await self._connect()
+            except RemoteError:
+                return
+            except LINK_ERRORS:
+                await self.clock.sleep(1.0)
+                return
+        before = self._rec["successful"] + self._rec["failed"]
+        committed = await self.form_cg()
+        if self._rec["successful"] + self._rec["failed"] == before:
+            await self.clock.sleep(0.1)  # the CG did not even start
+        if self.copy_state == PAUSING:
+            self.copy_state = PAUSED
+        if not committed and not self.link_up:
+            return
+        await self._interval_wait(committed)
 
     async def _interval_wait(self, committed: bool) -> None:
         interval = self.params.cg_interval_s

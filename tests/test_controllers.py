@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -133,6 +134,17 @@ def primary_status(pri: ControllerProcess) -> dict | str:
             return con.run_json("status")["data"]
     except ConsoleError as e:
         return f"console: {e}"
+
+
+def stacks(proc: ControllerProcess) -> str:
+    """The process's Python stacks, where py-spy is installed (diagnostics only)."""
+    import shutil
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return ""
+    out = subprocess.run([spy, "dump", "--locals", "-p", str(proc.pid)], capture_output=True, text=True, timeout=30)
+    return "\n" + out.stdout[-6000:]
 
 
 class Pair:
@@ -358,5 +370,5 @@ def test_secondary_killed_at_crash_point_keeps_c_at_a_commit(pair, point):
     try:
         wait_for(lambda: c_reaches(sec, last), CATCH_UP_S, what="C to catch up after the secondary's recovery")
     except AssertionError as e:
-        raise AssertionError(f"{e}\nprimary status: {primary_status(pri)}\n{pri.tail()}") from None
+        raise AssertionError(f"{e}\nprimary status: {primary_status(pri)}\n{pri.tail()}{stacks(pri)}") from None
     assert pri.stop() == 0 and sec.stop() == 0
