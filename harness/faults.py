@@ -18,6 +18,7 @@ import asyncio
 import errno
 import logging
 import random
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -313,3 +314,33 @@ class FaultyDevice(BlockDevice):
 
     def _close(self) -> None:
         self.inner.close()
+
+
+class LinkProxyThread:
+    """A LinkProxy on its own event loop in a thread, for synchronous callers
+    (process-level tests and the fault campaign)."""
+
+    def __init__(self, upstream: str, plan=None, reverse_plan=None) -> None:
+        from harness.controller import LINK_FRAMING
+
+        host, port = upstream.rsplit(":", 1)
+        self.proxy = LinkProxy(("127.0.0.1", 0), (host, int(port)), plan, framing=LINK_FRAMING,
+                               reverse_plan=reverse_plan)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        host, port = self.call(self.proxy.start())
+        self.address = f"{host}:{port}"
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def cut(self) -> int:
+        return self.call(self.proxy.cut())
+
+    def close(self) -> None:
+        try:
+            self.call(self.proxy.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)

@@ -236,42 +236,13 @@ def test_secondary_sigkill_keeps_c_a_consistent_cut(pair):
     assert pri.stop() == 0 and sec.stop() == 0
 
 
-class ProxyThread:
-    """A LinkProxy on its own event loop in a thread, driven from sync tests."""
-
-    def __init__(self, upstream: str, plan=None) -> None:
-        import threading
-
-        from harness.controller import LINK_FRAMING
-        from harness.faults import LinkProxy
-
-        host, port = upstream.rsplit(":", 1)
-        self.proxy = LinkProxy(("127.0.0.1", 0), (host, int(port)), plan, framing=LINK_FRAMING)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        host, port = self.call(self.proxy.start())
-        self.address = f"{host}:{port}"
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def cut(self) -> int:
-        return self.call(self.proxy.cut())
-
-    def close(self) -> None:
-        self.call(self.proxy.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 def test_link_faults_through_a_proxy_never_break_c(pair):
     from firmware import protocol
-    from harness.faults import LinkFaultPlan
+    from harness.faults import LinkFaultPlan, LinkProxyThread
 
     sec = pair.start("secondary", format=True)
     plan = LinkFaultPlan(seed=3, match=lambda f: f[5] == protocol.Kind.DATA)
-    proxy = ProxyThread(sec.ready["link"], plan)
+    proxy = LinkProxyThread(sec.ready["link"], plan)
     try:
         pair.configs.set_peer(proxy.address)
         pri = pair.start("primary", format=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -25,39 +24,9 @@ from testbench.faults.workload import StampedWorkload, check_c, read_volume
 log = logging.getLogger(__name__)
 
 
-class ProxyThread:
-    """A LinkProxy on its own event loop in a thread."""
-
-    def __init__(self, upstream: str, plan, reverse_plan) -> None:
-        from harness.controller import LINK_FRAMING
-        from harness.faults import LinkProxy
-
-        host, port = upstream.rsplit(":", 1)
-        self.proxy = LinkProxy(("127.0.0.1", 0), (host, int(port)), plan, framing=LINK_FRAMING,
-                               reverse_plan=reverse_plan)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        host, port = self.call(self.proxy.start())
-        self.address = f"{host}:{port}"
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def cut(self) -> int:
-        return self.call(self.proxy.cut())
-
-    def close(self) -> None:
-        try:
-            self.call(self.proxy.close())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
-
-
 def run_link(workdir: Path, *, seed: int, seconds: float, progress=print) -> dict:
     from firmware import protocol
-    from harness.faults import LinkFaultPlan
+    from harness.faults import LinkFaultPlan, LinkProxyThread
 
     out = {"faults": 0, "corrupt_applied": 0, "resync_bytes": 0, "oos_bytes": 0}
     pair = ProcessPair(workdir)
@@ -68,7 +37,7 @@ def run_link(workdir: Path, *, seed: int, seconds: float, progress=print) -> dic
         # Replies only: a corrupted handshake reply makes the primary Fatal (reported
         # separately), which would end the part before the outage is measured.
         back = LinkFaultPlan(seed=seed + 1, direction="send", match=lambda f: len(f) > 5 and f[5] == protocol.Kind.ACK)
-        proxy = ProxyThread(sec.ready["link"], data, back)
+        proxy = LinkProxyThread(sec.ready["link"], data, back)
         pair.configs.set_peer(proxy.address)
         pair.start("primary", format=True)
         pair.wait_caught_up(60, after_cgs=0)
