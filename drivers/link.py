@@ -50,10 +50,17 @@ class TcpLink(Link):
         self._down: str | None = None
         peer = writer.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        writer.transport.set_write_buffer_limits(high=SEND_BUFFER_BYTES)
+        try:
+            sock = writer.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            writer.transport.set_write_buffer_limits(high=SEND_BUFFER_BYTES)
+        except (RuntimeError, OSError) as e:
+            # The peer closed before we got here (a controller restarting):
+            # uvloop raises RuntimeError on a closed transport. That is a
+            # link that is down, not an error of the caller's: the first
+            # send/recv says LinkDown.
+            self._down = f"closed before it was set up ({e})"
 
     @property
     def peer(self) -> str:

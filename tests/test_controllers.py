@@ -283,16 +283,16 @@ async def write_until(address: str, first: int, last: int, acked: list[int], sto
         dev.close()
 
 
-# Open bug, rare (seen ~1 in 7 full-suite runs on 2 cores, never alone): after the
-# secondary is SIGKILLed at one of these points and restarted, the link comes back
-# (the primary's background reconnect logs "link up") but the primary then forms
-# no CG that reaches C for the whole wait. Seen at secondary.after_prepare,
-# secondary.mid_commit and secondary.mid_flashcopy; cause not found yet. The
-# failure message now carries the primary's console status and log tail. `make
-# faults` kills the secondary at the same points (0 inconsistent copies, C caught
-# up every time). Non-strict: these run and report XPASS/XFAIL on every run.
+# Was a rare bug (~1 in 7 full-suite runs): after the secondary was SIGKILLed at
+# one of these points and restarted, the primary formed no further CG. Cause,
+# found from the CG loop's new error log: the primary connected while the
+# secondary was going away, uvloop raised RuntimeError from
+# set_write_buffer_limits on the already-closed transport, and that escaped the
+# CG loop task, which died silently (fixed in drivers/link.py and the loop;
+# regression test in tests/test_link_tcp.py). Marks stay non-strict until many
+# more runs confirm it; failures carry the primary's status, log and stacks.
 SECONDARY_RECOVERY_RARE = pytest.mark.xfail(
-    reason="rare open bug: primary forms no CG for >45 s after the secondary restarts (see comment)",
+    reason="was rare: primary formed no CG after the secondary restarted (fixed; see comment)",
     strict=False)
 CATCH_UP_S = 45.0
 
