@@ -283,17 +283,11 @@ async def write_until(address: str, first: int, last: int, acked: list[int], sto
         dev.close()
 
 
-# Was a rare bug (~1 in 7 full-suite runs): after the secondary was SIGKILLed at
-# one of these points and restarted, the primary formed no further CG. Cause,
-# found from the CG loop's new error log: the primary connected while the
-# secondary was going away, uvloop raised RuntimeError from
-# set_write_buffer_limits on the already-closed transport, and that escaped the
-# CG loop task, which died silently (fixed in drivers/link.py and the loop;
-# regression test in tests/test_link_tcp.py). Marks stay non-strict until many
-# more runs confirm it; failures carry the primary's status, log and stacks.
-SECONDARY_RECOVERY_RARE = pytest.mark.xfail(
-    reason="was rare: primary formed no CG after the secondary restarted (fixed; see comment)",
-    strict=False)
+# These once stalled (~1 in 7 full-suite runs): the primary connected while the
+# secondary was going away, uvloop raised RuntimeError on the closed transport,
+# and the CG loop died silently. Fixed in drivers/link.py and the CG loop
+# (tests/test_link_tcp.py); 270 runs in a row passed after. A failure message
+# carries the primary's console status, log tail and stacks.
 CATCH_UP_S = 45.0
 
 PRIMARY_POINTS = ["primary.after_cache_write:20", "primary.after_recording_on:2", "primary.mid_drain:5",
@@ -321,9 +315,9 @@ def test_primary_killed_at_crash_point_recovers_every_acked_write(pair, point):
     assert pri.stop() == 0 and sec.stop() == 0
 
 
-SECONDARY_POINTS = [pytest.param("secondary.after_prepare:1", marks=[SECONDARY_RECOVERY_RARE, pytest.mark.slow]),
-                    pytest.param("secondary.mid_commit:1", marks=[SECONDARY_RECOVERY_RARE, pytest.mark.slow]),
-                    pytest.param("secondary.mid_flashcopy:3", marks=SECONDARY_RECOVERY_RARE)]
+SECONDARY_POINTS = [pytest.param("secondary.after_prepare:1", marks=pytest.mark.slow),
+                    pytest.param("secondary.mid_commit:1", marks=pytest.mark.slow),
+                    "secondary.mid_flashcopy:3"]
 
 
 @pytest.mark.parametrize("point", SECONDARY_POINTS)
