@@ -9,7 +9,7 @@ typo in a test is an error, not a point that never fires.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 POINTS: dict[str, str] = {}
 

@@ -7,8 +7,8 @@ them; tests wait on them instead of polling.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 @dataclass

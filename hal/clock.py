@@ -12,7 +12,7 @@ import asyncio
 import heapq
 import itertools
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 class Handle:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from hypothesis import settings
 
 # In CI every property test runs the same examples each time (a red run
