@@ -11,8 +11,8 @@ from testbench.traces.record import (
     IoRecord,
     LineWriter,
     WriteResult,
-    head_lines,
     parse_int,
+    sniff_lines,
     text_lines,
 )
 
@@ -49,14 +49,10 @@ def write(path: str | os.PathLike, records: Iterable[IoRecord], **_opts) -> Writ
     return result
 
 
+def _fits(ln: str) -> bool:
+    f = [x.strip() for x in ln.split(",")]
+    return len(f) == 5 and f[1].upper() in _OPS and all(x.isdigit() for x in f[2:])
+
+
 def sniff(head: bytes, complete: bool = False) -> bool:
-    lines = head_lines(head, complete=complete)
-    if lines and lines[0].lower().startswith("device_id,"):
-        lines = lines[1:]
-    if not lines:
-        return False
-    for ln in lines:
-        f = [x.strip() for x in ln.split(",")]
-        if len(f) != 5 or f[1].upper() not in _OPS or not all(x.isdigit() for x in f[2:]):
-            return False
-    return True
+    return sniff_lines(head, complete, _fits, header="device_id,")

@@ -16,8 +16,8 @@ from testbench.traces.record import (
     IoRecord,
     LineWriter,
     WriteResult,
-    head_lines,
     parse_int,
+    sniff_lines,
     text_lines,
 )
 
@@ -60,12 +60,10 @@ def write(path: str | os.PathLike, records: Iterable[IoRecord], **_opts) -> Writ
     return result
 
 
+def _fits(ln: str) -> bool:
+    f = ln.split()
+    return len(f) >= 8 and f[5].upper() in _OPS and all(f[i].isdigit() for i in (0, 1, 3, 4, 6, 7))
+
+
 def sniff(head: bytes, complete: bool = False) -> bool:
-    lines = head_lines(head, complete=complete)
-    if not lines:
-        return False
-    for ln in lines:
-        f = ln.split()
-        if len(f) < 8 or f[5].upper() not in _OPS or not all(f[i].isdigit() for i in (0, 1, 3, 4, 6, 7)):
-            return False
-    return True
+    return sniff_lines(head, complete, _fits)

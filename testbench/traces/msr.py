@@ -15,8 +15,8 @@ from testbench.traces.record import (
     IoRecord,
     LineWriter,
     WriteResult,
-    head_lines,
     parse_int,
+    sniff_lines,
     text_lines,
 )
 
@@ -58,14 +58,10 @@ def write(path: str | os.PathLike, records: Iterable[IoRecord], **_opts) -> Writ
     return result
 
 
+def _fits(ln: str) -> bool:
+    f = ln.split(",")
+    return len(f) >= 7 and f[3].strip().lower() in _TYPES and f[0].isdigit() and f[4].isdigit() and f[5].isdigit()
+
+
 def sniff(head: bytes, complete: bool = False) -> bool:
-    lines = head_lines(head, complete=complete)
-    if lines and lines[0].lower().startswith("timestamp,hostname"):
-        lines = lines[1:]
-    if not lines:
-        return False
-    for ln in lines:
-        f = ln.split(",")
-        if len(f) < 7 or f[3].strip().lower() not in _TYPES or not (f[0].isdigit() and f[4].isdigit() and f[5].isdigit()):
-            return False
-    return True
+    return sniff_lines(head, complete, _fits, header="timestamp,hostname")

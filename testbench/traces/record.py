@@ -117,6 +117,15 @@ class WriteResult:
     skipped: int = 0
 
 
+def sniff_lines(head: bytes, complete: bool, fits, header: str | None = None) -> bool:
+    """True when the head has data lines and every one ``fits``; a first line
+    starting with ``header`` (case-insensitive) is the column header, skipped."""
+    lines = head_lines(head, complete=complete)
+    if header is not None and lines and lines[0].lower().startswith(header):
+        lines = lines[1:]
+    return bool(lines) and all(fits(ln) for ln in lines)
+
+
 def head_lines(head: bytes, n: int = 8, *, complete: bool = False) -> list[str]:
     """The first ``n`` non-blank lines of a file's head; the last line is dropped
     when the head may have cut it (``complete`` says the head is the whole file)."""

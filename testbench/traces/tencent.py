@@ -13,9 +13,9 @@ from testbench.traces.record import (
     IoRecord,
     LineWriter,
     WriteResult,
-    head_lines,
     parse_int,
     parse_number,
+    sniff_lines,
     text_lines,
 )
 
@@ -53,14 +53,10 @@ def write(path: str | os.PathLike, records: Iterable[IoRecord], **_opts) -> Writ
     return result
 
 
+def _fits(ln: str) -> bool:
+    f = [x.strip() for x in ln.split(",")]
+    return len(f) == 5 and f[3] in _OPS and all(x.replace(".", "", 1).isdigit() for x in f[:3])
+
+
 def sniff(head: bytes, complete: bool = False) -> bool:
-    lines = head_lines(head, complete=complete)
-    if lines and lines[0].lower().startswith("timestamp,offset"):
-        lines = lines[1:]
-    if not lines:
-        return False
-    for ln in lines:
-        f = [x.strip() for x in ln.split(",")]
-        if len(f) != 5 or f[3] not in _OPS or not all(x.replace(".", "", 1).isdigit() for x in f[:3]):
-            return False
-    return True
+    return sniff_lines(head, complete, _fits, header="timestamp,offset")
