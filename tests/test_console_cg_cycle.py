@@ -14,10 +14,10 @@ import pytest
 from console_fakes import LoopThread, MemNvram, RecordingRemote
 
 from drivers import open_device
+from firmware import primary as primary_mod
+from firmware import secondary as sec_mod
 from harness.console_client import ConsoleClient
 from harness.console_session import start_console
-
-primary_mod = pytest.importorskip("firmware.primary", reason="firmware/primary.py not there yet")
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,7 +48,6 @@ class Site:
             self.a = open_device(f"mem://?size={TRACKS * TRACK}")
             self.secondary = None
             if remote_kind == "secondary":
-                sec_mod = pytest.importorskip("firmware.secondary", reason="firmware/secondary.py not there yet")
                 b = open_device(f"mem://?size={TRACKS * TRACK}")
                 c = open_device(f"mem://?size={TRACKS * TRACK}")
                 self.secondary = sec_mod.Secondary({"vol0": (b, c)}, MemNvram(16 << 20), AsyncioClock(),

@@ -14,7 +14,9 @@ import crc32c
 import pytest
 
 from drivers import open_device, open_nvram
+from firmware import primary as primary_mod
 from firmware import protocol as p
+from firmware import secondary as secondary_mod
 from firmware.remote import VolumeGeometry
 from firmware.replication import HandshakeRefused, LinkRemote, ReplicationService
 from hal.link import LinkDown
@@ -37,7 +39,6 @@ class Site:
     """A secondary behind a ReplicationService, listening on 127.0.0.1:0."""
 
     def __init__(self, tmp_path, *, session_id="test", geometry=GEOMETRY) -> None:
-        secondary_mod = pytest.importorskip("firmware.secondary", reason="firmware/secondary.py not there yet")
         self.devices = {
             v.name: (open_device(f"mem://?size={v.size_bytes}"), open_device(f"mem://?size={v.size_bytes}"))
             for v in geometry
@@ -335,7 +336,6 @@ def test_resync_after_drop_sends_only_oos_and_cr(tmp_path):
     """A Primary replicating through a link that drops mid-drain: the CG
     fails, the link comes back, and the bytes sent afterwards are the
     OOS ∪ CR tracks only, never a full copy."""
-    primary_mod = pytest.importorskip("firmware.primary", reason="firmware/primary.py not there yet")
     from firmware.params import SessionParams
     from hal.clock import AsyncioClock
 
