@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from drivers.nbd.client import open_async
 from harness.supervise import ControllerProcess, start_controller, write_pair_configs
 
 pytestmark = pytest.mark.timeout(180)
@@ -27,12 +28,6 @@ pytestmark = pytest.mark.timeout(180)
 TRACK = 65536
 TRACKS = 16  # the writes cycle over these tracks of vol0
 WRITE_BYTES = 4096
-
-
-def needs_controllers():
-    pytest.importorskip("firmware.primary", reason="firmware/primary.py not there yet")
-    pytest.importorskip("firmware.secondary", reason="firmware/secondary.py not there yet")
-    pytest.importorskip("drivers.nbd.client", reason="drivers/nbd/client.py not there yet")
 
 
 def stamp(write_id: int) -> bytes:
@@ -58,8 +53,6 @@ def expected_after(prefix: int) -> dict[int, int]:
 
 
 async def nbd(address: str, export: str = "vol0"):
-    from drivers.nbd.client import open_async
-
     return await open_async(f"nbd://{address}/{export}")
 
 
@@ -166,7 +159,6 @@ class Pair:
 
 @pytest.fixture
 def pair(tmp_path):
-    needs_controllers()
     p = Pair(tmp_path, console=True)
     yield p
     p.close()
