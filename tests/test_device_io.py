@@ -127,6 +127,37 @@ def test_close_waits_for_in_flight_writes_even_when_the_waiter_gives_up(tmp_path
             assert data[i * 65536 : (i + 1) * 65536] == b"\x77" * 65536
 
 
-def test_engine_name_is_one_of_the_two():
-    assert osio.engine_name(True) in ("uring", "threads")
-    assert osio.engine_name(False) in ("uring", "threads")
+@pytest.mark.parametrize("choice", ["auto", "threads", "uring", "uring-all"])
+def test_engine_name_obeys_the_setting_and_names_the_engine_doing_the_io(tmp_path, monkeypatch, choice):
+    """MIRRORFW_IO_ENGINE is obeyed (auto and threads: the pool for every
+    descriptor; uring: io_uring for O_DIRECT ones only; uring-all: for every
+    one, when liburing works here), and engine_name() names the engine that
+    really carries a descriptor's I/O off the loop."""
+    _want_uring(monkeypatch)
+    monkeypatch.setenv(osio.ENGINE_ENV, choice)
+    uring_here = choice.startswith("uring") and osio._liburing() is not None
+    for direct in (False, True):
+        expect = "uring" if uring_here and (direct or choice == "uring-all") else "threads"
+        assert osio.engine_name(direct) == expect, (choice, direct)
+        name = tmp_path / f"img-{direct}"
+        with open(name, "wb") as f:
+            f.truncate(1 << 20)
+        if direct:
+            fd, ok = osio.open_direct(str(name), os.O_RDWR | os.O_CLOEXEC)
+            if not ok or not osio.probe_direct(fd, 4096):
+                os.close(fd)
+                continue  # this filesystem refuses O_DIRECT: nothing to compare
+        else:
+            fd = os.open(name, os.O_RDWR | os.O_CLOEXEC)
+        d = osio.DeviceIo(fd, direct=direct)
+        d._nowait_reads = d._nowait_writes = False  # no inline path: every op goes off the loop
+
+        async def go(d=d):
+            await d.write(b"\x5a" * 4096, 8192)
+            assert await d.read(8192, 4096) == b"\x5a" * 4096
+            return d._ring is not None  # the ring exists once an op went through it
+
+        try:
+            assert _run(go()) == (expect == "uring"), (choice, direct)
+        finally:
+            d.close()
