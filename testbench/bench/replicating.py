@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from testbench import stats
 from testbench.bench.nbd import BenchSkipped, FioJob, run_fio, start_nbdkit, stop_process
 
 log = logging.getLogger(__name__)
@@ -49,17 +50,6 @@ def vm_hwm_mib(pid: int) -> float | None:
     except OSError:
         return None
     return None
-
-
-def percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"p50": None, "p99": None, "max": None, "samples": 0}
-    s = sorted(values)
-
-    def pct(p: float) -> float:
-        return s[min(len(s) - 1, int(p * (len(s) - 1) + 0.5))]
-
-    return {"p50": pct(0.5), "p99": pct(0.99), "max": s[-1], "samples": len(s)}
 
 
 class StatusPoller:
@@ -157,8 +147,8 @@ def run_replicating_bench(seconds: float, workdir: str | Path | None = None) -> 
         mine["drain_bytes_during"] = after["drain_bytes"] - before["drain_bytes"]
         mine["copy_state"] = after["copy_state"]
         result["status_after"] = after
-        result["held_ack_ms"] = {k: after["held_ack_ms"].get(k) for k in ("p50", "p99", "max", "count")}
-        result["rpo_s"] = percentiles(poller.exposure_s)
+        result["held_ack_ms"] = {k: after["held_ack_ms"].get(k) for k in stats.SUMMARY_KEYS}
+        result["rpo_s"] = stats.summary(poller.exposure_s)
         result["rss_mib"] = {"primary_peak": vm_hwm_mib(pri.pid), "secondary_peak": vm_hwm_mib(sec.pid)}
         result["poll_errors"] = poller.errors[:5]
         result["mirrorfw_replicating"] = mine
