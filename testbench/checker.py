@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from hal.block import BlockDevice
 from testbench import stamp
-from testbench.replaylog import WriteRecord
+from testbench.replaylog import ReplayLog, WriteRecord
 
 log = logging.getLogger(__name__)
 
@@ -151,22 +151,41 @@ async def decode_copy(devices: list[BlockDevice], names: list[str], rec: _Record
     return shown, seen
 
 
-async def check_copy(devices: list[BlockDevice], writes: Iterable[WriteRecord] | Callable[[], Iterable[WriteRecord]], *,
+WriteLog = Sequence[WriteRecord] | ReplayLog  # iterable again and again, each time from the first write
+
+
+def _reiterable(writes: Iterable[WriteRecord], what: str) -> Iterable[WriteRecord]:
+    """``writes`` itself, unless it is a one-shot iterator: the check reads the
+    log twice, and a generator would be empty the second time, so every write
+    would go unjudged and a broken copy would pass."""
+    if isinstance(writes, Iterator):
+        raise TypeError(f"check_copy: {what} is a one-shot iterator ({type(writes).__name__}) but the check reads "
+                        "the writes twice; pass a list, tuple or ReplayLog")
+    if not isinstance(writes, Iterable):
+        raise TypeError(f"check_copy: {what} must be a list, tuple or ReplayLog of writes, not {type(writes).__name__}")
+    return writes
+
+
+async def check_copy(devices: list[BlockDevice], writes: WriteLog | Callable[[], WriteLog], *,
                      names: list[str] | None = None,
                      check_ns: int | None = None, max_violations: int = 10) -> CheckResult:
     """Decide whether ``devices`` (one per session volume, in log order) hold a
-    consistent cut of ``writes``. ``writes`` is iterated three times (a
-    ReplayLog or a list). ``check_ns``: when the copy was taken, on the same
-    clock, for the data exposure; default the last acknowledgement in the log.
-    A callable ``writes`` is called once, after the copy has been read: a
-    replay still running can hand over its history as of that moment."""
+    consistent cut of ``writes``. ``writes`` is read twice, so it must be a
+    sequence or a ReplayLog; a one-shot iterator (a generator) raises
+    TypeError. ``check_ns``: when the copy was taken, on the same clock, for
+    the data exposure; default the last acknowledgement in the log. A
+    callable ``writes`` is called once, after the copy has been read: a
+    replay still running can hand over its history as of that moment (what
+    it returns must be re-iterable too)."""
+    if not callable(writes):
+        _reiterable(writes, "writes")
     names = names or [f"vol{i}" for i in range(len(devices))]
     result = CheckResult()
     rec = _Recorder(max_violations, result)
     result.blocks = sum(d.info.num_blocks for d in devices)
     shown, seen = await decode_copy(devices, names, rec)
     if callable(writes):
-        writes = writes()
+        writes = _reiterable(writes(), "what writes() returned")
     result.stamped_blocks = sum(1 for ids in shown for x in ids if x)
     result.shown_writes = len(seen)
     max_shown = max(seen, default=NOTHING)

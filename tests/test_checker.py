@@ -164,3 +164,20 @@ def test_check_reads_a_log_file_twice(tmp_path):
 def test_too_many_violations_are_counted_but_few_explained():
     r = check(lambda devs, log: apply(devs, [w for w in log if w.write_id == 10]), max_violations=2)
     assert not r.consistent and len(r.violations) == 2 and r.violation_count == 9  # writes 1..9
+
+
+def test_a_generator_is_refused_because_the_check_reads_the_log_twice():
+    """A one-shot iterator would be empty on the second pass and the check would
+    pass without judging a single write: refuse it instead."""
+
+    async def go(writes):
+        devs = devices()
+        await apply(devs, prefix(sequential_log(), 6), skip_blocks={(0, 0)})  # inconsistent: write 1 is lost
+        return await check_copy(devs, writes)
+
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        asyncio.run(go(w for w in sequential_log()))
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        asyncio.run(go(lambda: iter(sequential_log())))
+    assert not asyncio.run(go(lambda: list(sequential_log()))).consistent
+    assert not asyncio.run(go(tuple(sequential_log()))).consistent
