@@ -55,9 +55,6 @@ class CgMachine:
         self.phase = Phase.IDLE
         self.on_enter = on_enter or {}
 
-    def can(self, event: Event) -> bool:
-        return (self.phase, event) in NEXT
-
     def handle(self, event: Event) -> Phase:
         try:
             phase = NEXT[self.phase, event]
