@@ -2,9 +2,10 @@
 
 Pure firmware: no sockets, no terminals. A transport (drivers/console.py)
 delivers lines; ``CommandSet.execute`` parses one line against the single
-command table below, calls the Primary/Secondary methods of the contract,
-and returns a ``Reply``. ``help`` is generated from the same table, so a
-command cannot exist without its help text and usage.
+command table (``CommandSet._table``: each command holds its handler, bound
+once when the CommandSet is made), the handler calls the Primary or
+Secondary method, and a ``Reply`` comes back. ``help`` is generated from the
+same table, so a command cannot exist without its help text and usage.
 
 Rules every line obeys: a bad line (unknown command, wrong arguments, more
 than ``MAX_LINE_CHARS``, binary bytes, unbalanced quotes) gets one clear
@@ -25,6 +26,7 @@ import logging
 import math
 import re
 import shlex
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,10 +91,14 @@ class Arg:
         return f"[{shown}]" if self.optional else shown
 
 
+# What a command runs: the parsed arguments, flags and --json in; (data, text, stream) out.
+Handler = Callable[[dict, set, bool], Awaitable[tuple[Any, str, "EventStream | None"]]]
+
+
 @dataclass(frozen=True)
 class Command:
     name: str  # one or two words: "status", "cg start"
-    handler: str  # CommandSet method
+    run: Handler = field(repr=False)
     help: str
     args: tuple[Arg, ...] = ()
     flags: tuple[str, ...] = ()  # command-specific options besides --json
@@ -102,50 +108,6 @@ class Command:
     def usage(self) -> str:
         parts = [self.name, *(f"[{f}]" for f in self.flags), *(a.usage() for a in self.args), "[--json]"]
         return " ".join(parts)
-
-
-# The one command table. Order is the order `help` lists them in.
-COMMANDS: tuple[Command, ...] = (
-    Command("help", "_help", "list commands, or show one command's usage",
-            (Arg("COMMAND", "text", optional=True),), roles=BOTH),
-    Command("status", "_status", "session state: copy state, CG counters, exposure, bitmaps, cache, link",
-            roles=BOTH),
-    Command("cg start", "_cg_start", "start forming consistency groups"),
-    Command("cg pause", "_cg_pause", "pause CG formation after the current CG (Pause in Progress -> Paused)"),
-    Command("cg resume", "_cg_resume", "resume CG formation after a pause"),
-    Command("cg run", "_cg_run", "run the CG being formed: switch on change recording, release held "
-                                 "acks and drain (from Paused: resume forming CGs)"),
-    Command("cg fail", "_cg_fail", "fail the CG in flight (its CR tracks fold back into OOS)",
-            (Arg("REASON", "text", optional=True),)),
-    Command("run", "_cg_run", "same as: cg run"),
-    Command("pause", "_cg_pause", "same as: cg pause"),
-    Command("pair suspend", "_pair_suspend", "suspend the pair: stop draining, keep recording OOS"),
-    Command("pair resume", "_pair_resume", "resume a suspended pair (resends OOS tracks)"),
-    Command("volume list", "_volume_list", "volumes with size and OOS/CR track counts", roles=BOTH),
-    Command("volume show", "_volume_show", "one volume in detail", (Arg("NAME"),)),
-    Command("bitmap show", "_bitmap_show",
-            "OOS or CR bitmap of a volume: count, runs and a 64-cell map "
-            "('#' all set, '+' some, '.' none); tracks START..END-1",
-            (Arg("KIND", "choice", ("oos", "cr")), Arg("VOLUME"),
-             Arg("START[-END]", "range", optional=True))),
-    Command("cache stats", "_cache_stats", "write cache: slots used, dual images, dirty, hit rate"),
-    Command("link status", "_link_status", "replication link state"),
-    Command("set", "_set", "change a session parameter live",
-            (Arg("PARAMETER", "choice", SETTABLE), Arg("VALUE"))),
-    Command("fault arm", "_fault_arm", "arm a crash point (tests only); fires on hit number N+1",
-            (Arg("CRASHPOINT"), Arg("N", "int", optional=True, keyword="after")), roles=BOTH, faults=True),
-    Command("fault disarm", "_fault_disarm", "disarm a crash point", (Arg("CRASHPOINT"),),
-            roles=BOTH, faults=True),
-    Command("fault list", "_fault_list", "declared crash points and which are armed", roles=BOTH,
-            faults=True),
-    Command("log level", "_log_level", "show or set the log level (of LOGGER, default all)",
-            (Arg("LEVEL", "choice", tuple(LOG_LEVELS), optional=True), Arg("LOGGER", optional=True)),
-            roles=BOTH),
-    Command("events", "_events",
-            "state as drbdsetup-events2 lines ('exists ...', then 'exists -'); without --now, "
-            "then stream changes until you send a line",
-            flags=("--now", "--statistics"), roles=BOTH),
-)
 
 
 class EventStream:
@@ -199,9 +161,59 @@ class CommandSet:
         self.allow_faults = allow_faults
         self.crashpoints = crashpoints if crashpoints is not None else getattr(controller, "crashpoints", None)
         self.events = events if events is not None else getattr(controller, "events", None)
-        self.commands = [c for c in COMMANDS if role in c.roles]
+        every = self._table()
+        self._other_role_words = {c.name.split()[0] for c in every if role not in c.roles}
+        self.commands = [c for c in every if role in c.roles]
         self._by_name = {c.name: c for c in self.commands}
         self._groups = {c.name.split()[0] for c in self.commands if " " in c.name}
+
+    def _table(self) -> tuple[Command, ...]:
+        """The one command table, each command holding its handler. Order is
+        the order `help` lists them in."""
+        return (
+            Command("help", self._help, "list commands, or show one command's usage",
+                    (Arg("COMMAND", "text", optional=True),), roles=BOTH),
+            Command("status", self._status,
+                    "session state: copy state, CG counters, exposure, bitmaps, cache, link", roles=BOTH),
+            Command("cg start", self._cg_start, "start forming consistency groups"),
+            Command("cg pause", self._cg_pause,
+                    "pause CG formation after the current CG (Pause in Progress -> Paused)"),
+            Command("cg resume", self._cg_resume, "resume CG formation after a pause"),
+            Command("cg run", self._cg_run,
+                    "while a CG quiesces: switch on change recording and release the held acks (the "
+                    "drain follows); when paused or pausing: resume forming CGs"),
+            Command("cg fail", self._cg_fail, "fail the CG in flight (its CR tracks fold back into OOS)",
+                    (Arg("REASON", "text", optional=True),)),
+            Command("run", self._cg_run, "same as: cg run"),
+            Command("pause", self._cg_pause, "same as: cg pause"),
+            Command("pair suspend", self._pair_suspend, "suspend the pair: stop draining, keep recording OOS"),
+            Command("pair resume", self._pair_resume, "resume a suspended pair (resends OOS tracks)"),
+            Command("volume list", self._volume_list, "volumes with size and OOS/CR track counts", roles=BOTH),
+            Command("volume show", self._volume_show, "one volume in detail", (Arg("NAME"),)),
+            Command("bitmap show", self._bitmap_show,
+                    "OOS or CR bitmap of a volume: count, runs and a 64-cell map "
+                    "('#' all set, '+' some, '.' none); tracks START..END-1",
+                    (Arg("KIND", "choice", ("oos", "cr")), Arg("VOLUME"),
+                     Arg("START[-END]", "range", optional=True))),
+            Command("cache stats", self._cache_stats, "write cache: slots used, dual images, dirty, hit rate"),
+            Command("link status", self._link_status, "replication link state"),
+            Command("set", self._set, "change a session parameter live",
+                    (Arg("PARAMETER", "choice", SETTABLE), Arg("VALUE"))),
+            Command("fault arm", self._fault_arm, "arm a crash point (tests only); fires on hit number N+1",
+                    (Arg("CRASHPOINT"), Arg("N", "int", optional=True, keyword="after")), roles=BOTH,
+                    faults=True),
+            Command("fault disarm", self._fault_disarm, "disarm a crash point", (Arg("CRASHPOINT"),),
+                    roles=BOTH, faults=True),
+            Command("fault list", self._fault_list, "declared crash points and which are armed", roles=BOTH,
+                    faults=True),
+            Command("log level", self._log_level, "show or set the log level (of LOGGER, default all)",
+                    (Arg("LEVEL", "choice", tuple(LOG_LEVELS), optional=True), Arg("LOGGER", optional=True)),
+                    roles=BOTH),
+            Command("events", self._events,
+                    "state as drbdsetup-events2 lines ('exists ...', then 'exists -'); without --now, "
+                    "then stream changes until you send a line",
+                    flags=("--now", "--statistics"), roles=BOTH),
+        )
 
     @property
     def prompt(self) -> str:
@@ -224,7 +236,7 @@ class CommandSet:
             if command is None:  # blank or comment; "--json" anywhere on the line still asks for JSON
                 return Reply(True, json.dumps({"ok": True, "command": None, "data": None}) if as_json else "",
                              None, None)
-            data, text, stream = await getattr(self, command.handler)(args, flags, as_json)
+            data, text, stream = await command.run(args, flags, as_json)
         except CommandError as exc:
             return self._error(command, str(exc), as_json)
         except asyncio.CancelledError:
@@ -289,7 +301,7 @@ class CommandSet:
             given = f" {tokens[1]!r}" if len(tokens) > 1 else ""
             raise CommandError(f"{word}: unknown or missing subcommand{given}; expected one of: "
                                f"{', '.join(subs)}")
-        other = " (it is a primary command)" if any(c.name.split()[0] == word for c in COMMANDS) else ""
+        other = " (it is a primary command)" if word in self._other_role_words else ""
         raise CommandError(f"unknown command {_short(tokens[0])!r}{other}; type help")
 
     def _bind(self, command: Command, tokens: list[str]) -> dict:
@@ -391,41 +403,42 @@ class CommandSet:
 
     # ---- cg / pair ----------------------------------------------------------
 
-    async def _call(self, method: str, *a) -> dict:
-        await getattr(self.controller, method)(*a)
+    async def _after(self, done: Awaitable[None]) -> dict:
+        """Await one controller command, then the session fields its reply shows."""
+        await done
         status = self.controller.status()
         return {k: status.get(k) for k in ("copy_state", "phase", "cg_seq", "total_successful_cgs",
                                            "total_failed_cgs", "severity")}
 
     async def _cg_start(self, args, flags, as_json):
-        data = await self._call("cg_start")
+        data = await self._after(self.controller.cg_start())
         return data, f"cg start: done; copy_state {data['copy_state']}", None
 
     async def _cg_pause(self, args, flags, as_json):
-        data = await self._call("cg_pause")
+        data = await self._after(self.controller.cg_pause())
         return data, f"cg pause: done; copy_state {data['copy_state']}", None
 
     async def _cg_resume(self, args, flags, as_json):
-        data = await self._call("cg_resume")
+        data = await self._after(self.controller.cg_resume())
         return data, f"cg resume: done; copy_state {data['copy_state']}", None
 
     async def _cg_run(self, args, flags, as_json):
-        data = await self._call("run")
+        data = await self._after(self.controller.run())
         return data, (f"cg run: done; copy_state {data['copy_state']}, phase {data['phase']}, "
                       f"cg_seq {data['cg_seq']}"), None
 
     async def _cg_fail(self, args, flags, as_json):
         reason = args.get("REASON") or "operator"
-        data = await self._call("cg_fail", reason)
+        data = await self._after(self.controller.cg_fail(reason))
         data["reason"] = reason
         return data, f"cg fail: done ({reason}); failed CGs {data['total_failed_cgs']}", None
 
     async def _pair_suspend(self, args, flags, as_json):
-        data = await self._call("suspend")
+        data = await self._after(self.controller.suspend())
         return data, f"pair suspend: done; copy_state {data['copy_state']}", None
 
     async def _pair_resume(self, args, flags, as_json):
-        data = await self._call("resume_pair")
+        data = await self._after(self.controller.resume_pair())
         return data, f"pair resume: done; copy_state {data['copy_state']}", None
 
     # ---- volumes and bitmaps ------------------------------------------------

@@ -1,6 +1,6 @@
-"""A small controller implementing the console's half of the Primary
-contract (docs/contracts), for console tests that must not depend on the
-firmware core. The CG-cycle test uses the real Primary when it exists."""
+"""A small controller offering the methods the console calls on the Primary
+façade (cg_start, cg_pause, run, status, bitmap, ...), for console tests that
+must not depend on the firmware core. The CG-cycle test uses the real Primary."""
 
 from __future__ import annotations
 

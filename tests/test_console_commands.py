@@ -13,7 +13,7 @@ from console_fakes import FAKE_POINT, FakePrimary
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from firmware.console import COMMANDS, MAX_LINE_CHARS, CommandSet, Reply
+from firmware.console import MAX_LINE_CHARS, CommandSet, Reply
 from firmware.events import EventBus
 
 
@@ -54,11 +54,12 @@ def cs(fake) -> CommandSet:
 
 def test_help_lists_every_primary_command_from_the_table(cs):
     text = run(cs, "help").text
-    for command in COMMANDS:
+    for command in cs.commands:
         assert command.usage() in text
         assert command.help in text
     doc = jrun(cs, "help")
-    assert [c["name"] for c in doc["data"]["commands"]] == [c.name for c in COMMANDS]
+    assert [c["name"] for c in doc["data"]["commands"]] == [c.name for c in cs.commands]
+    assert len(cs.commands) == 22  # every command the table had before it held its handlers
 
 
 def test_help_for_a_group_and_one_command(cs):
@@ -329,9 +330,18 @@ def test_json_never_carries_nan(fake):
     assert doc["data"]["data_exposure_s"] is None
 
 
-def test_every_table_command_has_a_handler():
-    for command in COMMANDS:
-        assert callable(getattr(CommandSet, command.handler)), command.name
+def test_every_table_command_holds_a_handler_bound_to_its_command_set(cs):
+    for command in cs.commands:
+        assert callable(command.run) and command.run.__self__ is cs, command.name
+    assert cs._by_name["run"].run == cs._by_name["cg run"].run  # the alias runs the same handler
+    secondary = CommandSet(FakeSecondary(), role="secondary")
+    assert {c.name for c in secondary.commands} < {c.name for c in cs.commands}
+
+
+def test_cg_run_help_says_what_run_does_and_claims_no_drain(cs):
+    about = jrun(cs, "help cg run")["data"]["commands"][0]["help"]
+    assert "change recording" in about and "held acks" in about and "resume forming CGs" in about
+    assert "and drain" not in about
 
 
 # ---- fuzz ------------------------------------------------------------------
