@@ -20,7 +20,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bitarray import bitarray
 
@@ -67,7 +67,6 @@ class CacheCounters:
     evictions: int = 0
     destage_errors: int = 0
     last_error: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def valid_runs(valid: bitarray, start: int, end: int):
@@ -220,11 +219,6 @@ class WriteCache:
         if state == STATE_NEW:
             self.with_new.add((volume, track))
         return entry
-
-    def release_unwritten(self, entry: CacheEntry) -> None:
-        """Give back an image allocated but never applied."""
-        self._drop(entry)
-        self._free.append(entry.slot)
 
     # -- data ----------------------------------------------------------------------------
     def apply(self, entry: CacheEntry, byte_in_track: int, data: memoryview) -> None:
@@ -432,7 +426,6 @@ class Destager:
         self.track_len = track_len
         self.inflight = inflight
         self._task: asyncio.Task | None = None
-        self._sem: asyncio.Semaphore | None = None
 
     def claim(self, entry: CacheEntry) -> tuple[int, list[tuple[int, bytes]]]:
         """Claim the track and snapshot the image, with no await in between or

@@ -23,7 +23,6 @@ class QuiesceGate:
         self._waiters: list[asyncio.Future] = []
         self._timer: Handle | None = None
         self.held_ms: deque[float] = deque(maxlen=history)  # one entry per close/open
-        self.writes_held = 0  # writes whose ack waited, in total
 
     @property
     def closed(self) -> bool:
@@ -59,13 +58,9 @@ class QuiesceGate:
         """Return when a write that has landed may be acknowledged."""
         if self._closed_at is None:
             return
-        self.writes_held += 1
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         await fut
-
-    def held_now(self) -> int:
-        return len(self._waiters)
 
     def stats(self) -> dict:
         values = sorted(self.held_ms)
