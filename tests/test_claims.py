@@ -9,8 +9,9 @@ import asyncio
 import pytest
 from firmware_doubles import make_rig, settle, spy_rig_remote
 
+from firmware.cg import Phase
 from firmware.crashpoints import CrashPoints
-from firmware.primary import AFTER_RECORDING_ON, BEFORE_OOS_CLEAR
+from firmware.primary import BEFORE_OOS_CLEAR
 
 pytestmark = pytest.mark.timeout(60)
 T = 65536
@@ -40,21 +41,25 @@ def test_claims_1_11_21_drain_forms_consistent_set_and_cr_is_created_while_acks_
         await steady(rig)
         await p.write("vol0", 1 * T, blk("1"))  # acknowledged before the CG
         await p.quiesce()
-        held = asyncio.ensure_future(p.write("vol0", 2 * T, blk("2")))
+        # A host writing concurrently: what the CG looked like when its write() returned.
+        acked_in: list[tuple[Phase, bool]] = []
+
+        async def host():
+            await p.write("vol0", 2 * T, blk("2"))
+            acked_in.append((p.machine.phase, p.machine.recording))
+
+        held = asyncio.ensure_future(host())
         await settle()
-        # The write landed (reads see it) and set OOS: it belongs to this CG ...
+        # The write landed in the cache (reads see it) and set OOS, not CR: it
+        # belongs to the CG being formed ...
         assert await p.read("vol0", 2 * T, 4096) == blk("2")
-        assert p.oos[0].test(2) and not p.machine.recording and p.cr[0].count() == 0
-        # ... but is not acknowledged while CR does not exist yet.
-        assert not held.done()
-        seen = []
-        cps = spy_points(rig, seen, lambda: (p.machine.recording, held.done()))
-        cps.arm(AFTER_RECORDING_ON)
-        await p.run()
-        # At the moment CR existed, the held write was still not acknowledged.
-        assert seen == [(AFTER_RECORDING_ON, (True, False))]
+        assert p.oos[0].test(2) and p.cr[0].count() == 0
+        # ... but its acknowledgement is held: write() has not returned.
+        assert acked_in == [] and not held.done()
+        await p.run()  # RECORDING_ON: CR created, then the held acks released
         await settle()
-        assert held.done()
+        # The host saw its ack only once change recording was on (CR existed).
+        assert acked_in == [(Phase.DRAINING, True)]
         # Drain: the OOS tracks form the consistent set at the secondary.
         assert await p.drain()
         await p.commit_cg()
