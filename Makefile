@@ -14,7 +14,7 @@ DEB_TOOLS := fio qemu-io qemu-img nbdinfo nbdcopy nbdkit
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py hal/_ioctl_build.py
+$(STAMP): pyproject.toml setup.py drivers/osio/_ioctl_build.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# io_uring (liburing, built from source) is optional: without it its tests skip and say so.
@@ -48,4 +48,4 @@ faults: venv deps
 	$(BIN)/mirrorfw faults --out faults/results.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info hal/_ioctl*.so hal/_ioctl.c hal/_ioctl.o $(WORK)
+	rm -rf $(VENV) build *.egg-info drivers/osio/_ioctl*.so drivers/osio/_ioctl.c drivers/osio/_ioctl.o $(WORK)

@@ -1,4 +1,4 @@
 # cffi in API (out-of-line) mode: the ioctl module is compiled at install time.
 from setuptools import setup
 
-setup(cffi_modules=["hal/_ioctl_build.py:ffibuilder"])
+setup(cffi_modules=["drivers/osio/_ioctl_build.py:ffibuilder"])

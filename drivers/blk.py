@@ -24,11 +24,13 @@ import os
 import stat
 from pathlib import Path
 
-from hal._ioctl import ffi, lib
-
 from drivers import identify
 from drivers.file import FdDevice, local_path, open_error
-from hal import osio
+from drivers.osio._ioctl import ffi, lib
+from drivers.osio.buffers import AlignedBuffer, address_of
+from drivers.osio.errors import is_unsupported
+from drivers.osio.ioctl import ioctl_int, ioctl_ptr, ioctl_range, ioctl_u64, ioctl_uint
+from drivers.osio.pio import O_DIRECT
 from hal.block import DeviceError, DeviceInfo
 from hal.url import UrlError, parse_url
 
@@ -81,20 +83,20 @@ class Sysfs:
 
 # -- NVMe admin and SG_IO ATA pass-through --------------------------------------
 def nvme_namespace_id(fd: int) -> int:
-    return osio.ioctl_int(fd, lib.NVME_IOCTL_ID, 0, "NVME_IOCTL_ID")
+    return ioctl_int(fd, lib.NVME_IOCTL_ID, 0, "NVME_IOCTL_ID")
 
 
 def nvme_identify(fd: int, nsid: int, cns: int) -> bytes:
-    buf = osio.AlignedBuffer(identify.NVME_IDENTIFY_BYTES)
+    buf = AlignedBuffer(identify.NVME_IDENTIFY_BYTES)
     try:
         cmd = ffi.new("struct nvme_passthru_cmd *")
         cmd.opcode = identify.NVME_ADMIN_IDENTIFY
         cmd.nsid = nsid
-        cmd.addr = osio.address_of(buf.view)
+        cmd.addr = address_of(buf.view)
         cmd.data_len = identify.NVME_IDENTIFY_BYTES
         cmd.cdw10 = cns
         cmd.timeout_ms = NVME_TIMEOUT_MS
-        status = osio.ioctl_ptr(fd, lib.NVME_IOCTL_ADMIN_CMD, cmd, "NVME_IOCTL_ADMIN_CMD")
+        status = ioctl_ptr(fd, lib.NVME_IOCTL_ADMIN_CMD, cmd, "NVME_IOCTL_ADMIN_CMD")
         if status:  # a positive return is the NVMe completion status
             raise OSError(errno.EIO, f"NVMe Identify CNS {cns} failed with status {status:#x}")
         return bytes(buf.view)
@@ -115,7 +117,7 @@ def sg_ata(fd: int, command: int, *, data_in_bytes: int = 0, extend: bool = Fals
     """One ATA command through SG_IO ATA PASS-THROUGH(16)."""
     cdb = identify.ata_pass_through_16(command, data_in=bool(data_in_bytes), extend=extend,
                                        sector_count=data_in_bytes // 512)
-    buf = osio.AlignedBuffer(max(data_in_bytes, 512))
+    buf = AlignedBuffer(max(data_in_bytes, 512))
     try:
         cdb_c = ffi.new("unsigned char[]", cdb)
         sense_c = ffi.new("unsigned char[]", 32)
@@ -129,7 +131,7 @@ def sg_ata(fd: int, command: int, *, data_in_bytes: int = 0, extend: bool = Fals
         hdr.cmdp = cdb_c
         hdr.sbp = sense_c
         hdr.timeout = SG_TIMEOUT_MS
-        osio.ioctl_ptr(fd, lib.SG_IO, hdr, "SG_IO")
+        ioctl_ptr(fd, lib.SG_IO, hdr, "SG_IO")
         sense = bytes(ffi.buffer(sense_c, hdr.sb_len_wr))
         if hdr.host_status or (hdr.driver_status & 0xF) not in (0, 8):  # 8: DRIVER_SENSE
             raise OSError(errno.EIO, f"SG_IO ATA {command:#x}: host {hdr.host_status:#x} driver {hdr.driver_status:#x}")
@@ -162,11 +164,11 @@ class BlkDevice(FdDevice):
 
     async def _discard(self, lba: int, count: int) -> None:
         bs = self.info.block_size
-        await self._io("discard", osio.ioctl_range, self.fd, lib.BLKDISCARD, lba * bs, count * bs, "BLKDISCARD")
+        await self._io("discard", ioctl_range, self.fd, lib.BLKDISCARD, lba * bs, count * bs, "BLKDISCARD")
 
     async def _zeroout(self, lba: int, count: int) -> None:
         bs = self.info.block_size
-        await self._io("zeroout", osio.ioctl_range, self.fd, lib.BLKZEROOUT, lba * bs, count * bs, "BLKZEROOUT")
+        await self._io("zeroout", ioctl_range, self.fd, lib.BLKZEROOUT, lba * bs, count * bs, "BLKZEROOUT")
 
 
 FORCED = {"nvme": "nvme", "sata": "sata", "blk": None}
@@ -175,12 +177,12 @@ ARTICLED = {"nvme": "an NVMe", "sata": "a SATA"}
 
 def _geometry(fd: int) -> dict:
     return {
-        "size_bytes": osio.ioctl_u64(fd, lib.BLKGETSIZE64, "BLKGETSIZE64"),
-        "block_size": osio.ioctl_uint(fd, lib.BLKSSZGET, "BLKSSZGET"),
-        "physical_block_size": osio.ioctl_uint(fd, lib.BLKPBSZGET, "BLKPBSZGET"),
-        "io_min_bytes": osio.ioctl_uint(fd, lib.BLKIOMIN, "BLKIOMIN"),
-        "io_opt_bytes": osio.ioctl_uint(fd, lib.BLKIOOPT, "BLKIOOPT"),
-        "read_only": bool(osio.ioctl_uint(fd, lib.BLKROGET, "BLKROGET")),
+        "size_bytes": ioctl_u64(fd, lib.BLKGETSIZE64, "BLKGETSIZE64"),
+        "block_size": ioctl_uint(fd, lib.BLKSSZGET, "BLKSSZGET"),
+        "physical_block_size": ioctl_uint(fd, lib.BLKPBSZGET, "BLKPBSZGET"),
+        "io_min_bytes": ioctl_uint(fd, lib.BLKIOMIN, "BLKIOMIN"),
+        "io_opt_bytes": ioctl_uint(fd, lib.BLKIOOPT, "BLKIOOPT"),
+        "read_only": bool(ioctl_uint(fd, lib.BLKROGET, "BLKROGET")),
     }
 
 
@@ -216,7 +218,7 @@ def _probe(fd: int, forced: str | None, url: str, extra: dict) -> tuple[str | No
                              ata_num_blocks=ident.num_blocks)
             return kind, facts
         except OSError as e:
-            if osio.is_unsupported(e):
+            if is_unsupported(e):
                 extra[f"{kind}_probe"] = f"not supported here ({errno.errorcode.get(e.errno, e.errno)})"
                 if forced:
                     raise DeviceError(
@@ -246,7 +248,7 @@ def open(url: str, *, read_only: bool = False) -> BlkDevice:  # noqa: A001 - the
         hint = f"; for an image file use file://{path}" if stat.S_ISREG(st.st_mode) else ""
         raise UrlError(f"{url}: {path} is not a block device{hint}")
 
-    flags = (os.O_RDONLY if read_only else os.O_RDWR) | osio.O_DIRECT | os.O_EXCL | os.O_CLOEXEC
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | O_DIRECT | os.O_EXCL | os.O_CLOEXEC
     try:
         fd = os.open(path, flags)
     except OSError as e:

@@ -10,9 +10,9 @@ durable. Writers take an exclusive flock, so a second writer of the same image
 gets EBUSY instead of silently interleaving.
 
 ``FdDevice`` is the part shared with drivers.blk: I/O on a descriptor through
-osio.DeviceIo (io_uring where it works, else the thread pool), with the
-descriptor closed only after in-flight I/O is done (a closed-and-reused
-descriptor number would send a late write to another file).
+drivers.osio.deviceio.DeviceIo (io_uring where it works, else the thread
+pool), with the descriptor closed only after in-flight I/O is done (a
+closed-and-reused descriptor number would send a late write to another file).
 """
 
 from __future__ import annotations
@@ -22,7 +22,17 @@ import logging
 import os
 import stat
 
-from hal import osio
+from drivers.osio.deviceio import DeviceIo
+from drivers.osio.errors import is_unsupported
+from drivers.osio.pio import (
+    FALLOC_PUNCH_HOLE,
+    FALLOC_ZERO_RANGE,
+    drop_direct,
+    fallocate,
+    lock_exclusive,
+    open_direct,
+    probe_direct,
+)
 from hal.block import BlockDevice, DeviceError, DeviceInfo
 from hal.url import DeviceUrl, UrlError, parse_url
 
@@ -33,12 +43,12 @@ _RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
 
 class FdDevice(BlockDevice):
     """A BlockDevice over an open file descriptor; reads, writes and syncs go
-    through osio.DeviceIo (io_uring or the pool), anything else to the pool."""
+    through DeviceIo (io_uring or the pool), anything else to the pool."""
 
     def __init__(self, info: DeviceInfo, fd: int) -> None:
         super().__init__(info)
         self.fd = fd
-        self._dio = osio.DeviceIo(fd, direct=info.direct_io)
+        self._dio = DeviceIo(fd, direct=info.direct_io)
         self._dsync_writes = bool(_RWF_DSYNC)
 
     def _error(self, what: str, e: OSError) -> DeviceError:
@@ -93,20 +103,20 @@ class FileDevice(FdDevice):
         bs = self.info.block_size
         for mode in modes:
             try:
-                osio.fallocate(self.fd, mode, lba * bs, count * bs)
+                fallocate(self.fd, mode, lba * bs, count * bs)
                 return True
             except OSError as e:
-                if not osio.is_unsupported(e):
+                if not is_unsupported(e):
                     raise
         return False
 
     async def _discard(self, lba: int, count: int) -> None:
-        done = await self._io("discard", self._punch_or_zero, [osio.FALLOC_PUNCH_HOLE], lba, count)
+        done = await self._io("discard", self._punch_or_zero, [FALLOC_PUNCH_HOLE], lba, count)
         if not done:
             await super()._zeroout(lba, count)
 
     async def _zeroout(self, lba: int, count: int) -> None:
-        modes = [osio.FALLOC_ZERO_RANGE, osio.FALLOC_PUNCH_HOLE]
+        modes = [FALLOC_ZERO_RANGE, FALLOC_PUNCH_HOLE]
         done = await self._io("zeroout", self._punch_or_zero, modes, lba, count)
         if not done:
             await super()._zeroout(lba, count)
@@ -179,13 +189,13 @@ def open(url: str, *, read_only: bool = False) -> FileDevice:  # noqa: A001 - th
         if direct_choice == "off":
             fd, direct = os.open(path, flags, 0o644), False
         else:
-            fd, direct = osio.open_direct(path, flags)
+            fd, direct = open_direct(path, flags)
     except OSError as e:
         raise open_error(url, path, e, "create" if not exists else "open") from None
 
     try:
         if not read_only:
-            osio.lock_exclusive(fd, path)
+            lock_exclusive(fd, path)
         size = os.fstat(fd).st_size
         if want_size is not None and want_size != size:
             if want_size < size:
@@ -203,8 +213,8 @@ def open(url: str, *, read_only: bool = False) -> FileDevice:  # noqa: A001 - th
         if size == 0 or size % bs:
             raise DeviceError(errno.EINVAL, f"{path} is {size} bytes: not a positive multiple of "
                               f"block_size {bs}", url)
-        if direct and not osio.probe_direct(fd, bs):
-            osio.drop_direct(fd)
+        if direct and not probe_direct(fd, bs):
+            drop_direct(fd)
             direct = False
         if direct_choice == "on" and not direct:
             raise DeviceError(errno.EINVAL, f"{path}: the filesystem refuses O_DIRECT at block_size {bs} "

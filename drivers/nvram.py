@@ -20,7 +20,7 @@ import os
 import stat
 
 from drivers.file import local_path, open_error, url_size
-from hal import osio
+from drivers.osio.pio import lock_exclusive
 from hal.block import DeviceError
 from hal.nvram import NvramRegion
 from hal.url import UrlError, parse_url
@@ -112,7 +112,7 @@ def open(url: str) -> MmapNvram:  # noqa: A001 - the driver door
         os.close(fd)
         raise open_error(url, path, e, "open") from None
     try:
-        osio.lock_exclusive(lock_fd, path)
+        lock_exclusive(lock_fd, path)
         size = os.fstat(fd).st_size
         if want is not None and want < size:
             raise DeviceError(errno.EINVAL, f"{path} is {size} bytes but size={want}: refusing to shrink "

@@ -1,6 +1,6 @@
-"""hal.osio.DeviceIo on every path it can take here: io_uring (when liburing
-works on this machine), batched pool jobs, and the RWF_NOWAIT inline path of
-page-cache descriptors. Real files, real kernel; no mocks."""
+"""drivers.osio.deviceio.DeviceIo on every path it can take here: io_uring
+(when liburing works on this machine), batched pool jobs, and the RWF_NOWAIT
+inline path of page-cache descriptors. Real files, real kernel; no mocks."""
 
 from __future__ import annotations
 
@@ -10,36 +10,36 @@ import os
 
 import pytest
 
-from hal import osio
+from drivers.osio import deviceio, pio, uring
 
 PATHS = ["pool", "pool-inline", "uring", "uring-direct", "pool-direct"]
 
 
 def _want_uring(monkeypatch) -> None:
     """io_uring is opt-in (MIRRORFW_IO_ENGINE=uring): turn it on for this test only."""
-    monkeypatch.setenv(osio.ENGINE_ENV, "uring")
-    monkeypatch.setattr(osio, "_uring_tried", False)
-    monkeypatch.setattr(osio, "_uring_mod", None)
-    monkeypatch.setattr(osio, "_uring_all", False)
+    monkeypatch.setenv(uring.ENGINE_ENV, "uring")
+    monkeypatch.setattr(uring, "_uring_tried", False)
+    monkeypatch.setattr(uring, "_uring_mod", None)
+    monkeypatch.setattr(uring, "_uring_all", False)
 
 
-def _open(tmp_path, path_kind: str, size: int = 1 << 20) -> osio.DeviceIo:
+def _open(tmp_path, path_kind: str, size: int = 1 << 20) -> deviceio.DeviceIo:
     name = tmp_path / "img"
     with open(name, "wb") as f:
         f.truncate(size)
     direct = path_kind.endswith("-direct")
     flags = os.O_RDWR | os.O_CLOEXEC
     if direct:
-        fd, direct = osio.open_direct(str(name), flags)
-        if not direct or not osio.probe_direct(fd, 4096):
+        fd, direct = pio.open_direct(str(name), flags)
+        if not direct or not pio.probe_direct(fd, 4096):
             os.close(fd)
             pytest.skip("this filesystem refuses O_DIRECT")
     else:
         fd = os.open(name, flags)
-    dio = osio.DeviceIo(fd, direct=direct)
+    dio = deviceio.DeviceIo(fd, direct=direct)
     dio._nowait_reads = dio._nowait_writes = path_kind == "pool-inline" and dio._nowait_reads
     if path_kind.startswith("uring"):
-        if osio._liburing() is None:
+        if uring.ring_module() is None:
             os.close(fd)
             pytest.skip("io_uring (liburing 2024.5.3) is not available here")
         dio._ring_ok = True
@@ -134,22 +134,22 @@ def test_engine_name_obeys_the_setting_and_names_the_engine_doing_the_io(tmp_pat
     one, when liburing works here), and engine_name() names the engine that
     really carries a descriptor's I/O off the loop."""
     _want_uring(monkeypatch)
-    monkeypatch.setenv(osio.ENGINE_ENV, choice)
-    uring_here = choice.startswith("uring") and osio._liburing() is not None
+    monkeypatch.setenv(uring.ENGINE_ENV, choice)
+    uring_here = choice.startswith("uring") and uring.ring_module() is not None
     for direct in (False, True):
         expect = "uring" if uring_here and (direct or choice == "uring-all") else "threads"
-        assert osio.engine_name(direct) == expect, (choice, direct)
+        assert uring.engine_name(direct) == expect, (choice, direct)
         name = tmp_path / f"img-{direct}"
         with open(name, "wb") as f:
             f.truncate(1 << 20)
         if direct:
-            fd, ok = osio.open_direct(str(name), os.O_RDWR | os.O_CLOEXEC)
-            if not ok or not osio.probe_direct(fd, 4096):
+            fd, ok = pio.open_direct(str(name), os.O_RDWR | os.O_CLOEXEC)
+            if not ok or not pio.probe_direct(fd, 4096):
                 os.close(fd)
                 continue  # this filesystem refuses O_DIRECT: nothing to compare
         else:
             fd = os.open(name, os.O_RDWR | os.O_CLOEXEC)
-        d = osio.DeviceIo(fd, direct=direct)
+        d = deviceio.DeviceIo(fd, direct=direct)
         d._nowait_reads = d._nowait_writes = False  # no inline path: every op goes off the loop
 
         async def go(d=d):

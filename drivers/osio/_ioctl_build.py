@@ -1,4 +1,4 @@
-"""cffi builder for hal._ioctl (API mode, compiled at install time by
+"""cffi builder for drivers.osio._ioctl (API mode, compiled at install time by
 setuptools through ``cffi_modules``; nothing compiles at import).
 
 It binds ioctl(2), fallocate(2) and the kernel's request numbers and
@@ -103,7 +103,7 @@ ffibuilder.cdef(
 )
 
 ffibuilder.set_source(
-    "hal._ioctl",
+    "drivers.osio._ioctl",
     r"""
     #define _GNU_SOURCE
     #include <fcntl.h>

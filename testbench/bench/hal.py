@@ -25,7 +25,7 @@ import tempfile
 import time
 
 from drivers import open_device
-from hal import osio
+from drivers.osio.pool import IO_THREADS
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _measure(path: str, seconds: float) -> dict:
     ratios = {f"hal_{k}_vs_fio": hal[k]["iops"] / fio[k]["iops"] if fio[k]["iops"] else 0.0 for k in hal}
     return {"device": path, "url": url, "size_bytes": size_bytes, "direct_io": direct,
             "seconds_per_test": seconds, "event_loop": _event_loop_name(),
-            "io_threads": osio.IO_THREADS, "hal": hal, "fio": fio, **ratios}
+            "io_threads": IO_THREADS, "hal": hal, "fio": fio, **ratios}
 
 
 def _make_loop(size_bytes: int) -> tuple[str, str]:

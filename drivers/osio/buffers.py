@@ -1,0 +1,67 @@
+"""Page-aligned memory for O_DIRECT I/O, pooled by size, and the address of a
+buffer.
+
+O_DIRECT wants the buffer (not just the offset and length) aligned to the
+device's logical block, which Python's bytes and bytearray never promise;
+anonymous mmap memory is page-aligned. Mapping and unmapping per I/O costs
+more than a small 4 KiB write itself, so buffers are reused through one
+process-wide pool (``buffers``).
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+
+from drivers.osio._ioctl import ffi
+
+PAGE_BYTES = mmap.PAGESIZE
+
+
+class AlignedBuffer:
+    """Page-aligned anonymous memory (mmap), usable for O_DIRECT I/O."""
+
+    __slots__ = ("size_bytes", "_map", "view")
+
+    def __init__(self, size_bytes: int) -> None:
+        self.size_bytes = size_bytes
+        self._map = mmap.mmap(-1, max(size_bytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.view = memoryview(self._map)[:size_bytes]
+
+    def close(self) -> None:
+        self.view.release()
+        self._map.close()
+
+
+class BufferPool:
+    """Reuses aligned buffers by size: an mmap/munmap pair per I/O costs more
+    than a small 4 KiB write itself."""
+
+    def __init__(self, keep_per_size: int = 64) -> None:
+        self._free: dict[int, list[AlignedBuffer]] = {}
+        self._lock = threading.Lock()
+        self._keep = keep_per_size
+
+    def get(self, size_bytes: int) -> AlignedBuffer:
+        with self._lock:
+            free = self._free.get(size_bytes)
+            if free:
+                return free.pop()
+        return AlignedBuffer(size_bytes)
+
+    def put(self, buf: AlignedBuffer) -> None:
+        with self._lock:
+            free = self._free.setdefault(buf.size_bytes, [])
+            if len(free) < self._keep and buf.size_bytes <= (4 << 20):
+                free.append(buf)
+                return
+        buf.close()
+
+
+buffers = BufferPool()
+
+
+def address_of(data) -> int:
+    """The memory address of a bytes-like object (for alignment checks and
+    for the kernel structures that carry a buffer pointer)."""
+    return int(ffi.cast("uintptr_t", ffi.from_buffer(data)))
