@@ -52,7 +52,7 @@ def test_claims_1_11_21_drain_forms_consistent_set_and_cr_is_created_while_acks_
         await settle()
         # The write landed in the cache (reads see it) and set OOS, not CR: it
         # belongs to the CG being formed ...
-        assert await p.read("vol0", 2 * T, 4096) == blk("2")
+        assert p.cache.has(0, 2) and await p.read("vol0", 2 * T, 4096) == blk("2")
         assert p.oos[0].test(2) and p.cr[0].count() == 0
         # ... but its acknowledgement is held: write() has not returned.
         assert acked_in == [] and not held.done()
