@@ -2,6 +2,12 @@
 
 Every caller, test and config opens devices through ``open_device``; a lab
 device is just another URL.
+
+The OS primitives the file, blk and nvram drivers share (errno
+classification, aligned buffers, positional I/O and O_DIRECT, the I/O thread
+pool, the cffi ioctl module, io_uring and ``DeviceIo``) live in the
+``drivers.osio`` sub-package, one module per concern; hal/ holds only the
+interfaces the firmware programs against.
 """
 
 from __future__ import annotations
