@@ -4,6 +4,13 @@ A target is a set of named volumes. ``write`` returns when the write may be
 acknowledged to the host (the quiesce gate may hold it); reads are never
 held. Offsets and lengths are in bytes and already bounds-checked by the
 host port against ``size_bytes`` and ``block_size``.
+
+Each volume declares what its export can do, after nbdkit's plugin table
+(``can_write``, ``can_flush``, ``can_fua``, ``can_trim``, ``can_zero``,
+``can_multi_conn``). The host port reads them once per export, advertises
+exactly those, and refuses the rest before a request reaches the volume; it
+never probes a volume for attributes. The write-related ones only count when
+``can_write`` is true.
 """
 
 from __future__ import annotations
@@ -15,8 +22,33 @@ class HostVolume(abc.ABC):
     name: str
     size_bytes: int
     block_size: int = 512  # minimum I/O granule the volume accepts
+    preferred_block_size: int = 0  # 0: the host port picks max(4096, block_size)
     read_only: bool = False
 
+    # -- capabilities (defaults fit a plain writable volume) --------------------------
+    def can_write(self) -> bool:
+        """Writes, trims and zeroes are accepted (False: a read-only export, EPERM)."""
+        return not self.read_only
+
+    def can_flush(self) -> bool:
+        return True
+
+    def can_fua(self) -> bool:
+        """``write(fua=True)`` makes the data durable before it returns."""
+        return True
+
+    def can_trim(self) -> bool:
+        return True
+
+    def can_zero(self) -> bool:
+        """``write_zeroes`` is accepted (the default writes a buffer of zeros)."""
+        return True
+
+    def can_multi_conn(self) -> bool:
+        """A flush on one connection covers writes acknowledged on every other."""
+        return True
+
+    # -- I/O ---------------------------------------------------------------------------
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes: ...
 
@@ -27,7 +59,7 @@ class HostVolume(abc.ABC):
     async def flush(self) -> None: ...
 
     async def trim(self, offset: int, length: int) -> None:
-        return None
+        return None  # trim is advisory: keeping the data is a correct answer
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
         await self.write(offset, bytes(length), fua=fua)

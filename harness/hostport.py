@@ -10,7 +10,11 @@ from hal.host import HostTarget, HostVolume
 
 
 class DeviceVolume(HostVolume):
-    """A BlockDevice seen by a host port: byte offsets in, lbas out."""
+    """A BlockDevice seen by a host port: byte offsets in, lbas out.
+
+    Its capabilities are HostVolume's defaults: ``can_write`` follows
+    ``read_only`` (asked for, or the device's own), trim is advertised even
+    without discard because it is advisory (kept data is a correct answer)."""
 
     def __init__(self, device: BlockDevice, name: str, *, read_only: bool = False) -> None:
         self.device = device

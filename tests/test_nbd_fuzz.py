@@ -11,11 +11,12 @@ import struct
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_nbd_server import ServedTarget
+from test_nbd_server import OneVolume, ServedTarget
 
 from drivers import open_device
 from drivers.nbd import protocol as p
 from drivers.nbd.client import NbdClient
+from hal.host import HostVolume
 from harness.hostport import DeviceTarget
 
 pytestmark = pytest.mark.timeout(120)
@@ -226,6 +227,119 @@ def test_absurd_write_length_disconnects(rw):
     sock = handshake(rw)
     request(sock, p.Cmd.WRITE, 0, 0xFFFFFE00, b"\xee" * 4096)
     assert closed_by_server(sock)
+
+
+def go_flags(s: ServedTarget, name: str) -> tuple[socket.socket, int]:
+    """Negotiate ``name`` with GO; the socket in transmission and the export's flags."""
+    sock = connect(s)
+    recv_exact(sock, 18)
+    sock.sendall(p.ClientFlags.build(dict(flags=3)))
+    data = p.InfoRequest.build(dict(name=name, requests=[]))
+    sock.sendall(p.OptionHeader.build(dict(option=p.Option.GO, length=len(data))) + data)
+    flags = None
+    while True:
+        _m, _o, reply, length = p.OPTION_REPLY_HEADER.unpack(recv_exact(sock, 20))
+        body = recv_exact(sock, length)
+        assert not reply & (1 << 31), hex(reply)
+        if reply == p.Reply.INFO and struct.unpack_from(">H", body)[0] == p.Info.EXPORT:
+            _type, _size, flags = struct.unpack(">HQH", body)
+        if reply == p.Reply.ACK:
+            return sock, flags
+
+
+TF = p.TransmissionFlag
+# What the exports advertised before the volumes declared their capabilities (pinned, not derived).
+PLAIN_RW_FLAGS = TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES | TF.CAN_MULTI_CONN
+PLAIN_RO_FLAGS = TF.HAS_FLAGS | TF.READ_ONLY | TF.SEND_FLUSH | TF.CAN_MULTI_CONN
+
+
+def test_plain_devices_advertise_what_they_always_did(served):
+    for s, name, want in ((served[0], "vol0", PLAIN_RW_FLAGS), (served[1], "ro", PLAIN_RO_FLAGS)):
+        sock, flags = go_flags(s, name)
+        assert flags == want == {"vol0": 365, "ro": 263}[name], (name, TF(flags))
+        sock.close()
+
+
+class DeclaringVolume(HostVolume):
+    """A volume that declares capabilities and records every call that reaches it."""
+
+    def __init__(self, name: str, *, read_only: bool = False, caps: frozenset = frozenset()) -> None:
+        self.name = name
+        self.size_bytes = 1 << 20
+        self.read_only = read_only
+        self.caps = caps  # the can_* names that answer False
+        self.calls: list[tuple] = []
+
+    def can_flush(self) -> bool:
+        return "flush" not in self.caps
+
+    def can_fua(self) -> bool:
+        return "fua" not in self.caps
+
+    def can_trim(self) -> bool:
+        return "trim" not in self.caps
+
+    def can_zero(self) -> bool:
+        return "zero" not in self.caps
+
+    def can_multi_conn(self) -> bool:
+        return "multi_conn" not in self.caps
+
+    async def read(self, offset, length):
+        return bytes(length)
+
+    async def write(self, offset, data, *, fua=False):
+        self.calls.append(("write", fua))
+
+    async def flush(self):
+        self.calls.append(("flush",))
+
+    async def trim(self, offset, length):
+        self.calls.append(("trim",))
+
+    async def write_zeroes(self, offset, length, *, fua=False):
+        self.calls.append(("zero", fua))
+
+
+def test_an_export_offers_and_accepts_only_what_its_volume_declares(tmp_path):
+    vol = DeclaringVolume("lim", caps=frozenset({"flush", "fua", "trim", "zero", "multi_conn"}))
+    s = ServedTarget(OneVolume(vol), str(tmp_path / "lim.sock"))
+    try:
+        sock, flags = go_flags(s, "lim")
+        assert flags == TF.HAS_FLAGS, TF(flags)  # writable, nothing else
+        for h, (cmd, flag, payload) in enumerate([(p.Cmd.FLUSH, 0, b""), (p.Cmd.TRIM, 0, b""),
+                                                  (p.Cmd.WRITE_ZEROES, 0, b""),
+                                                  (p.Cmd.WRITE, p.CmdFlag.FUA, b"\x01" * 512)]):
+            request(sock, cmd, 0, 0 if cmd == p.Cmd.FLUSH else 512, payload, flags=flag, handle=h)
+            assert simple_reply(sock) == (p.NbdErrno.EINVAL, h), p.Cmd(cmd).name
+        request(sock, p.Cmd.WRITE, 0, 512, b"\x01" * 512, handle=9)
+        assert simple_reply(sock) == (0, 9)
+        sock.close()
+        assert vol.calls == [("write", False)]  # nothing refused reached the volume
+    finally:
+        s.stop()
+
+
+def test_a_volume_that_is_read_only_is_exported_read_only(tmp_path):
+    """The secondary's C copy: the volume says read_only, the server was not told."""
+    vol = DeclaringVolume("c", read_only=True)
+    s = ServedTarget(OneVolume(vol), str(tmp_path / "c.sock"))
+    try:
+        sock, flags = go_flags(s, "c")
+        assert flags == PLAIN_RO_FLAGS, TF(flags)
+        for h, (cmd, payload) in enumerate([(p.Cmd.WRITE, b"\x00" * 512), (p.Cmd.TRIM, b""),
+                                            (p.Cmd.WRITE_ZEROES, b"")]):
+            request(sock, cmd, 0, 512, payload, handle=h)
+            assert simple_reply(sock) == (p.NbdErrno.EPERM, h)
+        request(sock, p.Cmd.FLUSH, 0, 0, handle=7)
+        assert simple_reply(sock) == (0, 7)
+        request(sock, p.Cmd.READ, 0, 512, flags=p.CmdFlag.FUA, handle=8)  # ignored on reads, as always
+        assert simple_reply(sock) == (0, 8)
+        recv_exact(sock, 512)
+        sock.close()
+        assert vol.calls == [("flush",)]
+    finally:
+        s.stop()
 
 
 def test_read_only_refuses_every_write(served):

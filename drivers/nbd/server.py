@@ -131,25 +131,56 @@ class _Disconnect(Exception):
 
 
 class _Export:
-    """A volume as offered on the wire: size, block sizes, flags."""
+    """A volume as offered on the wire: size, block sizes, and what it can do.
+
+    The volume's capabilities (hal.host.HostVolume ``can_*``) are read once,
+    here; the transmission flags advertise exactly them, and ``refused`` maps
+    each command the export cannot do to the errno it gets (the same errnos
+    as an unadvertised command and a write to a read-only export always got:
+    EINVAL and EPERM)."""
 
     def __init__(self, volume: HostVolume, read_only: bool) -> None:
         self.volume = volume
         self.name = volume.name
         self.size = int(volume.size_bytes)
-        self.read_only = bool(read_only or getattr(volume, "read_only", False))
-        self.min_block = max(1, int(getattr(volume, "block_size", 512) or 1))
-        preferred = int(getattr(volume, "preferred_block_size", 0) or max(4096, self.min_block))
+        can_write = volume.can_write() and not read_only
+        can_flush = volume.can_flush()
+        # FUA, trim and zero are write capabilities: a read-only export offers none of them.
+        can_fua = can_write and volume.can_fua()
+        can_trim = can_write and volume.can_trim()
+        can_zero = can_write and volume.can_zero()
+        self.read_only = not can_write
+        self.min_block = max(1, int(volume.block_size or 1))
+        preferred = int(volume.preferred_block_size or max(4096, self.min_block))
         self.preferred = max(preferred, self.min_block)
         self.max_block = max(self.min_block, MAX_BLOCK_BYTES - MAX_BLOCK_BYTES % self.min_block)
-        flags = TF.HAS_FLAGS | TF.SEND_FLUSH
-        if getattr(volume, "multi_conn", True):
-            flags |= TF.CAN_MULTI_CONN
-        if self.read_only:
+        flags = TF.HAS_FLAGS
+        if not can_write:
             flags |= TF.READ_ONLY
-        else:
-            flags |= TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES
+        if can_flush:
+            flags |= TF.SEND_FLUSH
+        if can_fua:
+            flags |= TF.SEND_FUA
+        if can_trim:
+            flags |= TF.SEND_TRIM
+        if can_zero:
+            flags |= TF.SEND_WRITE_ZEROES
+        if volume.can_multi_conn():
+            flags |= TF.CAN_MULTI_CONN
         self.flags = int(flags)
+        refused: dict[int, NbdErrno] = {}
+        if not can_write:
+            refused.update(dict.fromkeys(_WRITES, NbdErrno.EPERM))
+        if can_write and not can_trim:
+            refused[Cmd.TRIM] = NbdErrno.EINVAL
+        if can_write and not can_zero:
+            refused[Cmd.WRITE_ZEROES] = NbdErrno.EINVAL
+        if not can_flush:
+            refused[Cmd.FLUSH] = NbdErrno.EINVAL
+        self.refused = refused
+        # A FUA flag the export did not advertise is refused, except on a read-only
+        # export, which has always ignored it on reads (and refuses writes with EPERM).
+        self.bad_flags = _UNKNOWN_CMD_FLAGS | (_FUA if can_write and not can_fua else 0)
 
 
 class NbdServer:
@@ -489,7 +520,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _check(self, export: _Export, flags: int, cmd: int, offset: int, length: int) -> int:
         """0 if the request may go to the volume, else the NBD errno to reply."""
-        if flags & _UNKNOWN_CMD_FLAGS:
+        if flags & export.bad_flags:
             return NbdErrno.EINVAL
         if cmd == Cmd.READ or cmd == Cmd.WRITE:
             if length > export.max_block:
@@ -497,11 +528,11 @@ class _Connection(asyncio.BufferedProtocol):
         elif cmd == Cmd.TRIM or cmd == Cmd.WRITE_ZEROES:
             pass
         elif cmd == Cmd.FLUSH or cmd == Cmd.DISC:
-            return 0
+            return export.refused.get(cmd, 0)
         else:
-            return NbdErrno.EINVAL  # unknown or unadvertised command
-        if cmd in _WRITES and export.read_only:
-            return NbdErrno.EPERM
+            return NbdErrno.EINVAL  # unknown command
+        if cmd in export.refused:
+            return export.refused[cmd]
         if offset + length > export.size:
             return NbdErrno.ENOSPC if cmd == Cmd.WRITE or cmd == Cmd.WRITE_ZEROES else NbdErrno.EINVAL
         mb = export.min_block
