@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from drivers.link import Framing, TcpLink, connect_link, listen_links
 from firmware import protocol
@@ -130,7 +132,7 @@ class Controller:
         self.events = EventBus()
         self.crashpoints = CrashPoints(on_hit=sigkill_self)  # armed in start(), once the points are declared
         self._stop = asyncio.Event()
-        self._closers: list[Any] = []  # async callables, run in reverse on stop
+        self._exits = contextlib.AsyncExitStack()  # what start() opened, closed in reverse on stop
         self.addresses: dict[str, str] = {}
 
     def request_stop(self) -> None:
@@ -141,31 +143,31 @@ class Controller:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         try:
-            await self.start()
-            fields = " ".join(f"{k}={v}" for k, v in self.addresses.items())
-            print(f"ready role={self.role} session={self.cfg.session_id} pid={os.getpid()} {fields}",
-                  file=self.out, flush=True)
-            await self._stop.wait()
-            log.info("%s: stopping", self.role)
-            await asyncio.wait_for(self.stop(), STOP_TIMEOUT_S)
+            async with self._exits:
+                await self.start()
+                fields = " ".join(f"{k}={v}" for k, v in self.addresses.items())
+                print(f"ready role={self.role} session={self.cfg.session_id} pid={os.getpid()} {fields}",
+                      file=self.out, flush=True)
+                await self._stop.wait()
+                log.info("%s: stopping", self.role)
+                await asyncio.wait_for(self.stop(), STOP_TIMEOUT_S)
         finally:
-            await self._close_all()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         return 0
 
-    async def _close_all(self) -> None:
-        while self._closers:
-            closer = self._closers.pop()
+    def _close_on_exit(self, close: Callable[[], object]) -> None:
+        """Run ``close`` (sync or async) when run() ends, in reverse order of
+        opening; a failure is logged, not raised, so the rest still close."""
+        async def close_logged() -> None:
             try:
-                result = closer()
-                if asyncio.iscoroutine(result):
+                result = close()
+                if inspect.isawaitable(result):
                     await result
             except Exception as e:  # noqa: BLE001 - closing everything else matters more
                 log.warning("%s: while closing: %s", self.role, e)
 
-    def _open_devices(self) -> None:
-        raise NotImplementedError
+        self._exits.push_async_callback(close_logged)
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -175,7 +177,7 @@ class Controller:
 
     def _open_nvram(self):
         nvram = open_nvram_checked(self.cfg.nvram_url, format=self.format)
-        self._closers.append(nvram.close)
+        self._close_on_exit(nvram.close)
         return nvram
 
     def _arm_crashpoints(self) -> None:
@@ -186,7 +188,7 @@ class Controller:
         from drivers import open_device
 
         dev = open_device(url)
-        self._closers.append(dev.close)
+        self._close_on_exit(dev.close)
         return dev
 
     async def _open_firmware(self, controller) -> None:
@@ -204,7 +206,7 @@ class Controller:
         if self.cfg.host_listen is None and self.cfg.host_socket is None:
             return
         server = NbdServer(target, read_only=read_only)
-        self._closers.append(server.close)
+        self._close_on_exit(server.close)
         if self.cfg.host_listen is not None:
             host, port = await server.start_tcp(*self.cfg.host_listen)
             self.addresses["nbd"] = f"{host}:{port}"
@@ -221,7 +223,7 @@ class Controller:
             self.cfg.console_url, controller, role=self.role, allow_faults=self.cfg.console_allow_faults,
             crashpoints=self.crashpoints, events=self.events,
         )
-        self._closers.append(server.close)
+        self._close_on_exit(server.close)
         self.addresses["console"] = server.url
 
 
@@ -245,7 +247,7 @@ class PrimaryController(Controller):
 
         self.remote = LinkRemote(link_factory, cfg.secret, random_bytes=os.urandom, clock=self.clock,
                                  events=self.events)
-        self._closers.append(self.remote.close)
+        self._close_on_exit(self.remote.close)
         self.primary = Primary(volumes, nvram, self.clock, params, self.remote, session_id=cfg.session_id,
                                events=self.events, crashpoints=self.crashpoints)
         await self._open_firmware(self.primary)
@@ -253,7 +255,7 @@ class PrimaryController(Controller):
         await self._start_host_port(self.primary.host_target(), read_only=False)
         await self._start_console(self.primary)
         self._starter = asyncio.ensure_future(self._start_replication())
-        self._closers.append(self._cancel_starter)
+        self._close_on_exit(self._cancel_starter)
 
     async def _start_replication(self) -> None:
         """Primary.start() connects the remote; while the secondary is away,
@@ -297,10 +299,10 @@ class SecondaryController(Controller):
         self.service = ReplicationService(self.secondary, cfg.secret, cfg.session_id, random_bytes=os.urandom,
                                           clock=self.clock, events=self.events)
         server = await self._listen_with_retry(*cfg.link_listen)
-        self._closers.append(server.close)
+        self._close_on_exit(server.close)
         host, port = server.sockets[0].getsockname()[:2]
         self.addresses["link"] = f"{host}:{port}"
-        await self._start_host_port(self.secondary.host_target(read_only=True), read_only=True)
+        await self._start_host_port(self.secondary.host_target(), read_only=True)
         await self._start_console(self.secondary)
 
     async def _listen_with_retry(self, host: str, port: int, wait_s: float = 15.0) -> asyncio.Server:
