@@ -31,6 +31,7 @@ before the data they announce.
 
 from __future__ import annotations
 
+import enum
 import functools
 import struct
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from construct import (
     Array,
     Bytes,
     Const,
+    Enum,
     Float64l,
     Int8ul,
     Int16ul,
@@ -51,6 +53,7 @@ from construct import (
 )
 
 from firmware.errors import NvramError
+from hal.wire import fast_struct
 
 PAGE = 4096
 SECTOR_BYTES = 512
@@ -121,48 +124,62 @@ FlashCopyRecord = Struct(
     "commit_wall" / Float64l,
 )
 
-STATE_FREE, STATE_CUR, STATE_NEW = 0, 1, 2
+
+class EntryState(enum.IntEnum):
+    """What a cache directory entry's slot holds."""
+
+    FREE = 0  # nothing
+    CUR = 1  # the old (or only) image of its track
+    NEW = 2  # the image written while change recording was on
+
+
+STATE_FREE, STATE_CUR, STATE_NEW = EntryState.FREE, EntryState.CUR, EntryState.NEW
+_STATE_OF = {s.value: s for s in EntryState}
+
+# The fixed head of a directory entry copy; ``valid`` and the CRC follow.
+EntryHead = Struct(
+    "gen" / Int64ul,
+    "state" / Enum(Int8ul, EntryState),
+    "dirty" / Int8ul,  # 1 until destaged to volume A
+    "volume" / Int16ul,
+    "reserved" / Const(0, Int32ul),
+    "track" / Int64ul,
+)
+# Hot-path twin of EntryHead, derived from it: construct costs ~10x more per host write.
+_ENTRY_HEAD = fast_struct(EntryHead)  # (gen, state, dirty, volume, reserved, track)
 
 
 @functools.lru_cache(maxsize=16)
-def dir_entry_struct(valid_bytes: int):
+def dir_entry_struct(valid_bytes: int) -> Struct:
     """One copy of a directory entry; ``valid`` has one bit per sector."""
     return Struct(
-        "gen" / Int64ul,
-        "state" / Int8ul,  # STATE_FREE | STATE_CUR (old/only image) | STATE_NEW (written during CR)
-        "dirty" / Int8ul,  # 1 until destaged to volume A
-        "volume" / Int16ul,
-        "reserved" / Const(0, Int32ul),
-        "track" / Int64ul,
+        *EntryHead.subcons,
         "valid" / Bytes(valid_bytes),
         "crc" / Int32ul,  # CRC32C of everything before it
     )
 
 
 def entry_bytes_for(valid_bytes: int) -> int:
-    return (24 + valid_bytes + 4 + 7) & ~7
+    return (_ENTRY_HEAD.size + valid_bytes + 4 + 7) & ~7
 
 
-_ENTRY_HEAD = struct.Struct("<QBBHIQ")  # hot-path twin of dir_entry_struct's first fields
-
-
-def pack_entry(gen: int, state: int, dirty: int, volume: int, track: int, valid: bytes) -> bytes:
-    """Build a directory entry fast; equal to dir_entry_struct(len(valid)).build
-    (tested), because construct costs ~10x more on the write path."""
+def pack_entry(gen: int, state: EntryState, dirty: int, volume: int, track: int, valid: bytes) -> bytes:
+    """Build a directory entry fast; equal to dir_entry_struct(len(valid)).build (tested)."""
     body = _ENTRY_HEAD.pack(gen, state, dirty, volume, 0, track) + valid
     return body + crc32c.crc32c(body).to_bytes(4, "little")
 
 
 def unpack_entry(raw: bytes, valid_bytes: int) -> dict | None:
-    """Parse one entry copy; None when its CRC does not match (torn or never written)."""
-    n = 24 + valid_bytes
+    """Parse one entry copy; None when its CRC does not match (torn or never written).
+    ``state`` is an EntryState, or the raw number when it names none (recovery reports it)."""
+    n = _ENTRY_HEAD.size + valid_bytes
     if crc32c.crc32c(raw[:n]) != int.from_bytes(raw[n : n + 4], "little"):
         return None
     gen, state, dirty, volume, _, track = _ENTRY_HEAD.unpack_from(raw, 0)
     if gen == 0:
         return None
-    return {"gen": gen, "state": state, "dirty": dirty, "volume": volume, "track": track,
-            "valid": bytes(raw[24:n])}
+    return {"gen": gen, "state": _STATE_OF.get(state, state), "dirty": dirty, "volume": volume,
+            "track": track, "valid": bytes(raw[_ENTRY_HEAD.size : n])}
 
 
 def align(n: int, to: int = PAGE) -> int:

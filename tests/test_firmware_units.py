@@ -112,6 +112,37 @@ def test_dir_entry_fast_pack_equals_construct_and_crc_rejects_damage():
     assert L.unpack_entry(bytes(torn), 16) is None
 
 
+def test_dir_entry_bytes_match_a_hand_made_fixture():
+    """The on-disk entry as the layout docstring specifies it, byte by byte
+    (so a mistake shared by the declaration and its derived struct cannot pass)."""
+    valid = bytes([0xF0, 0x0F])
+    head = (bytes.fromhex("0900000000000000")  # gen 9, u64 LE
+            + bytes([2])                      # state NEW
+            + bytes([1])                      # dirty
+            + bytes.fromhex("0200")           # volume 2, u16 LE
+            + bytes(4)                        # reserved, zero
+            + bytes.fromhex("3930000000000000"))  # track 12345, u64 LE
+    body = head + valid
+    want = body + crc32c.crc32c(body).to_bytes(4, "little")
+    assert L.pack_entry(9, L.STATE_NEW, 1, 2, 12345, valid) == want
+    assert L.entry_bytes_for(2) == 32  # 24 + 2 + 4, rounded up to 8
+    assert [int(s) for s in (L.STATE_FREE, L.STATE_CUR, L.STATE_NEW)] == [0, 1, 2]
+
+
+def test_dir_entry_state_is_an_enum_in_both_directions():
+    raw = L.pack_entry(3, L.EntryState.CUR, 0, 1, 7, bytes(16))
+    entry = L.unpack_entry(raw, 16)
+    assert entry["state"] is L.EntryState.CUR is L.STATE_CUR
+    assert L.dir_entry_struct(16).parse(raw).state == "CUR"  # construct's Enum names it
+    assert L.dir_entry_struct(16).build(dict(L.dir_entry_struct(16).parse(raw))) == raw
+    # A state no member names (a CRC-valid entry from another layout) comes back as its number,
+    # so recovery can report it instead of failing to parse.
+    body = bytearray(raw[:-4])
+    body[8] = 7
+    odd = bytes(body) + crc32c.crc32c(bytes(body)).to_bytes(4, "little")
+    assert L.unpack_entry(odd, 16)["state"] == 7
+
+
 def test_region_too_small_is_a_clear_error():
     with pytest.raises(NvramError, match="too small"):
         L.plan_region(b"MFWP", 64 << 10, [("v", 1 << 30)], 65536, "s", with_cache=True)

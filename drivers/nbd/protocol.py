@@ -3,7 +3,7 @@
 Server and client both parse and build from these declarations. The two
 per-request headers on the hot path (the 28-byte request and the 16-byte
 simple reply) also get a ``struct.Struct`` *derived* from their construct
-declaration by ``fast_struct``, so the per-request cost is one
+declaration by ``hal.wire.fast_struct``, so the per-request cost is one
 ``unpack_from``/``pack`` while the layout is still written down only here.
 
 Reference: the NetworkBlockDevice/nbd repository's doc/proto.md.
@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import enum
 import errno
-import struct
 
 from construct import (
     Bytes,
     Const,
-    FormatField,
     GreedyBytes,
     GreedyString,
     Int16ub,
@@ -30,6 +28,8 @@ from construct import (
     Switch,
     this,
 )
+
+from hal.wire import fast_struct
 
 # -- magic numbers --------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943  # b"NBDMAGIC"
@@ -267,23 +267,6 @@ ErrorChunk = Struct(
     "error" / Int32ub,
     "message" / PascalString(Int16ub, "utf8"),
 )
-
-
-def fast_struct(decl: Struct) -> struct.Struct:
-    """A ``struct.Struct`` with the same layout as a construct Struct made only
-    of fixed-width integer fields (plain or Const), for the hot path."""
-    codes = []
-    for sub in decl.subcons:
-        field = sub.subcon if isinstance(sub, Const) else sub
-        while not isinstance(field, FormatField) and hasattr(field, "subcon"):
-            field = field.subcon
-        if not isinstance(field, FormatField) or field.fmtstr[0] != ">":
-            raise TypeError(f"{sub.name}: not a big-endian fixed-width field")
-        codes.append(field.fmtstr[1:])
-    fmt = struct.Struct(">" + "".join(codes))
-    if fmt.size != decl.sizeof():
-        raise TypeError("derived struct size differs from the declaration")
-    return fmt
 
 
 CLIENT_FLAGS = fast_struct(ClientFlags)
