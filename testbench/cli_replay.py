@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from drivers import open_device
-    from testbench.replay import Replayer
+    from testbench.replay import Replayer, ReplayOptions
     from testbench.traces import read_trace, scan
 
     urls = [u for t in args.target for u in t.split(",") if u]
@@ -40,10 +40,11 @@ def run(args) -> int:
     st = scan(read_trace(args.trace, args.fmt, **opts))  # devices (sorted for the mapping) and count
     devices = [open_device(u) for u in urls]
     try:
-        rp = Replayer(devices, args.log, timing=args.timing, queue_depth=args.queue_depth,
-                      replay_time_scale=args.replay_time_scale, replay_no_stall=args.replay_no_stall,
-                      replay_redirect=args.replay_redirect, volume_names=names, progress=not args.no_progress,
-                      total=st.records - st.by_op["T"], trace_name=os.path.basename(args.trace))
+        replay_opts = ReplayOptions(timing=args.timing, queue_depth=args.queue_depth,
+                                    replay_time_scale=args.replay_time_scale, replay_no_stall=args.replay_no_stall,
+                                    replay_redirect=args.replay_redirect, progress=not args.no_progress,
+                                    total=st.records - st.by_op["T"], trace_name=os.path.basename(args.trace))
+        rp = Replayer(devices, args.log, replay_opts, volume_names=names)
         print(rp.mapping_for(st.devices).describe())
         try:
             result = asyncio.run(rp.run(read_trace(args.trace, args.fmt, **opts), st.devices))

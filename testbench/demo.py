@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from drivers import open_device
 from testbench.checker import check_copy
-from testbench.replay import Replayer
+from testbench.replay import Replayer, ReplayOptions
 from testbench.report import RunReport
 from testbench.traces import read_trace, scan
 
@@ -45,8 +45,9 @@ async def replay_and_check(trace: str, primary_urls: list[str], copy_urls: list[
     primaries = [open_device(u) for u in primary_urls]
     copies = [open_device(u, read_only=True) for u in copy_urls]
     names = volume_names or [f"vol{i}" for i in range(len(primaries))]
-    rp = Replayer(primaries, log_path, timing=timing, queue_depth=queue_depth, volume_names=names,
-                  progress=progress, total=stats.records - stats.by_op["T"], keep_history=True, trace_name=trace)
+    opts = ReplayOptions(timing=timing, queue_depth=queue_depth, progress=progress,
+                         total=stats.records - stats.by_op["T"], keep_history=True, trace_name=trace)
+    rp = Replayer(primaries, log_path, opts, volume_names=names)
     report = RunReport()
 
     async def one_check() -> None:

@@ -15,9 +15,17 @@ from hal.block import BlockDevice, DeviceError
 from testbench.checker import check_copy
 from testbench.errors import ReplayError
 from testbench.generate import GeneratorParams, generate
-from testbench.replay import Replayer, parse_timing
-from testbench.replaylog import ReplayLog
-from testbench.traces import IoRecord
+from testbench.replay import (
+    Pacer,
+    Replayer,
+    ReplayOptions,
+    ReplayResult,
+    TraceDriver,
+    WriteMonitor,
+    parse_timing,
+)
+from testbench.replaylog import LogVolumeInfo, ReplayLog
+from testbench.traces import IoRecord, VolumeGeometry, VolumeMap
 
 pytestmark = pytest.mark.timeout(120)
 PARAMS = GeneratorParams(seed=5, duration_s=0.5, iops=800, devices=3, span_bytes=4 << 20, seq_prob=0.2,
@@ -64,7 +72,7 @@ def test_afap_replay_stamps_logs_and_leaves_a_consistent_copy(tmp_path):
     async def go():
         targets = mem_targets()
         log_path = tmp_path / "r.log"
-        rp = Replayer(targets, str(log_path), queue_depth=8, trace_name="gen")
+        rp = Replayer(targets, str(log_path), ReplayOptions(queue_depth=8, trace_name="gen"))
         res = await rp.run(generate(PARAMS), ["dev0", "dev1", "dev2"])
         rlog = ReplayLog(log_path)
         result = await check_copy(targets, rlog, names=[v.name for v in rlog.volumes])
@@ -93,7 +101,7 @@ def test_copy_built_from_the_history_checks_like_the_rule_says(tmp_path):
 
     async def go():
         targets = mem_targets()
-        rp = Replayer(targets, None, queue_depth=4, keep_history=True)
+        rp = Replayer(targets, None, ReplayOptions(queue_depth=4, keep_history=True))
         await rp.run(generate(PARAMS), ["dev0", "dev1", "dev2"])
         history = rp.history
         last = history[-1]
@@ -115,7 +123,7 @@ def test_timed_replay_reports_fidelity_and_never_runs_early():
     recs = [IoRecord(i * 10_000_000, "W", i * 4096, 4096, "d") for i in range(20)]  # 190 ms of trace
 
     async def go():
-        rp = Replayer(mem_targets(1), timing="scale=2", queue_depth=4)
+        rp = Replayer(mem_targets(1), options=ReplayOptions(timing="scale=2", queue_depth=4))
         return await rp.run(recs, ["d"])
 
     res = asyncio.run(go())
@@ -134,7 +142,7 @@ def test_pre_issue_hook_runs_before_every_write_in_id_order():
         seen.append(write_id)
 
     async def go():
-        rp = Replayer(mem_targets(), pre_issue=hook, queue_depth=4)
+        rp = Replayer(mem_targets(), options=ReplayOptions(queue_depth=4), pre_issue=hook)
         return await rp.run(generate(PARAMS))
 
     res = asyncio.run(go())
@@ -143,7 +151,7 @@ def test_pre_issue_hook_runs_before_every_write_in_id_order():
 
 def test_write_error_stops_the_replay_and_is_logged(tmp_path):
     async def go():
-        rp = Replayer(mem_targets(1, fail_at_write=5), str(tmp_path / "e.log"), queue_depth=1)
+        rp = Replayer(mem_targets(1, fail_at_write=5), str(tmp_path / "e.log"), ReplayOptions(queue_depth=1))
         await rp.run(generate(PARAMS))
 
     with pytest.raises(ReplayError, match="injected write error"):
@@ -151,6 +159,43 @@ def test_write_error_stops_the_replay_and_is_logged(tmp_path):
     writes = list(ReplayLog(tmp_path / "e.log"))
     failed = [w for w in writes if w.failed]
     assert len(failed) == 1 and failed[0].ack_ns is None and len(writes) == 5
+
+
+def test_pacer_deadlines_are_absolute_from_the_first_record():
+    pacer = Pacer(2.0, start_ns=1_000)
+    assert pacer.deadline(5_000) == 1_000  # the first record goes at the start
+    assert pacer.deadline(9_000) == 1_000 + 4_000 // 2
+    assert pacer.deadline(3_000) == 1_000  # a record stamped before the first goes at once
+    assert pacer.recorded_duration_s == pytest.approx((9_000 - 5_000) / 1e9)  # last minus first, as recorded
+    afap = Pacer(None, start_ns=1_000)
+    assert afap.deadline(5_000) is None and afap.deadline(7_000) is None
+    assert afap.recorded_duration_s == pytest.approx(2_000 / 1e9)
+
+
+def test_driver_and_monitor_wired_by_hand_keep_overlapping_writes_in_order():
+    """The roles without the Replayer: a chain of three overlapping writes, queue depth 4:
+    each is issued only after the one before it was acknowledged."""
+    recs = [IoRecord(0, "W", 0, 4096, "d"), IoRecord(1, "W", 2048, 4096, "d"), IoRecord(2, "R", 0, 512, "d"),
+            IoRecord(3, "W", 4096, 512, "d"), IoRecord(4, "T", 0, 512, "d")]
+
+    async def go():
+        (dev,) = mem_targets(1)
+        res = ReplayResult()
+        monitor = WriteMonitor(res, [LogVolumeInfo("vol0", 512, dev.info.num_blocks)],
+                               ReplayOptions(keep_history=True), log_path=None, start_mono_ns=0)
+        driver = TraceDriver([dev], queue_depth=4)
+        vmap = VolumeMap(["d"], [VolumeGeometry("vol0", dev.info.size_bytes, 512)])
+        await driver.drive(recs, vmap, [0], Pacer(None, 0), monitor)
+        monitor.close()
+        monitor.summarise()
+        return res, monitor.history, dev
+
+    res, history, dev = asyncio.run(go())
+    assert (res.ios, res.writes, res.reads, res.trims_skipped, res.errors) == (4, 3, 1, 1, 0)
+    assert res.bytes_written == 4096 + 4096 + 512 and dev.overlaps == 0
+    assert [w.write_id for w in history] == [1, 2, 3]
+    assert all(later.issue_ns >= earlier.ack_ns for earlier, later in zip(history, history[1:], strict=False))
+    assert res.write_latency_ms["count"] == 3 and res.lateness_ms == {}  # afap: lateness is not measured
 
 
 @pytest.mark.parametrize("timing,speed", [("afap", None), ("original", 1.0), ("scale=0.5", 0.5)])
@@ -169,7 +214,7 @@ def test_bad_timing_is_refused(bad):
 def test_replay_redirect_sends_everything_to_one_volume():
     async def go():
         targets = mem_targets(2)
-        rp = Replayer(targets, None, replay_redirect="vol1", keep_history=True)
+        rp = Replayer(targets, None, ReplayOptions(replay_redirect="vol1", keep_history=True))
         await rp.run(generate(PARAMS))
         return rp.history
 
