@@ -8,9 +8,15 @@ Every frame is ``header | body | crc32c``::
 
 ``seq`` numbers requests; replies (ACK, STATUS, ERROR) carry the request's
 sequence number in their body, so many requests may be in flight at once.
-Parsing and building use the same declarations; ``decode`` turns any bad
-input into a ``ProtocolError`` that says what was wrong, never another
-exception.
+
+The layout is declared once: ``Header`` (the kind an ``Enum`` of ``Kind``)
+and ``Body``, a ``Switch`` on the kind whose cases are the frame classes'
+own ``BODY`` structs behind an Adapter that makes and takes the dataclass.
+``encode`` and ``decode`` build and parse those declarations; only the
+fixed-width parts on the DATA hot path go through ``struct`` twins derived
+from them (``hal.wire.fast_struct``), so a track's payload is copied once
+on each side and never through construct. ``decode`` turns any bad input
+into a ``ProtocolError`` that says what was wrong, never another exception.
 
 The handshake (primary P connects to secondary S)::
 
@@ -27,39 +33,20 @@ import dataclasses
 import enum
 import hashlib
 import hmac
+import struct
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import construct as cs
 import crc32c
 
+from hal.wire import fast_struct
+
 PROTOCOL_VERSION = 1
 MAGIC = b"MFWL"
 MAX_BODY_BYTES = 64 << 20  # a DATA frame carries one track; 64 MiB leaves room for huge tracks
 NONCE_BYTES = 32
 MAC_BYTES = 32
-
-Header = cs.Struct(
-    "magic" / cs.Bytes(4),
-    "version" / cs.Int8ub,
-    "kind" / cs.Int8ub,
-    "flags" / cs.Int16ub,
-    "seq" / cs.Int64ub,
-    "length" / cs.Int32ub,
-)
-HEADER_BYTES = Header.sizeof()
-CRC_BYTES = 4
-
-FLAG_REPLY = 0x0001  # set on ACK/STATUS/ERROR; informative, checked only for unknown bits
-KNOWN_FLAGS = FLAG_REPLY
-
-Text = cs.PascalString(cs.Int16ub, "utf8")
-
-Geometry = cs.Struct(
-    "name" / Text,
-    "size_bytes" / cs.Int64ub,
-    "track_bytes" / cs.Int32ub,
-)
 
 
 class Kind(enum.IntEnum):
@@ -91,6 +78,43 @@ class AckStatus(enum.IntEnum):
     OK = 0
     REFUSED = 1  # RemoteError from the secondary: the message says why
     FAILED = 2  # the secondary failed doing it (device error, ...)
+
+
+Header = cs.Struct(
+    "magic" / cs.Const(MAGIC),
+    "version" / cs.Int8ub,
+    "kind" / cs.Enum(cs.Int8ub, Kind),
+    "flags" / cs.Int16ub,
+    "seq" / cs.Int64ub,
+    "length" / cs.Int32ub,
+)
+HEADER = fast_struct(Header)  # (magic, version, kind, flags, seq, length), for every frame
+HEADER_BYTES = HEADER.size
+CRC_BYTES = 4
+
+FLAG_REPLY = 0x0001  # set on ACK/STATUS/ERROR; informative, checked only for unknown bits
+KNOWN_FLAGS = FLAG_REPLY
+
+Text = cs.PascalString(cs.Int16ub, "utf8")
+
+Geometry = cs.Struct(
+    "name" / Text,
+    "size_bytes" / cs.Int64ub,
+    "track_bytes" / cs.Int32ub,
+)
+
+
+class _VolumeList(cs.Adapter):
+    """Geometries on the wire; a list of ``(name, size_bytes, track_bytes)`` in a frame."""
+
+    def _decode(self, obj, context, path):
+        return [(g.name, g.size_bytes, g.track_bytes) for g in obj]
+
+    def _encode(self, obj, context, path):
+        return [{"name": n, "size_bytes": s, "track_bytes": t} for n, s, t in obj]
+
+
+Volumes = _VolumeList(cs.PrefixedArray(cs.Int16ub, Geometry))
 
 
 # -- errors ------------------------------------------------------------------
@@ -144,6 +168,8 @@ class PeerError(ProtocolError):
 
 
 # -- frames ------------------------------------------------------------------
+# Each class names its kind and declares its body; the dataclass fields other
+# than seq and flags are the body's fields, in order.
 
 
 @dataclass(kw_only=True)
@@ -153,9 +179,6 @@ class Frame:
     KIND: ClassVar[Kind]
     BODY: ClassVar[cs.Construct]
 
-    def body_fields(self) -> dict:
-        return {k: getattr(self, k) for k in _body_names(type(self))}
-
 
 @dataclass
 class Hello(Frame):
@@ -163,7 +186,7 @@ class Hello(Frame):
     session_id: str
     volumes: list[tuple[str, int, int]] = field(default_factory=list)  # (name, size_bytes, track_bytes)
     KIND = Kind.HELLO
-    BODY = cs.Struct("version" / cs.Int16ub, "session_id" / Text, "volumes" / cs.PrefixedArray(cs.Int16ub, Geometry))
+    BODY = cs.Struct("version" / cs.Int16ub, "session_id" / Text, "volumes" / Volumes)
 
 
 @dataclass
@@ -184,6 +207,9 @@ class AuthResponse(Frame):
     )
 
 
+DataHead = cs.Struct("volume" / cs.Int16ub, "track" / cs.Int64ub, "cg_seq" / cs.Int64ub)
+
+
 @dataclass
 class Data(Frame):
     volume: int  # index into the HELLO geometry list
@@ -191,9 +217,7 @@ class Data(Frame):
     cg_seq: int
     payload: bytes
     KIND = Kind.DATA
-    BODY = cs.Struct(
-        "volume" / cs.Int16ub, "track" / cs.Int64ub, "cg_seq" / cs.Int64ub, "payload" / cs.GreedyBytes
-    )
+    BODY = cs.Struct(*DataHead.subcons, "payload" / cs.GreedyBytes)
 
 
 _CgBody = cs.Struct("cg_seq" / cs.Int64ub)
@@ -249,7 +273,7 @@ class Status(Frame):
         "session_id" / Text,
         "committed_cg" / cs.Int64ub,
         "new" / cs.Flag,
-        "volumes" / cs.PrefixedArray(cs.Int16ub, Geometry),
+        "volumes" / Volumes,
     )
 
 
@@ -261,54 +285,88 @@ class Error(Frame):
     BODY = cs.Struct("code" / cs.Int16ub, "message" / Text)
 
 
-FRAME_TYPES: dict[Kind, type[Frame]] = {
-    t.KIND: t for t in (Hello, AuthChallenge, AuthResponse, Data, DrainDone, Prepare, Commit, Abort, Ack, Status, Error)
-}
 REPLY_KINDS = {Kind.ACK, Kind.STATUS, Kind.ERROR}
-# Decoding insists the body is used up exactly: trailing bytes are an error.
-_WHOLE_BODY = {k: cs.FocusedSeq("body", "body" / t.BODY, cs.Terminated) for k, t in FRAME_TYPES.items()}
 
 
-def _body_names(cls: type[Frame]) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls) if f.name not in ("seq", "flags")]
+class _FrameBody(cs.Adapter):
+    """A frame class's ``BODY`` on the wire, that class's instance in Python.
+
+    Parsing takes ``seq`` and ``flags`` from the context (they are in the
+    header) and insists the body is used up exactly: trailing bytes are an
+    error."""
+
+    def __init__(self, cls: type[Frame]) -> None:
+        super().__init__(cs.FocusedSeq("body", "body" / cls.BODY, cs.Terminated))
+        self.cls = cls
+        self.names = tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("seq", "flags"))
+
+    def _decode(self, obj, context, path):
+        return self.cls(seq=context.seq, flags=context.flags, **{k: obj[k] for k in self.names})
+
+    def _encode(self, obj, context, path):
+        return {k: getattr(obj, k) for k in self.names}
+
+    def _build(self, obj, stream, context, path):
+        # BODY itself: the Terminated check is for parsing only.
+        return self.cls.BODY._build(self._encode(obj, context, path), stream, context, path)
 
 
-def _to_wire(frame: Frame) -> dict:
-    fields = frame.body_fields()
-    if "volumes" in fields:
-        fields["volumes"] = [dict(name=n, size_bytes=s, track_bytes=t) for n, s, t in fields["volumes"]]
-    return fields
+# The body of every kind; parse and build with kind=<Kind name> in the context
+# (the names, because that is what the header's Enum parses to).
+Body = cs.Switch(
+    cs.this.kind,
+    {cls.KIND.name: _FrameBody(cls) for cls in
+     (Hello, AuthChallenge, AuthResponse, Data, DrainDone, Prepare, Commit, Abort, Ack, Status, Error)},
+    default=cs.Error,
+)
 
-
-def _from_wire(kind: Kind, seq: int, flags: int, body: cs.Container) -> Frame:
-    cls = FRAME_TYPES[kind]
-    values = {k: body[k] for k in _body_names(cls)}
-    if "volumes" in values:
-        values["volumes"] = [(g.name, g.size_bytes, g.track_bytes) for g in values["volumes"]]
-    for k, v in values.items():
-        if isinstance(v, (bytearray, memoryview)):
-            values[k] = bytes(v)
-    return cls(seq=seq, flags=flags, **values)
+# The DATA hot path: header and DATA's fixed fields in one struct, derived from
+# the declarations above; the payload is joined to it, never built by construct.
+DATA_HEAD = fast_struct(cs.Struct(*Header.subcons, *DataHead.subcons))
+_DATA_FIXED_BYTES = DataHead.sizeof()
+_BODY_ERRORS = (cs.ConstructError, ValueError, TypeError, OverflowError, UnicodeError)
 
 
 def encode(frame: Frame) -> bytes:
     """The bytes of one frame; raises ProtocolError for a value that does not fit."""
     kind = frame.KIND
+    flags = frame.flags | (FLAG_REPLY if kind in REPLY_KINDS else 0)
+    if kind is Kind.DATA:
+        try:
+            return _encode_data(frame, flags)
+        except (struct.error, TypeError):
+            pass  # a value that does not fit: the declaration says which, below
     try:
-        body = frame.BODY.build(_to_wire(frame))
-    except (cs.ConstructError, ValueError, TypeError, OverflowError, UnicodeError) as e:
+        body = Body.build(frame, kind=kind.name)
+    except _BODY_ERRORS as e:
         raise BadBody(f"cannot encode {kind.name}: {e}") from None
     if len(body) > MAX_BODY_BYTES:
         raise BadLength(f"{kind.name} body is {len(body)} bytes, more than {MAX_BODY_BYTES}")
-    flags = frame.flags | (FLAG_REPLY if kind in REPLY_KINDS else 0)
     try:
-        header = Header.build(
-            dict(magic=MAGIC, version=PROTOCOL_VERSION, kind=kind, flags=flags, seq=frame.seq, length=len(body))
-        )
+        header = HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, flags, frame.seq, len(body))
+    except struct.error:
+        header = _build_header(kind, flags, frame.seq, len(body))
+    crc = crc32c.crc32c(body, crc32c.crc32c(header))
+    return b"".join((header, body, crc.to_bytes(CRC_BYTES, "big")))
+
+
+def _encode_data(frame: Data, flags: int) -> bytes:
+    payload = frame.payload
+    length = _DATA_FIXED_BYTES + len(payload)
+    if length > MAX_BODY_BYTES:
+        raise BadLength(f"DATA body is {length} bytes, more than {MAX_BODY_BYTES}")
+    head = DATA_HEAD.pack(MAGIC, PROTOCOL_VERSION, Kind.DATA, flags, frame.seq, length,
+                          frame.volume, frame.track, frame.cg_seq)
+    crc = crc32c.crc32c(payload, crc32c.crc32c(head))
+    return b"".join((head, payload, crc.to_bytes(CRC_BYTES, "big")))
+
+
+def _build_header(kind: Kind, flags: int, seq: int, length: int) -> bytes:
+    """The header through its declaration, for the message when a value does not fit."""
+    try:
+        return Header.build(dict(version=PROTOCOL_VERSION, kind=kind.name, flags=flags, seq=seq, length=length))
     except cs.ConstructError as e:
         raise BadBody(f"cannot encode {kind.name} header: {e}") from None
-    crc = crc32c.crc32c(body, crc32c.crc32c(header))
-    return b"".join((header, body, crc.to_bytes(4, "big")))
 
 
 def rest_length(header: bytes) -> int:
@@ -320,7 +378,7 @@ def rest_length(header: bytes) -> int:
     """
     if len(header) < HEADER_BYTES or header[:4] != MAGIC:
         return 0
-    length = int.from_bytes(header[16:20], "big")
+    length = HEADER.unpack_from(header)[5]
     if length > MAX_BODY_BYTES:
         return 0
     return length + CRC_BYTES
@@ -328,41 +386,46 @@ def rest_length(header: bytes) -> int:
 
 def decode(buf: bytes) -> Frame:
     """One frame from exactly its bytes; ProtocolError says what is wrong."""
-    buf = bytes(buf)
-    if len(buf) < HEADER_BYTES + CRC_BYTES:
-        if buf[:4] != MAGIC[: len(buf[:4])]:
-            raise BadMagic(f"bad magic {buf[:4]!r} (expected {MAGIC!r})")
-        raise BadLength(f"frame of {len(buf)} bytes is shorter than header and CRC ({HEADER_BYTES + CRC_BYTES})")
-    h = Header.parse(buf[:HEADER_BYTES])
-    if h.magic != MAGIC:
-        raise BadMagic(f"bad magic {h.magic!r} (expected {MAGIC!r})")
-    if h.version != PROTOCOL_VERSION:
-        raise BadVersion(f"protocol version {h.version} not supported (this side speaks {PROTOCOL_VERSION})")
-    if h.length > MAX_BODY_BYTES:
-        raise BadLength(f"body length {h.length} over the limit {MAX_BODY_BYTES}")
-    expected = HEADER_BYTES + h.length + CRC_BYTES
-    if len(buf) != expected:
-        raise BadLength(f"frame is {len(buf)} bytes but its header says {expected}")
-    body = buf[HEADER_BYTES : HEADER_BYTES + h.length]
-    crc = int.from_bytes(buf[-CRC_BYTES:], "big")
-    actual = crc32c.crc32c(buf[:-CRC_BYTES])
+    view = memoryview(buf).cast("B")
+    size = len(view)
+    if size < HEADER_BYTES + CRC_BYTES:
+        start = bytes(view[:4])
+        if start != MAGIC[: len(start)]:
+            raise BadMagic(f"bad magic {start!r} (expected {MAGIC!r})")
+        raise BadLength(f"frame of {size} bytes is shorter than header and CRC ({HEADER_BYTES + CRC_BYTES})")
+    magic, version, kind_value, flags, seq, length = HEADER.unpack_from(view)
+    if magic != MAGIC:
+        raise BadMagic(f"bad magic {magic!r} (expected {MAGIC!r})")
+    if version != PROTOCOL_VERSION:
+        raise BadVersion(f"protocol version {version} not supported (this side speaks {PROTOCOL_VERSION})")
+    if length > MAX_BODY_BYTES:
+        raise BadLength(f"body length {length} over the limit {MAX_BODY_BYTES}")
+    expected = HEADER_BYTES + length + CRC_BYTES
+    if size != expected:
+        raise BadLength(f"frame is {size} bytes but its header says {expected}")
+    crc = int.from_bytes(view[-CRC_BYTES:], "big")
+    actual = crc32c.crc32c(view[:-CRC_BYTES])
     if crc != actual:
         raise BadCrc(f"CRC32C mismatch: frame says {crc:#010x}, bytes give {actual:#010x}")
     try:
-        kind = Kind(h.kind)
+        kind = Kind(kind_value)
     except ValueError:
-        raise BadKind(f"unknown frame kind {h.kind}") from None
-    if h.flags & ~KNOWN_FLAGS:
-        raise BadBody(f"{kind.name}: unknown flags {h.flags & ~KNOWN_FLAGS:#x}")
-    if bool(h.flags & FLAG_REPLY) != (kind in REPLY_KINDS):
-        raise BadBody(f"{kind.name}: reply flags {h.flags:#x} do not fit the kind")
+        raise BadKind(f"unknown frame kind {kind_value}") from None
+    if flags & ~KNOWN_FLAGS:
+        raise BadBody(f"{kind.name}: unknown flags {flags & ~KNOWN_FLAGS:#x}")
+    if bool(flags & FLAG_REPLY) != (kind in REPLY_KINDS):
+        raise BadBody(f"{kind.name}: reply flags {flags:#x} do not fit the kind")
+    flags &= ~FLAG_REPLY
+    if kind is Kind.DATA and length >= _DATA_FIXED_BYTES:
+        *_, volume, track, cg_seq = DATA_HEAD.unpack_from(view)
+        payload = bytes(view[DATA_HEAD.size : -CRC_BYTES])  # the one copy of the payload
+        return Data(seq=seq, flags=flags, volume=volume, track=track, cg_seq=cg_seq, payload=payload)
     try:
-        parsed = _WHOLE_BODY[kind].parse(body)
+        return Body.parse(bytes(view[HEADER_BYTES:-CRC_BYTES]), kind=kind.name, seq=seq, flags=flags)
     except cs.TerminatedError:
         raise BadBody(f"{kind.name} body has trailing bytes") from None
     except (cs.ConstructError, UnicodeError, ValueError, OverflowError) as e:
         raise BadBody(f"{kind.name} body does not parse: {_first_line(e)}") from None
-    return _from_wire(kind, h.seq, h.flags & ~FLAG_REPLY, parsed)
 
 
 def _first_line(e: BaseException) -> str:

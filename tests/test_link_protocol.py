@@ -242,3 +242,46 @@ def test_every_kind_round_trips_fuzzed(kind):
         assert p.rest_length(raw[: p.HEADER_BYTES]) == len(raw) - p.HEADER_BYTES
 
     check()
+
+
+# -- the declaration and its hot-path twins agree ---------------------------------
+@pytest.mark.parametrize("frame, wire", [(f, w) for _, f, w in PINNED], ids=[n for n, _, _ in PINNED])
+def test_header_and_body_declarations_parse_and_build_every_frame(frame, wire):
+    raw = bytes.fromhex(wire)
+    header = p.Header.parse(raw[: p.HEADER_BYTES])
+    assert header.kind == frame.KIND.name and int(header.kind) == frame.KIND
+    assert header.seq == frame.seq and header.length == len(raw) - p.HEADER_BYTES - p.CRC_BYTES
+    body = raw[p.HEADER_BYTES : -p.CRC_BYTES]
+    assert p.Body.build(frame, kind=frame.KIND.name) == body
+    assert p.Body.parse(body, kind=frame.KIND.name, seq=frame.seq, flags=frame.flags) == frame
+    assert p.HEADER.unpack_from(raw) == (p.MAGIC, p.PROTOCOL_VERSION, frame.KIND, header.flags, frame.seq,
+                                         header.length)
+
+
+@settings(max_examples=100, deadline=None)
+@given(FRAME_STRATEGIES[p.Kind.DATA])
+def test_data_fast_path_matches_the_declaration(frame):
+    raw = p.encode(frame)
+    assert raw[p.HEADER_BYTES : -p.CRC_BYTES] == p.Body.build(frame, kind="DATA")
+    assert p.Body.parse(raw[p.HEADER_BYTES : -p.CRC_BYTES], kind="DATA", seq=frame.seq, flags=0) == frame
+
+
+def test_a_data_body_too_short_for_its_fixed_fields_is_a_bad_body():
+    raw = p.encode(p.Data(seq=1, volume=0, track=0, cg_seq=0, payload=b""))
+    short = recrc(raw[:16] + struct.pack(">I", 10) + raw[20:30] + raw[-4:])
+    with pytest.raises(p.BadBody, match="DATA body does not parse"):
+        p.decode(short)
+
+
+def test_data_payload_is_bytes_whatever_buffer_it_came_in():
+    raw = p.encode(p.Data(seq=1, volume=0, track=3, cg_seq=4, payload=bytearray(b"xyz")))
+    for buf in (raw, bytearray(raw), memoryview(raw)):
+        frame = p.decode(buf)
+        assert type(frame.payload) is bytes and frame.payload == b"xyz"
+
+
+def test_encode_refuses_a_payload_that_is_not_bytes():
+    with pytest.raises(p.BadBody, match="cannot encode DATA"):
+        p.encode(p.Data(seq=1, volume=0, track=0, cg_seq=0, payload="text"))
+    with pytest.raises(p.BadBody, match="cannot encode DATA header"):
+        p.encode(p.Data(seq=-1, volume=0, track=0, cg_seq=0, payload=b""))
