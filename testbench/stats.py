@@ -5,8 +5,9 @@ Percentile rule (nearest rank on the sorted samples): the ``q`` percentile of
 i.e. the rank nearest to ``q * (n - 1)`` with halves rounded up. It is always
 an observed value, never an interpolation (numpy's ``method="nearest"`` up to
 the tie rule; not the ``ceil(q * n)`` textbook variant). p0 is the minimum,
-p100 the maximum. firmware/quiesce.py uses the same rule for the held-ack
-figures the console reports, so the bench's held-ack and RPO figures agree.
+p100 the maximum. firmware/quiesce.py applies the same rule to the held-ack
+figures the console reports (firmware cannot import the testbench; its empty
+case reads 0.0), so the bench's held-ack and RPO figures are alike.
 
 Empty input: no number is made up. ``percentile`` gives None and ``summary``
 gives ``{"p50": None, "p99": None, "max": None, "count": 0}`` (JSON null,
