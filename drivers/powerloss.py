@@ -562,7 +562,7 @@ def _inner_url(url: str, example: str) -> str:
     inner = url[len(PREFIX):]
     if inner.startswith(PREFIX):
         raise UrlError(f"{url}: one volatile+ layer is enough")
-    if "://" not in inner:
+    if "://" not in inner or not parse_url(inner).scheme:
         raise UrlError(f"{url}: volatile+ needs a device URL after it (e.g. {example})")
     return inner
 

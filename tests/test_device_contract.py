@@ -28,7 +28,7 @@ SIZE = 16 << 20
 
 def pytest_generate_tests(metafunc) -> None:
     if "kind" in metafunc.fixturenames:
-        kinds = ["mem", "file", "file-buffered", "loop"]
+        kinds = ["mem", "file", "file-buffered", "volatile-file", "loop"]
         kinds += [f"hil:{url}" for url in metafunc.config.getoption("hil_device")]
         metafunc.parametrize("kind", kinds)
 
@@ -56,6 +56,10 @@ def target(kind, tmp_path, loop_device, hil_destructive) -> Target:
     if kind in ("file", "file-buffered"):
         url = f"file://{tmp_path}/dev.img?size={SIZE}" + ("&direct=off" if kind == "file-buffered" else "")
         open_device(url).close()  # created now, so read-only opens find it
+        return Target(url, True)
+    if kind == "volatile-file":  # drivers.powerloss's write-back cache in front of file://
+        url = f"volatile+file://{tmp_path}/dev.img?size={SIZE}"
+        open_device(url).close()
         return Target(url, True)
     if kind == "loop":
         return Target(f"blk://{loop_device(SIZE)}", True)
