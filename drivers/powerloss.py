@@ -602,6 +602,8 @@ def cut_power_and_exit(seed: int | None = None) -> NoReturn:
         if domain is not None and not domain.dead:
             stats = domain.cut(seed)
             msg = "mirrorfw: power cut: " + " ".join(f"{k}={v}" for k, v in stats.as_dict().items())
+            if domain._unapplied:  # an inner device only an event loop can write (nbd://)
+                msg += f" (kept writes of {len(domain._unapplied)} device(s) lost: not writable synchronously)"
         else:
             msg = "mirrorfw: power cut: no volatile devices in this process"
         os.write(2, (msg + "\n").encode())

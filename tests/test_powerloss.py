@@ -10,6 +10,7 @@ store. Outcomes are deterministic from the seed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 from drivers import open_device, open_nvram
 from drivers import powerloss as pl
 from drivers.mem import open as open_mem
-from hal.block import DeviceError
+from hal.block import BlockDevice, DeviceError
 from hal.nvram import NvramRegion
 from hal.url import UrlError
 
@@ -465,6 +466,40 @@ def test_power_on_gives_fresh_filters_over_what_survived():
         assert inner.closed and nv.closed
         assert bytes(inner._chunks[0][:BS]) == payload(2, 0, 1)  # a closed mem:// refuses reads
         assert bytes(nv.buf[8:12]) == b"more"
+
+    run(go())
+
+
+class SlowDevice(BlockDevice):
+    """An inner device that really awaits (as nbd:// does): a cut cannot write it synchronously."""
+
+    def __init__(self, inner: BlockDevice) -> None:
+        super().__init__(dataclasses.replace(inner.info, url="slow://"))
+        self.inner = inner
+
+    async def _read(self, lba: int, count: int) -> bytes:
+        await asyncio.sleep(0)
+        return await self.inner.read(lba, count)
+
+    async def _write(self, lba: int, data, fua: bool) -> None:
+        await asyncio.sleep(0)
+        await self.inner.write(lba, data, fua=fua)
+
+
+def test_kept_writes_to_an_asynchronous_inner_device_land_on_settle():
+    async def go():
+        domain = pl.PowerDomain(0, mode="keep")
+        mem = open_mem(f"mem://?size={16 * BS}")
+        dev = pl.VolatileDevice(SlowDevice(mem), domain)
+        await dev.write(2, payload(1, 2, 3))
+        domain.cut()
+        assert await mem.read(2, 3) == bytes(3 * BS)
+        with pytest.raises(RuntimeError, match="settle"):
+            domain.power_on()
+        await domain.settle()
+        assert await mem.read(2, 3) == payload(1, 2, 3)
+        (dev2,) = domain.power_on().devices
+        assert await dev2.read(2, 3) == payload(1, 2, 3)
 
     run(go())
 
