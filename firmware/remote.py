@@ -1,17 +1,23 @@
-"""RemotePort: how a primary reaches its secondary.
+"""RemotePort: how a primary reaches its secondary; SecondaryPort: what the
+secondary answers.
 
-The primary programs against this interface only. ``LocalRemote`` (in
+The primary programs against RemotePort only. ``LocalRemote`` (in
 firmware/secondary.py) calls a Secondary in the same process; the link
 implementation (firmware/replication.py) encodes the same calls as frames
 over a hal ``Link``. Every method returns when the secondary has done it,
 so "the secondary has the block" is the return of ``send_track``. Many
 ``send_track`` calls may be in flight at once; implementations bound them.
+
+On the other end, ``ReplicationService`` turns frames back into calls on a
+``SecondaryPort`` (the Secondary, or a test's fake): one method per request
+the primary can make, all of them coroutines.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Protocol
 
 
 class RemoteError(Exception):
@@ -36,6 +42,13 @@ class RemoteState:
 
 
 class RemotePort(abc.ABC):
+    @property
+    def link_up(self) -> bool:
+        """Whether the secondary can be reached now. An in-process remote
+        always can; a link remote says whether its link is up (it alone
+        emits the ``change link`` events)."""
+        return True
+
     @abc.abstractmethod
     async def connect(self, session_id: str, volumes: list[VolumeGeometry]) -> RemoteState:
         """Hello: check geometry and learn what the secondary holds.
@@ -64,3 +77,24 @@ class RemotePort(abc.ABC):
 
     async def close(self) -> None:
         return None
+
+
+class SecondaryPort(Protocol):
+    """The calls a secondary answers, one per request frame."""
+
+    async def hello(self, session_id: str, volumes: list[VolumeGeometry]) -> RemoteState:
+        """Check the primary's session and geometry; say what C holds.
+        Raises RemoteError to refuse the pairing."""
+        ...
+
+    async def receive_track(self, volume: str, track: int, cg_seq: int, data: bytes) -> None:
+        """Write one track image into B for ``cg_seq``."""
+        ...
+
+    async def drain_done(self, cg_seq: int) -> None: ...
+
+    async def prepare(self, cg_seq: int) -> None: ...
+
+    async def commit(self, cg_seq: int) -> None: ...
+
+    async def abort(self, cg_seq: int) -> None: ...

@@ -23,14 +23,13 @@ Clock, so the firmware stays deterministic under test.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
 
 from firmware import protocol as p
 from firmware.events import EventBus
-from firmware.remote import RemoteError, RemotePort, RemoteState, VolumeGeometry
+from firmware.remote import RemoteError, RemotePort, RemoteState, SecondaryPort, VolumeGeometry
 from hal.clock import AsyncioClock, Clock
 from hal.link import Link, LinkDown
 
@@ -410,19 +409,12 @@ class LinkRemote(RemotePort):
 # ---------------------------------------------------------------------------
 
 
-async def _call(fn, *args):
-    result = fn(*args)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
-
-
 class ReplicationService:
     """Answers one primary at a time; a newly paired link replaces the old."""
 
     def __init__(
         self,
-        secondary,
+        secondary: SecondaryPort,
         secret: bytes,
         session_id: str | None = None,
         *,
@@ -434,6 +426,14 @@ class ReplicationService:
         if not secret:
             raise ValueError("the link needs a non-empty shared secret")
         self.secondary = secondary
+        # What each request frame asks of the secondary, decided once here.
+        self._calls: dict[type[p.Frame], Callable[..., Awaitable[None]]] = {
+            p.Data: secondary.receive_track,
+            p.DrainDone: secondary.drain_done,
+            p.Prepare: secondary.prepare,
+            p.Commit: secondary.commit,
+            p.Abort: secondary.abort,
+        }
         self._secret = secret
         self.session_id = session_id
         self._random = random_bytes
@@ -468,8 +468,9 @@ class ReplicationService:
         self._emit("call", state="refused", peer=link.peer, reason=message)
         await self._send(link, p.Error(code=int(code), message=message))
 
-    async def _handshake(self, link: Link) -> list[str] | None:
-        """Pair with a primary; the volume names by wire index, or None when refused."""
+    async def _handshake(self, link: Link) -> tuple[str, list[str]] | None:
+        """Pair with a primary: its session and the volume names by wire
+        index, or None when refused."""
         try:
             hello = await _recv_frame(link)
         except p.ProtocolError as e:
@@ -512,7 +513,7 @@ class ReplicationService:
         # the secondary looks at its state again.
         await self._settle()
         try:
-            state: RemoteState = await _call(self.secondary.hello, hello.session_id, volumes)
+            state = await self.secondary.hello(hello.session_id, volumes)
         except (RemoteError, ValueError, KeyError) as e:
             await self._refuse(link, p.ErrorCode.GEOMETRY, str(e) or type(e).__name__)
             return None
@@ -520,29 +521,34 @@ class ReplicationService:
             acked=hello.seq, session_id=state.session_id, committed_cg=state.committed_cg,
             new=state.new, volumes=_geometry(state.volumes),
         )))
-        return [v.name for v in volumes]
+        return hello.session_id, [v.name for v in volumes]
 
     async def serve(self, link: Link) -> None:
         """Serve one connection until it drops or misbehaves."""
         try:
-            names = await _with_deadline(self._clock, self._handshake(link), HANDSHAKE_TIMEOUT_S, "handshake")
+            paired = await _with_deadline(self._clock, self._handshake(link), HANDSHAKE_TIMEOUT_S, "handshake")
         except TimeoutError as e:
             await self._refuse(link, p.ErrorCode.STATE, str(e))
-            names = None
+            paired = None
         except LinkDown as e:
             log.info("link from %s dropped during the handshake: %s", link.peer, e)
-            names = None
-        if names is None:
+            paired = None
+        if paired is None:
             await link.close()
             return
+        session_id, names = paired
         previous, self._active = self._active, link
         if previous is not None:
+            # The old link's serve() no longer owns the state: say it went
+            # down here, so a reconnect reads down then up, never up twice.
             log.warning("new link from %s replaces the one from %s", link.peer, previous.peer)
-            await previous.close()
+            self._emit("change", state="down", peer=previous.peer, reason=f"replaced by a link from {link.peer}")
         self.stats["links"] += 1
         log.info("link up from %s", link.peer)
-        self._emit("change", state="up", peer=link.peer)
+        self._emit("change", state="up", peer=link.peer, session=session_id)
         try:
+            if previous is not None:
+                await previous.close()
             await self._dispatch(link, names)
         except LinkDown as e:
             log.info("link from %s down: %s", link.peer, e)
@@ -561,6 +567,13 @@ class ReplicationService:
                 self.stats["bad_frames"] += 1
                 await self._refuse(link, e.code, f"bad frame: {e}")
                 return
+            call = self._calls.get(type(frame))
+            if call is None:
+                if isinstance(frame, p.Error):
+                    log.warning("primary %s closed the link: %s", link.peer, p.PeerError(frame.code, frame.message))
+                else:
+                    await self._refuse(link, p.ErrorCode.STATE, f"unexpected {frame.KIND.name} after the handshake")
+                return
             if isinstance(frame, p.Data):
                 if frame.volume >= len(names):
                     await self._send(link, p.Ack(acked=frame.seq, status=p.AckStatus.REFUSED,
@@ -568,23 +581,14 @@ class ReplicationService:
                     continue
                 await self._slots.acquire()
                 key = (frame.volume, frame.track)
-                task = asyncio.ensure_future(self._data(link, frame, names[frame.volume], self._by_track.get(key)))
+                task = asyncio.ensure_future(
+                    self._data(link, frame, call, names[frame.volume], self._by_track.get(key)))
                 self._by_track[key] = task
                 self._tasks.add(task)
                 task.add_done_callback(lambda t, key=key: self._data_finished(t, key))
-            elif isinstance(frame, (p.DrainDone, p.Prepare, p.Commit, p.Abort)):
+            else:  # a CG step: it applies to every DATA frame received before it
                 await self._settle()
-                method = {
-                    p.Kind.DRAIN_DONE: "drain_done", p.Kind.PREPARE: "prepare",
-                    p.Kind.COMMIT: "commit", p.Kind.ABORT: "abort",
-                }[frame.KIND]
-                await self._send(link, await self._answer(frame, method, frame.cg_seq))
-            elif isinstance(frame, p.Error):
-                log.warning("primary %s closed the link: %s", link.peer, p.PeerError(frame.code, frame.message))
-                return
-            else:
-                await self._refuse(link, p.ErrorCode.STATE, f"unexpected {frame.KIND.name} after the handshake")
-                return
+                await self._send(link, await self._answer(frame, call, frame.cg_seq))
 
     def _data_finished(self, task: asyncio.Task, key: tuple[int, int]) -> None:
         self._slots.release()
@@ -597,21 +601,23 @@ class ReplicationService:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def _data(self, link: Link, frame: p.Data, volume: str, before: asyncio.Task | None) -> None:
+    async def _data(self, link: Link, frame: p.Data, receive_track: Callable[..., Awaitable[None]], volume: str,
+                    before: asyncio.Task | None) -> None:
         if before is not None:  # same track twice in flight: keep their order
             await asyncio.gather(before, return_exceptions=True)
-        ack = await self._answer(frame, "receive_track", volume, frame.track, frame.cg_seq, frame.payload)
+        ack = await self._answer(frame, receive_track, volume, frame.track, frame.cg_seq, frame.payload)
         if ack.status == p.AckStatus.OK:
             self.stats["data_frames"] += 1
             self.stats["data_bytes"] += len(frame.payload)
         await self._send(link, ack)
 
-    async def _answer(self, frame: p.Frame, method: str, *args) -> p.Ack:
+    async def _answer(self, frame: p.Frame, call: Callable[..., Awaitable[None]], *args) -> p.Ack:
+        """Make the call a request frame asks for; the ACK that answers it."""
         try:
-            await _call(getattr(self.secondary, method), *args)
+            await call(*args)
         except RemoteError as e:
             return p.Ack(acked=frame.seq, status=p.AckStatus.REFUSED, message=str(e))
         except Exception as e:  # noqa: BLE001 - a failed request is answered, the link stays
-            log.warning("%s(%s) failed: %s", method, ", ".join(map(str, args[:3])), e)
+            log.warning("%s(%s) failed: %s", frame.KIND.name, ", ".join(map(str, args[:3])), e)
             return p.Ack(acked=frame.seq, status=p.AckStatus.FAILED, message=f"{type(e).__name__}: {e}")
         return p.Ack(acked=frame.seq)

@@ -279,7 +279,7 @@ def test_drop_mid_drain_fails_the_calls_in_flight_then_reconnects(tmp_path):
 
 def test_window_bounds_frames_in_flight(tmp_path):
     async def main():
-        site = await Site(tmp_path).start()
+        site = Site(tmp_path)
         in_flight = 0
         peak = 0
         inner_receive = site.secondary.receive_track
@@ -292,7 +292,8 @@ def test_window_bounds_frames_in_flight(tmp_path):
             in_flight -= 1
             return await inner_receive(*args)
 
-        site.secondary.receive_track = slow_receive
+        site.secondary.receive_track = slow_receive  # before the service takes its bound methods
+        await site.start()
         remote = site.remote(window=3)
         await remote.connect("test", GEOMETRY)
         await send_cg(remote, 1, [(0, t) for t in range(16)])
