@@ -19,6 +19,7 @@ import logging
 
 from firmware.bitmap import TrackBitmap
 from firmware.layout import FC_IDLE, FC_PREPARED, DoubleRecord, RegionPlan
+from firmware.region import bitmap_pairs
 from hal.block import BlockDevice
 from hal.nvram import NvramRegion
 
@@ -35,15 +36,7 @@ class FlashCopy:
         self.b = b_devices
         self.c = c_devices
         self.grain_bytes = plan.track_bytes
-        self._areas: list[tuple[TrackBitmap, TrackBitmap]] = []
-        view = nvram.view
-        for v in plan.volumes:
-            pair = []
-            for area in (0, 1):
-                base = v.bitmap_offset + area * v.bitmap_bytes
-                pair.append(TrackBitmap(v.tracks, view[base : base + v.bitmap_bytes],
-                                        _persister(nvram, base), count=0 if fresh else None))
-            self._areas.append((pair[0], pair[1]))
+        self._areas = bitmap_pairs(nvram, plan, fresh=fresh)
         self._busy: dict[tuple[int, int], asyncio.Future] = {}
         self.cow_copies = 0
 
@@ -154,8 +147,3 @@ class FlashCopy:
             self.copied(vi).clear_all()
         return restored
 
-
-def _persister(nvram: NvramRegion, base: int):
-    def persist(offset: int, length: int) -> None:
-        nvram.persist(base + offset, length)
-    return persist

@@ -15,15 +15,12 @@ from firmware.flashcopy import FlashCopy
 from firmware.layout import (
     FC_PREPARED,
     SECONDARY_MAGIC,
-    VERSION,
     DoubleRecord,
     FlashCopyRecord,
-    Header,
     RegionPlan,
-    plan_region,
-    read_header,
     region_is_blank,
 )
+from firmware.region import format_region, read_region
 from firmware.remote import RemoteError, RemotePort, RemoteState, VolumeGeometry
 from hal.block import BlockDevice
 from hal.clock import Clock
@@ -70,37 +67,24 @@ class Secondary:
 
     # -- NVRAM -----------------------------------------------------------------
     async def open(self, format: bool = False) -> None:  # noqa: A002 - contract name
-        view = self.nvram.view
-        persist = self.nvram.persist
-        vols = [(n, b.info.size_bytes) for n, b in zip(self.names, self.b, strict=False)]
-        fresh = format or region_is_blank(view)
+        nvram = self.nvram
+        vols = [(n, b.info.size_bytes) for n, b in zip(self.names, self.b, strict=True)]
+        fresh = format or region_is_blank(nvram.view)
         if fresh:
-            plan = plan_region(SECONDARY_MAGIC, view.nbytes, vols, self.grain_bytes, self.session_id,
-                               with_cache=False)
-            view[: 4 * 4096] = bytes(4 * 4096)
-            for v in plan.volumes:
-                view[v.bitmap_offset : v.bitmap_offset + 2 * v.bitmap_bytes] = bytes(2 * v.bitmap_bytes)
-            persist(0, plan.dir_offset)
-            header_store = DoubleRecord(view, persist, RegionPlan.HEADER_OFFSET, Header)
-            header_store.write(plan.header_fields(generation=1, clean=0))
-            store = DoubleRecord(view, persist, RegionPlan.RECORD_OFFSET, FlashCopyRecord)
+            plan, _ = format_region(nvram, SECONDARY_MAGIC, vols, self.grain_bytes, self.session_id,
+                                    with_cache=False)
+            store = DoubleRecord(nvram.view, nvram.persist, RegionPlan.RECORD_OFFSET, FlashCopyRecord)
             record = {"session_id": self.session_id, "established": 0, "phase": 0, "committed_seq": 0,
                       "prepared_seq": 0, "active_select": 0, "commit_wall": 0.0}
             store.write(record)
             self.recovered = {"formatted": True}
         else:
-            _, header = read_header(view, persist)
-            if header is None:
-                raise NvramError("secondary NVRAM has no readable header; open with format=True to initialize")
-            if header["magic"] != SECONDARY_MAGIC or header["version"] != VERSION:
-                raise NvramError(f"NVRAM holds {header['magic']!r} version {header['version']}, "
-                                 f"not a secondary region version {VERSION}")
-            plan = RegionPlan.from_header(header)
+            plan, _, _ = read_region(nvram, SECONDARY_MAGIC, "secondary")
             theirs = [(v.name, v.size_bytes) for v in plan.volumes]
             if theirs != vols:
                 raise NvramError(f"secondary NVRAM was formatted for {theirs}, the volumes are {vols}")
             self.grain_bytes = plan.track_bytes
-            store = DoubleRecord(view, persist, RegionPlan.RECORD_OFFSET, FlashCopyRecord)
+            store = DoubleRecord(nvram.view, nvram.persist, RegionPlan.RECORD_OFFSET, FlashCopyRecord)
             record = store.read()
             if record is None:
                 raise NvramError("secondary FlashCopy record is unreadable (both copies damaged)")
@@ -110,7 +94,7 @@ class Secondary:
                 store.write(record)
             self.recovered = {"formatted": False, "rolled_back_prepare": rolled_back,
                               "committed_seq": record["committed_seq"]}
-        self.fc = FlashCopy(self.nvram, plan, store, record, self.b, self.c, fresh=fresh)
+        self.fc = FlashCopy(nvram, plan, store, record, self.b, self.c, fresh=fresh)
         log.info("secondary NVRAM ready: %s", self.recovered)
 
     async def close(self) -> None:
@@ -147,7 +131,6 @@ class Secondary:
             if v.track_bytes % b.info.block_size:
                 raise RemoteError(f"{v.name}: track {v.track_bytes} is not a multiple of B's block size")
             self._track_bytes[v.name] = v.track_bytes
-        self.events.emit("change", "link", state="up", session=session_id)
         return RemoteState(session_id=self.session_id, committed_cg=rec["committed_seq"],
                            new=not rec["established"],
                            volumes=[VolumeGeometry(n, b.info.size_bytes, self._track_bytes[n])
@@ -216,8 +199,8 @@ class Secondary:
             return b""
         return await self.fc.read_c(vi, offset, length)
 
-    def host_target(self, read_only: bool = True) -> HostTarget:
-        return SecondaryTarget(self, read_only=read_only)
+    def host_target(self) -> HostTarget:
+        return SecondaryTarget(self)
 
     async def fast_reverse_restore(self) -> int:
         """C -> B: B becomes the last committed CG (failover). Returns grains copied."""
@@ -245,13 +228,16 @@ class Secondary:
 
 
 class SecondaryVolume(HostVolume):
-    def __init__(self, secondary: Secondary, name: str, read_only: bool) -> None:
+    """C, exported read-only."""
+
+    read_only = True
+
+    def __init__(self, secondary: Secondary, name: str) -> None:
         b = secondary.b[secondary._vi(name)]
         self.secondary = secondary
         self.name = name
         self.size_bytes = b.info.size_bytes
         self.block_size = b.info.block_size
-        self.read_only = read_only
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self.secondary.read_c(self.name, offset, length)
@@ -270,8 +256,8 @@ class SecondaryVolume(HostVolume):
 
 
 class SecondaryTarget(HostTarget):
-    def __init__(self, secondary: Secondary, read_only: bool = True) -> None:
-        self._volumes = {n: SecondaryVolume(secondary, n, read_only) for n in secondary.names}
+    def __init__(self, secondary: Secondary) -> None:
+        self._volumes = {n: SecondaryVolume(secondary, n) for n in secondary.names}
 
     def volumes(self) -> dict[str, HostVolume]:
         return self._volumes

@@ -200,8 +200,7 @@ class JitterRemote(LocalRemote):
 def jitter_rig(rig: Rig, rng) -> None:
     """Put every device and the link of a (not yet started) rig behind jitter."""
     p, s = rig.primary, rig.secondary
-    p.devices = [JitterDevice(d, rng) for d in p.devices]
-    p.destager.devices = p.devices
+    p.devices[:] = [JitterDevice(d, rng) for d in p.devices]  # the list the destager shares
     s.b = [JitterDevice(d, rng) for d in s.b]
     s.c = [JitterDevice(d, rng) for d in s.c]
     s.fc.b, s.fc.c = s.b, s.c

@@ -11,7 +11,7 @@ from firmware_doubles import make_rig, settle, spy_rig_remote
 
 from firmware.cg import Phase
 from firmware.crashpoints import CrashPoints
-from firmware.primary import BEFORE_OOS_CLEAR
+from firmware.drain import BEFORE_OOS_CLEAR
 
 pytestmark = pytest.mark.timeout(60)
 T = 65536

@@ -132,7 +132,7 @@ def test_c_is_the_last_commit_before_the_first_after_an_abort_and_across_a_resta
 
 def test_a_write_whose_only_evictable_slot_is_its_own_track_waits_instead_of_failing():
     """CacheFull ('all N cache slots hold dirty or new images') from allocate
-    inside _land, the host saw EIO. Root cause (fixed in 1126894, this pins
+    inside HostPath.land, the host saw EIO. Root cause (fixed in 1126894, this pins
     it): the room check counted the write's own clean images as evictable,
     but landing applies to them first (making them dirty), so the allocation
     for the next track of the same write found nothing to evict. A write must
@@ -187,14 +187,14 @@ class Workload:
         self.wid = 0
         self.busy: dict[tuple[int, int], asyncio.Future] = {}
         self.problems: list[str] = []
-        land = p._land
+        land = p.host.land
 
         async def landing(vi, offset, mv):
             await land(vi, offset, mv)
             s = offset // SECTOR
             self.content[vi][s : s + mv.nbytes // SECTOR] = ids(bytes(mv))
 
-        p._land = landing
+        p.host.land = landing
         p.events.subscribe(self._on_event)
 
     def _on_event(self, ev) -> None:

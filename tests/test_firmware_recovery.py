@@ -7,15 +7,11 @@ import asyncio
 import pytest
 from firmware_doubles import Crash, make_rig, settle
 
+from firmware.cgcycle import AFTER_COMMIT, AFTER_PREPARE
+from firmware.drain import BEFORE_OOS_CLEAR, MID_DRAIN
 from firmware.errors import NvramError
-from firmware.primary import (
-    AFTER_CACHE_WRITE,
-    AFTER_COMMIT,
-    AFTER_PREPARE,
-    BEFORE_OOS_CLEAR,
-    MID_DRAIN,
-    Primary,
-)
+from firmware.hostpath import AFTER_CACHE_WRITE
+from firmware.primary import Primary
 
 pytestmark = pytest.mark.timeout(60)
 T = 65536
@@ -79,9 +75,8 @@ def test_unformatted_or_mismatched_nvram_is_a_clear_error():
         with pytest.raises(NvramError, match="no readable header"):
             await rig.reopen_primary()
         from drivers.mem import open as open_mem
-        other = Primary({"vol0": open_mem("mem://?size=8MiB")}, rig.pnv, rig.clock, rig.params, rig.remote)
         rig2 = await make_rig()
-        other.nvram = rig2.pnv
+        other = Primary({"vol0": open_mem("mem://?size=8MiB")}, rig2.pnv, rig.clock, rig.params, rig.remote)
         with pytest.raises(NvramError, match="formatted for volumes"):
             await other.open()
     asyncio.run(main())

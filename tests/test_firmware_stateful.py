@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from firmware.cg import Phase
 from firmware.crashpoints import CrashPoints
-from firmware.primary import AFTER_RECORDING_ON
+from firmware.cgcycle import AFTER_RECORDING_ON
 
 TRACK = 4096
 TRACKS = 16
@@ -69,14 +69,14 @@ class MirrorMachine(RuleBasedStateMachine):
         asyncio.set_event_loop(None)
 
     def _wire(self, p) -> None:
-        orig = p._land
+        orig = p.host.land
 
         async def land(vi, offset, mv):
             await orig(vi, offset, mv)  # returns right after landing, with no await in between
             s = offset // 512
             self.content[vi][s : s + mv.nbytes // 512] = ids(bytes(mv))
 
-        p._land = land
+        p.host.land = land
         cps = CrashPoints(lambda name: setattr(self, "pending_cut",
                                                {v: list(self.content[v]) for v in range(2)}))
         p.crashpoints = cps
@@ -180,7 +180,7 @@ class MirrorMachine(RuleBasedStateMachine):
             assert prim[v] == self.content[v]
             assert all(prim[v][s] >= self.acked_min[v][s] for s in range(SECTORS)), "acked write lost"
             assert c[v] == self.cut[v], "C is not the cut of the last committed CG"
-            inflight = {t for (vi, t) in p._inflight if vi == v}
+            inflight = {t for (vi, t) in p.cycle.drainer.inflight if vi == v}
             for t in range(TRACKS):
                 if t in p.oos[v] or t in p.cr[v] or t in inflight:
                     continue

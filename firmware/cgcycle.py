@@ -1,0 +1,391 @@
+"""Where a consistency group forms: the steps of one CG, how one fails, and
+the loop that forms them one after another (DESIGN.md section 1, "Cycle").
+
+A CG: quiesce (hold acks) -> CR created, acks released (``run``) -> drain
+every OOS track (firmware/drain.py) -> two-phase commit at the secondary ->
+swap (CR becomes OOS). The phase table is firmware/cg.py; the side effects
+of entering each phase are the ``_enter_*`` methods here, and nowhere else.
+
+How a failure travels: whoever sees it (the drain timer, the quiesce timer,
+a send-first write, an operator) calls ``request_fail``. While ``form_cg``
+runs a CG body, that only resolves ``form_cg``'s fail future: ``form_cg``
+cancels the body and fails the machine itself, so the fold back happens
+once, in the task that owns the CG. With no body running (tests that step
+by hand) ``request_fail`` fails the machine at once. Entering idle on a
+failure opens the gate, folds CR back into OOS, and wakes everyone waiting
+for the CG to end (``wait_cg_end``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from firmware import crashpoints as cp
+from firmware.cg import CgMachine, Event, Phase
+from firmware.copystate import CopyState, CopyStateMachine
+from firmware.crashpoints import CrashPoints
+from firmware.drain import LINK_ERRORS, Drainer
+from firmware.errors import CgFailed, InvalidTransition
+from firmware.events import EventBus
+from firmware.layout import PHASE_CODES
+from firmware.params import SessionParams
+from firmware.quiesce import QuiesceGate
+from firmware.region import PrimaryRegion
+from firmware.remote import RemoteError, RemotePort, RemoteState
+from firmware.volumes import Volumes
+from hal.clock import Clock
+
+log = logging.getLogger(__name__)
+
+BEFORE_COMMIT = cp.declare("primary.before_commit", "drain done, prepare not yet sent")
+AFTER_PREPARE = cp.declare("primary.after_prepare", "the secondary prepared; commit not yet sent")
+AFTER_RECORDING_ON = cp.declare("primary.after_recording_on", "CR exists, held acks not yet released")
+AFTER_COMMIT = cp.declare("primary.after_commit", "the secondary committed; the swap is not yet recorded")
+
+
+class CgCycle:
+    def __init__(self, volumes: Volumes, region: PrimaryRegion, remote: RemotePort, params: SessionParams,
+                 clock: Clock, events: EventBus, crashpoints: CrashPoints, session: CopyStateMachine,
+                 session_id: str) -> None:
+        self.volumes = volumes
+        self.region = region
+        self.remote = remote
+        self.params = params
+        self.clock = clock
+        self.events = events
+        self.crashpoints = crashpoints
+        self.session = session
+        self.session_id = session_id
+        self.gate = QuiesceGate(clock)
+        self.machine = CgMachine({Phase.IDLE: self._enter_idle, Phase.QUIESCING: self._enter_quiescing,
+                                  Phase.DRAINING: self._enter_draining,
+                                  Phase.COMMITTING: self._enter_committing})
+        self.drainer = Drainer(volumes, region, remote, crashpoints, self.in_cg, self.link_lost)
+        # Hook for a session master: awaited between quiesce and run (subordinates switch to CR).
+        self.coordinate: Callable[[], Awaitable[None]] | None = None
+        self.seq = 0
+        self.remote_committed = 0
+        self.connected = False  # hello done on the current link; False: say hello before the next CG
+        self.total_loop_errors = 0  # unexpected errors the CG loop survived (each logged)
+        self.last_write_wall = 0.0
+        self.cut_wall = 0.0
+        self.stopping = False
+        self.loop_task: asyncio.Task | None = None
+        self.kick: asyncio.Event | None = None
+        self._write_seen: asyncio.Event | None = None
+        self._fail_fut: asyncio.Future | None = None
+        self._fail_reason = ""
+        self.body: asyncio.Task | None = None
+        self._bg: set[asyncio.Task] = set()
+        self._cg_end_waiters: list[asyncio.Future] = []
+        self._cg_started = 0.0
+
+    def in_cg(self, seq: int) -> bool:
+        """CG ``seq`` is the one being formed and recording is on."""
+        return self.machine.recording and seq == self.seq
+
+    def note_write(self) -> None:
+        """A host write landed (the interval wait wakes for it)."""
+        self.last_write_wall = self.clock.wall()
+        if self._write_seen is not None:
+            self._write_seen.set()
+
+    def arm(self) -> None:
+        """Create the loop's events (in the running loop)."""
+        self.kick = asyncio.Event()
+        self._write_seen = asyncio.Event()
+        self.stopping = False
+
+    # ================================================================ the pair
+    async def connect(self) -> RemoteState:
+        """Hello: learn what the secondary holds; a new (or emptied) secondary
+        gets a full copy (every OOS bit set)."""
+        try:
+            state = await self.remote.connect(self.session_id, self.volumes.geometry())
+        except RemoteError as e:
+            self.connected = False
+            self.session.to(CopyState.FATAL, reason=str(e))
+            raise
+        except LINK_ERRORS:
+            self.connected = False
+            raise
+        self.connected = True
+        self.remote_committed = state.committed_cg
+        if state.new or state.committed_cg < self.region.record["committed_seq"]:
+            if self.machine.phase is not Phase.IDLE:
+                self.fail_now("full copy requested by the secondary", Event.FAIL)
+            for bm in self.region.oos:
+                bm.set_range(0, bm.tracks)
+            self.events.emit("change", "session", full_copy=True,
+                             tracks=sum(b.tracks for b in self.region.oos))
+        return state
+
+    def link_lost(self) -> None:
+        self.connected = False
+
+    # ================================================================ the steps
+    async def quiesce(self) -> int:
+        """Step 1: hold write acknowledgements (START). Returns the CG sequence."""
+        self.machine.handle(Event.START)
+        return self.seq
+
+    async def drain(self, limit: int | None = None) -> bool:
+        """Step 3: send OOS tracks (at most ``limit``; all when None) with
+        ``drain_inflight`` in flight. True when OOS is empty."""
+        if self.machine.phase is not Phase.DRAINING:
+            raise InvalidTransition(self.machine.phase, "drain")
+        await self.drainer.drain(self.seq, self.params.drain_inflight, limit)
+        return self.region.oos_tracks() == 0
+
+    async def commit_cg(self) -> None:
+        """Steps 4 and 5: two-phase commit at the secondary, then the swap."""
+        seq = self.seq
+        if self.machine.phase is Phase.DRAINING:
+            if self.region.oos_tracks():
+                raise CgFailed(f"CG {seq}: {self.region.oos_tracks()} OOS tracks not drained")
+            await self.remote.drain_done(seq)
+            self.machine.handle(Event.DRAINED)
+        elif self.machine.phase is not Phase.COMMITTING:
+            raise InvalidTransition(self.machine.phase, Event.DRAINED)
+        self.crashpoints.hit(BEFORE_COMMIT)
+        await self.remote.prepare(seq)
+        self.crashpoints.hit(AFTER_PREPARE)
+        await self.remote.commit(seq)
+        self.crashpoints.hit(AFTER_COMMIT)
+        self.remote_committed = seq
+        self.machine.handle(Event.COMMITTED)
+
+    # ================================================================ one whole CG
+    async def form_cg(self) -> bool:
+        """One whole CG with the timers, as the CG loop runs it. True if committed."""
+        self._fail_fut = asyncio.get_running_loop().create_future()
+        body = self.body = asyncio.ensure_future(self._cg_body())
+        try:
+            await asyncio.wait({body, self._fail_fut}, return_when=asyncio.FIRST_COMPLETED)
+            if not body.done():
+                body.cancel()
+                await asyncio.gather(body, return_exceptions=True)
+            if not body.cancelled() and body.exception() is None:
+                return body.result()
+            if self._fail_fut.done():
+                reason, event = self._fail_fut.result()
+            else:
+                exc = body.exception() if not body.cancelled() else CgFailed("cancelled")
+                reason, event = f"{type(exc).__name__}: {exc}", Event.FAIL
+                if isinstance(exc, LINK_ERRORS):
+                    self.link_lost()
+            if self.machine.phase is not Phase.IDLE:
+                self.fail_now(reason, event)
+            return False
+        finally:
+            self._fail_fut = None
+            self.body = None
+            waiters, self._cg_end_waiters = self._cg_end_waiters, []
+            for f in waiters:
+                if not f.done():
+                    f.set_result(None)
+
+    async def _cg_body(self) -> bool:
+        # The body runs a loop iteration after form_cg created it: a pause (or
+        # suspend) that came in between found the machine idle and reported
+        # Paused at once, so no CG may start now (the demo reads C then).
+        if self.session.state is not CopyState.RUNNING or self.stopping:
+            return False
+        await self.quiesce()
+        if self.coordinate is not None:
+            await self.coordinate()
+        else:
+            await asyncio.sleep(0)  # writes already accepted land before CR exists
+        self.machine.handle(Event.RECORDING_ON)
+        timer = None
+        consecutive = self.region.record["consecutive"]
+        if consecutive < self.params.max_failures_before_untimed:
+            timer = self.clock.call_later(self.params.max_drain_s,
+                                          lambda: self.request_fail("max drain time exceeded", Event.TIMEOUT))
+        else:
+            log.info("CG %d drains without the timer after %d failures", self.seq, consecutive)
+        try:
+            await self.drain()
+        finally:
+            if timer is not None:
+                timer.cancel()
+        await self.commit_cg()
+        return True
+
+    # ================================================================ failing a CG
+    def request_fail(self, reason: str, event: Event = Event.FAIL) -> None:
+        """Fail the CG being formed (callable from timers and other tasks)."""
+        if self.machine.phase is Phase.IDLE:
+            return
+        if self._fail_fut is not None:
+            if not self._fail_fut.done():
+                self._fail_fut.set_result((reason, event))
+            return
+        self.fail_now(reason, event)
+
+    def fail_now(self, reason: str, event: Event) -> None:
+        """Fail the machine here and now, and tell the secondary in the background."""
+        seq = self.seq
+        self._fail_reason = reason
+        self.machine.handle(event)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # failed from a timer outside the loop: the next CG's prepare supersedes it
+            return
+        task = loop.create_task(self._abort_remote(seq))
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _abort_remote(self, seq: int) -> None:
+        try:
+            await self.remote.abort(seq)
+        except Exception as e:  # noqa: BLE001 - best effort: C keeps the last commit anyway
+            log.info("abort of CG %d not delivered: %s", seq, e)
+
+    async def fail(self, reason: str) -> None:
+        """Fail the CG in flight and return once it has ended (operator, suspend)."""
+        if self.machine.phase is Phase.IDLE:
+            raise InvalidTransition(Phase.IDLE, Event.FAIL)
+        if self.body is not None and self._fail_fut is not None:
+            fut = asyncio.get_running_loop().create_future()
+            self._cg_end_waiters.append(fut)
+            self.request_fail(reason, Event.FAIL)
+            await fut
+        else:
+            self.fail_now(reason, Event.FAIL)
+
+    async def wait_cg_end(self) -> None:
+        if self.machine.phase is Phase.IDLE:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._cg_end_waiters.append(fut)
+        if self.body is None:  # no runner will wake us: failing is synchronous in that case
+            return
+        await fut
+
+    async def settle(self) -> None:
+        """Wait for background aborts (stop)."""
+        for t in list(self._bg):
+            await asyncio.gather(t, return_exceptions=True)
+
+    # ================================================================ phase side effects
+    def _enter_quiescing(self, event: Event) -> None:
+        self.seq = max(self.seq, self.region.record["seq"], self.remote_committed) + 1
+        self.drainer.cg_tracks = 0
+        self._cg_started = self.clock.now()
+        self.gate.close(self.params.max_coord_ms / 1000.0,
+                        lambda: self.request_fail("max coordination time exceeded", Event.TIMEOUT))
+        self.region.save(seq=self.seq, phase=PHASE_CODES["quiescing"], start_wall=self.clock.wall())
+        self.events.emit("create", "cg", seq=self.seq, phase="quiescing")
+
+    def _enter_draining(self, event: Event) -> None:
+        # Creating CR: one record write flips recording on (the CR area is
+        # pre-allocated and empty). Only then are the held acks released.
+        self.cut_wall = self.clock.wall()
+        self.region.save(phase=PHASE_CODES["draining"], recording=1)
+        self.crashpoints.hit(AFTER_RECORDING_ON)
+        held = self.gate.open()
+        self.events.emit("change", "cg", seq=self.seq, phase="draining", held_ms=held,
+                         oos_tracks=self.region.oos_tracks())
+
+    def _enter_committing(self, event: Event) -> None:
+        self.region.save(phase=PHASE_CODES["committing"])
+        self.events.emit("change", "cg", seq=self.seq, phase="committing")
+
+    def _enter_idle(self, event: Event) -> None:
+        rec = self.region.record
+        if event is Event.COMMITTED:
+            sel = self.region.swap()
+            self.region.save(phase=0, recording=0, oos_select=sel, committed_seq=self.seq, cut_wall=self.cut_wall,
+                             commit_wall=self.clock.wall(), successful=rec["successful"] + 1, consecutive=0)
+            self.events.emit("destroy", "cg", seq=self.seq, result="committed", tracks=self.drainer.cg_tracks,
+                             cycle_s=self.clock.now() - self._cg_started)
+        else:
+            self.gate.open()
+            self.region.fold_back()
+            self.region.save(phase=0, recording=0, failed=rec["failed"] + 1, consecutive=rec["consecutive"] + 1)
+            log.info("CG %d failed: %s", self.seq, self._fail_reason)
+            self.events.emit("destroy", "cg", seq=self.seq, result="failed", reason=self._fail_reason)
+        if self.session.state is CopyState.PAUSING:
+            self.session.to(CopyState.PAUSED)
+
+    # ================================================================ the CG loop
+    def start_loop(self) -> None:
+        self.loop_task = asyncio.ensure_future(self._loop())
+
+    async def stop_loop(self) -> None:
+        self.stopping = True
+        if self.loop_task is not None:
+            if self.body is not None and not self.body.done():
+                self.request_fail("stopping", Event.FAIL)
+            self.loop_task.cancel()
+            await asyncio.gather(self.loop_task, return_exceptions=True)
+            self.loop_task = None
+        if self.body is not None and not self.body.done():
+            self.body.cancel()
+            await asyncio.gather(self.body, return_exceptions=True)
+        if self.machine.phase is not Phase.IDLE:
+            self.fail_now("stopping", Event.FAIL)
+
+    async def _loop(self) -> None:
+        while not self.stopping:
+            try:
+                await self._loop_step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the loop must outlive any one CG's bug
+                # A silent death of this task left a primary that never formed
+                # another CG (link "down", phase idle). Log it, fail the CG in
+                # flight so CR folds back into OOS, and go on.
+                log.exception("CG loop: unexpected error in CG %d; failing it and going on", self.seq)
+                self.total_loop_errors += 1
+                if self.machine.phase is not Phase.IDLE:
+                    try:
+                        self.fail_now("internal error", Event.FAIL)
+                    except Exception:  # noqa: BLE001
+                        log.exception("CG loop: could not fail CG %d", self.seq)
+                self.link_lost()  # reconnect and say hello again before the next CG
+                await self.clock.sleep(0.5)
+
+    async def _loop_step(self) -> None:
+        """One turn of the CG loop: connect if needed, form one CG, wait the interval."""
+        if self.session.state is not CopyState.RUNNING:
+            self.kick.clear()
+            await self.kick.wait()
+            return
+        if not self.connected:
+            try:
+                await self.connect()
+            except RemoteError:
+                return
+            except LINK_ERRORS:
+                await self.clock.sleep(1.0)
+                return
+        rec = self.region.record
+        before = rec["successful"] + rec["failed"]
+        committed = await self.form_cg()
+        if rec["successful"] + rec["failed"] == before:
+            await self.clock.sleep(0.1)  # the CG did not even start
+        if self.session.state is CopyState.PAUSING:
+            self.session.to(CopyState.PAUSED)
+        if not committed and not self.connected:
+            return
+        await self._interval_wait(committed)
+
+    async def _interval_wait(self, committed: bool) -> None:
+        interval = self.params.cg_interval_s
+        if interval > 0:
+            await self.clock.sleep(interval)
+            return
+        if committed and not self.region.oos_tracks() and self.last_write_wall <= self.cut_wall:
+            # Nothing written since the cut: wait for a write (or a second) instead of spinning.
+            self._write_seen.clear()
+            waiter = asyncio.ensure_future(self._write_seen.wait())
+            sleeper = asyncio.ensure_future(self.clock.sleep(1.0))
+            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            sleeper.cancel()
+        else:
+            await asyncio.sleep(0)

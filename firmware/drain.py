@@ -1,0 +1,140 @@
+"""Sending old images: how a track of the CG being formed reaches the
+secondary (DESIGN.md section 1, steps 3 and the collision policies).
+
+The old image of a track is what it holds for the CG being formed: its
+cache image without any new image, over A's data. ``send_old`` sends one
+such track and, once the secondary has it, discards the old image (claim 7)
+and clears OOS (claim 9). ``drain`` sends every OOS track with a bounded
+number in flight; a send-first host write (claim 3) calls ``send_old`` for
+its own tracks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from firmware import crashpoints as cp
+from firmware.crashpoints import CrashPoints
+from firmware.errors import CgFailed
+from firmware.layout import SECTOR_BYTES
+from firmware.region import PrimaryRegion
+from firmware.remote import RemotePort
+from firmware.volumes import Volumes
+
+MID_DRAIN = cp.declare("primary.mid_drain", "a drain track was read, not yet sent")
+BEFORE_OOS_CLEAR = cp.declare("primary.before_oos_clear", "a drained track was sent, its OOS bit not yet cleared")
+
+LINK_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError)
+
+
+class Drainer:
+    """``in_cg(seq)`` says whether CG ``seq`` is still being formed with
+    recording on (the only time an OOS track has an old image to send);
+    ``on_link_error`` is told when a send lost the link."""
+
+    def __init__(self, volumes: Volumes, region: PrimaryRegion, remote: RemotePort, crashpoints: CrashPoints,
+                 in_cg: Callable[[int], bool], on_link_error: Callable[[], None]) -> None:
+        self.volumes = volumes
+        self.region = region
+        self.remote = remote
+        self.crashpoints = crashpoints
+        self.in_cg = in_cg
+        self.on_link_error = on_link_error
+        self.inflight: dict[tuple[int, int], asyncio.Future] = {}
+        self.drain_bytes = 0  # bytes sent, in total
+        self.cg_tracks = 0  # tracks sent for the CG being formed
+
+    async def compose_old(self, vi: int, t: int) -> bytes:
+        """The track as it belongs to the CG being formed: the old image over A."""
+        cache = self.region.cache
+        length = self.volumes.track_len(vi, t)
+        dev = self.volumes.devices[vi]
+        bs = dev.info.block_size
+        nsect = (length + SECTOR_BYTES - 1) // SECTOR_BYTES
+        while True:
+            cur, _ = cache.images(vi, t)
+            if cache.fully_valid(cur, nsect):
+                out = bytearray(length)
+            else:
+                out = bytearray(await dev.read(t * self.volumes.track_bytes // bs, (length + bs - 1) // bs))
+                if cache.images(vi, t)[0] is not cur:
+                    continue
+            cache.overlay(vi, t, out, 0, 0, length, include_new=False)
+            return bytes(out)
+
+    def _still_owed(self, vi: int, t: int, seq: int) -> bool:
+        return self.in_cg(seq) and self.region.oos[vi].test(t)
+
+    async def send_old(self, vi: int, t: int, seq: int) -> None:
+        """Send the old image of one OOS track of CG ``seq``. Concurrent
+        callers for the same track share one send.
+
+        Only a track whose OOS bit is still set in the CG being formed has an
+        old image: once a send cleared the bit, a write lands on the track's
+        (now only) image and records in CR, so sending the track again would
+        put a write of the next CG into B under this one. A caller that
+        decided to send before awaiting (a drain worker, a send-first write
+        with several tracks) is re-checked here, after any shared send."""
+        key = (vi, t)
+        while (fut := self.inflight.get(key)) is not None:
+            await asyncio.shield(fut)
+        if not self._still_owed(vi, t, seq):
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self.inflight[key] = fut
+        try:
+            data = await self.compose_old(vi, t)
+            self.crashpoints.hit(MID_DRAIN)
+            await self.remote.send_track(self.volumes.names[vi], t, seq, data)
+            self.crashpoints.hit(BEFORE_OOS_CLEAR)
+            if self._still_owed(vi, t, seq):
+                self.region.cache.promote(vi, t)
+                self.region.oos[vi].clear(t)
+                self.drain_bytes += len(data)
+                self.cg_tracks += 1
+            fut.set_result(None)
+        except BaseException as e:
+            fut.set_exception(e if isinstance(e, Exception) else CgFailed("drain interrupted"))
+            fut.exception()  # retrieved: waiters re-raise it, nobody else must
+            if isinstance(e, LINK_ERRORS):
+                self.on_link_error()
+            raise
+        finally:
+            self.inflight.pop(key, None)
+
+    async def drain(self, seq: int, workers: int, limit: int | None = None) -> None:
+        """Send OOS tracks of CG ``seq`` (at most ``limit``; all when None)
+        with ``workers`` sends in flight, while the CG is being formed. The
+        first failed send fails the drain and is raised as itself."""
+        oos = self.region.oos
+        cursor = [0, 0]
+        budget = [limit]
+
+        def next_track() -> tuple[int, int] | None:
+            while cursor[0] < len(oos):
+                vi, t = cursor
+                found = oos[vi].next_set(t)
+                if found >= 0:
+                    cursor[1] = found + 1
+                    return vi, found
+                cursor[0], cursor[1] = vi + 1, 0
+            return None
+
+        async def worker() -> None:
+            while self.in_cg(seq):
+                if budget[0] is not None:
+                    if budget[0] <= 0:
+                        return
+                    budget[0] -= 1
+                item = next_track()
+                if item is None:
+                    return
+                await self.send_old(item[0], item[1], seq)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(workers):
+                    tg.create_task(worker())
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None
