@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 
 from firmware import crashpoints as cp
-from firmware.cache import Destager
 from firmware.cgcycle import CgCycle
 from firmware.crashpoints import CrashPoints
+from firmware.destage import Destager
 from firmware.errors import CacheFull
 from firmware.layout import SECTOR_BYTES, STATE_CUR, STATE_NEW
 from firmware.params import SessionParams

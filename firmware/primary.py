@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from firmware.cache import Destager
 from firmware.cg import Event, Phase
 from firmware.cgcycle import CgCycle
 from firmware.copystate import CopyState, CopyStateMachine
 from firmware.crashpoints import CrashPoints
+from firmware.destage import Destager
 from firmware.drain import LINK_ERRORS
 from firmware.errors import CgFailed, InvalidTransition, NvramError
 from firmware.events import EventBus
@@ -103,7 +103,8 @@ class Primary:
 
     @property
     def link_up(self) -> bool:
-        return self.cycle.connected
+        """The link is up (the remote's word) and the pairing was said hello on it."""
+        return self.cycle.connected and self.remote.link_up
 
     # ================================================================ NVRAM
     async def open(self, format: bool = False) -> None:  # noqa: A002 - contract name
