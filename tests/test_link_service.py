@@ -17,6 +17,7 @@ from drivers import open_device, open_nvram
 from firmware import primary as primary_mod
 from firmware import protocol as p
 from firmware import secondary as secondary_mod
+from firmware.events import EventBus
 from firmware.remote import VolumeGeometry
 from firmware.replication import HandshakeRefused, LinkRemote, ReplicationService
 from hal.link import LinkDown
@@ -44,13 +45,15 @@ class Site:
             for v in geometry
         }
         self.nvram = open_nvram(f"nvram://{tmp_path}/s-{id(self)}.nvram?size=16MiB")
-        self.secondary = secondary_mod.Secondary(self.devices, self.nvram, _clock(), session_id=session_id)
+        self.events = EventBus()  # one bus for the secondary and its service, as the controller wires them
+        self.secondary = secondary_mod.Secondary(self.devices, self.nvram, _clock(), session_id=session_id,
+                                                 events=self.events)
         self.session_id = session_id
 
     async def start(self, secret=SECRET):
         await self.secondary.open(format=True)
         self.service = ReplicationService(self.secondary, secret, self.session_id,
-                                          random_bytes=random.Random(7).randbytes)
+                                          random_bytes=random.Random(7).randbytes, events=self.events)
         self.server = await listen_replication_links("127.0.0.1", 0, self.service.serve)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -388,6 +391,54 @@ def test_resync_after_drop_sends_only_oos_and_cr(tmp_path):
         assert total < full_copy_bytes
         await primary.stop(clean=True)
         await remote.close()
+        await site.close()
+        nvram.close()
+
+    run(main())
+
+
+def link_changes(events: EventBus) -> list[str]:
+    seen: list[str] = []
+    events.subscribe(lambda e: seen.append(e.fields["state"]) if (e.action, e.obj) == ("change", "link") else None)
+    return seen
+
+
+def test_link_changes_are_said_once_per_change_on_each_side(tmp_path):
+    """Primary and LinkRemote on one bus, Secondary and ReplicationService on
+    another (as the controllers wire them): across a drop and a reconnect each
+    bus says up and down alternately, never the same state twice in a row."""
+    from firmware.params import SessionParams
+    from hal.clock import AsyncioClock
+
+    async def main():
+        site = Site(tmp_path, geometry=[VolumeGeometry("vol0", 16 * TRACK, TRACK)])
+        secondary_side = link_changes(site.events)
+        await site.start()
+        plan = LinkFaultPlan()
+        primary_events = EventBus()
+        primary_side = link_changes(primary_events)
+        remote = site.remote(plan=plan, events=primary_events)
+        a = open_device(f"mem://?size={16 * TRACK}")
+        nvram = open_nvram(f"nvram://{tmp_path}/p.nvram?size=16MiB")
+        primary = primary_mod.Primary({"vol0": a}, nvram, AsyncioClock(), SessionParams(track_bytes=TRACK), remote,
+                                      session_id="test", events=primary_events)
+        await primary.open(format=True)
+        await primary.start()
+        await wait_until(lambda: primary.status()["total_successful_cgs"] >= 1)
+        assert primary_side == ["up"] and secondary_side == ["up"]
+
+        plan.seen, plan.drop_after = 0, 0  # the next frame either way breaks the link
+        await wait_until(lambda: primary_side[-1:] == ["down"] and secondary_side[-1:] == ["down"])
+        plan.drop_after = None
+        ok = primary.status()["total_successful_cgs"]
+        await wait_until(lambda: primary.status()["total_successful_cgs"] > ok, 30)
+        assert primary.status()["link"] == "up" and remote.link_up and site.service.link_up
+        await primary.stop(clean=True)
+        await remote.close()
+        await wait_until(lambda: not site.service.link_up)
+        for seen in (primary_side, secondary_side):
+            assert seen[0] == "up" and seen[-1] == "down" and len(seen) >= 4, seen
+            assert all(a != b for a, b in zip(seen, seen[1:], strict=False)), seen
         await site.close()
         nvram.close()
 
