@@ -13,8 +13,13 @@ that a full copy is due.
 
 ``ReplicationService`` is the secondary's side: it runs the handshake
 (version, mutual HMAC challenge, session, geometry) and answers frames by
-calling the Secondary. A peer that fails the handshake or sends a bad
-frame gets an ERROR frame and is closed, before anything touches B or C.
+calling a ``SecondaryPort`` (the Secondary). A peer that fails the
+handshake or sends a bad frame gets an ERROR frame and is closed, before
+anything touches B or C.
+
+Each of the two alone owns its side's link state: it emits the ``change
+link`` events (state up/down), once per change, so a reconnect reads down
+then up. The primary reads ``LinkRemote.link_up`` rather than keeping a copy.
 
 Nonces come from a caller-supplied ``random_bytes`` and time from a hal
 Clock, so the firmware stays deterministic under test.
