@@ -295,6 +295,7 @@ class CgCycle:
         self.events.emit("change", "cg", seq=self.seq, phase="committing")
 
     def _enter_idle(self, event: Event) -> None:
+        self.drainer.cg_ended()
         rec = self.region.record
         if event is Event.COMMITTED:
             sel = self.region.swap()

@@ -4,9 +4,16 @@ secondary (DESIGN.md section 1, steps 3 and the collision policies).
 The old image of a track is what it holds for the CG being formed: its
 cache image without any new image, over A's data. ``send_old`` sends one
 such track and, once the secondary has it, discards the old image (claim 7)
-and clears OOS (claim 9). ``drain`` sends every OOS track with a bounded
+and marks the track *sent*. ``drain`` sends every OOS track with a bounded
 number in flight; a send-first host write (claim 3) calls ``send_old`` for
 its own tracks.
+
+The durability barrier: the secondary writes B through its volatile cache,
+so "the secondary has it" is not yet "a power cut keeps it". A sent track
+keeps its OOS bit until ``sync`` has made B durable for the batch; only
+then are the bits cleared (claim 9: a cleared bit is never sent again). A
+CG that fails before its sync leaves the bits set, and the next CG resends.
+A sent track is owed nothing more in this CG: writes to it record in CR.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ from firmware.remote import RemotePort
 from firmware.volumes import Volumes
 
 MID_DRAIN = cp.declare("primary.mid_drain", "a drain track was read, not yet sent")
-BEFORE_OOS_CLEAR = cp.declare("primary.before_oos_clear", "a drained track was sent, its OOS bit not yet cleared")
+BEFORE_OOS_CLEAR = cp.declare("primary.before_oos_clear", "drained tracks are durable in B, their OOS bits not yet cleared")
 
 LINK_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError)
+SYNC_BATCH = 256  # tracks sent between two syncs of B (16 MiB of 64 KiB tracks)
 
 
 class Drainer:
@@ -42,6 +50,8 @@ class Drainer:
         self.in_cg = in_cg
         self.on_link_error = on_link_error
         self.inflight: dict[tuple[int, int], asyncio.Future] = {}
+        self.sent: set[tuple[int, int]] = set()  # sent in the CG being formed, OOS bit set until sync
+        self._syncing: asyncio.Future | None = None
         self.drain_bytes = 0  # bytes sent, in total
         self.cg_tracks = 0  # tracks sent for the CG being formed
 
@@ -63,8 +73,46 @@ class Drainer:
             cache.overlay(vi, t, out, 0, 0, length, include_new=False)
             return bytes(out)
 
+    def owes(self, vi: int, t: int) -> bool:
+        """Track t of volume vi has an old image still to send in this CG."""
+        return self.region.oos[vi].test(t) and (vi, t) not in self.sent
+
     def _still_owed(self, vi: int, t: int, seq: int) -> bool:
-        return self.in_cg(seq) and self.region.oos[vi].test(t)
+        return self.in_cg(seq) and self.owes(vi, t)
+
+    def unsent(self) -> int:
+        """OOS tracks not yet sent in this CG (all OOS tracks outside a CG)."""
+        return self.region.oos_tracks() - len(self.sent)
+
+    def cg_ended(self) -> None:
+        """The CG ended: what was sent and not synced stays in OOS, to be resent."""
+        self.sent.clear()
+
+    async def sync(self, seq: int) -> None:
+        """Make B durable for every track sent so far, then clear their OOS
+        bits (unless the CG ended meanwhile: then they stay, and are resent).
+        Concurrent callers share one sync per batch."""
+        while self._syncing is not None:
+            await asyncio.shield(self._syncing)
+        batch = set(self.sent)
+        if not batch or not self.in_cg(seq):
+            return
+        self._syncing = asyncio.get_running_loop().create_future()
+        try:
+            await self.remote.sync(seq)
+            self.crashpoints.hit(BEFORE_OOS_CLEAR)
+            if self.in_cg(seq):
+                oos = self.region.oos
+                for vi, t in batch:
+                    oos[vi].clear(t)
+                self.sent -= batch
+        except BaseException as e:
+            if isinstance(e, LINK_ERRORS):
+                self.on_link_error()
+            raise
+        finally:
+            self._syncing.set_result(None)
+            self._syncing = None
 
     async def send_old(self, vi: int, t: int, seq: int) -> None:
         """Send the old image of one OOS track of CG ``seq``. Concurrent
@@ -87,10 +135,9 @@ class Drainer:
             data = await self.compose_old(vi, t)
             self.crashpoints.hit(MID_DRAIN)
             await self.remote.send_track(self.volumes.names[vi], t, seq, data)
-            self.crashpoints.hit(BEFORE_OOS_CLEAR)
             if self._still_owed(vi, t, seq):
                 self.region.cache.promote(vi, t)
-                self.region.oos[vi].clear(t)
+                self.sent.add(key)
                 self.drain_bytes += len(data)
                 self.cg_tracks += 1
             fut.set_result(None)
@@ -105,7 +152,8 @@ class Drainer:
 
     async def drain(self, seq: int, workers: int, limit: int | None = None) -> None:
         """Send OOS tracks of CG ``seq`` (at most ``limit``; all when None)
-        with ``workers`` sends in flight, while the CG is being formed. The
+        with ``workers`` sends in flight, while the CG is being formed, then
+        sync them (a sync also follows every ``SYNC_BATCH`` sends). The
         first failed send fails the drain and is raised as itself."""
         oos = self.region.oos
         cursor = [0, 0]
@@ -115,10 +163,12 @@ class Drainer:
             while cursor[0] < len(oos):
                 vi, t = cursor
                 found = oos[vi].next_set(t)
-                if found >= 0:
-                    cursor[1] = found + 1
+                if found < 0:
+                    cursor[0], cursor[1] = vi + 1, 0
+                    continue
+                cursor[1] = found + 1
+                if (vi, found) not in self.sent:
                     return vi, found
-                cursor[0], cursor[1] = vi + 1, 0
             return None
 
         async def worker() -> None:
@@ -131,6 +181,8 @@ class Drainer:
                 if item is None:
                     return
                 await self.send_old(item[0], item[1], seq)
+                if len(self.sent) >= SYNC_BATCH and self._syncing is None:
+                    await self.sync(seq)
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -138,3 +190,4 @@ class Drainer:
                     tg.create_task(worker())
         except BaseExceptionGroup as group:
             raise group.exceptions[0] from None
+        await self.sync(seq)

@@ -73,6 +73,7 @@ class HostPath:
         (send-first sends, free slots), then land all tracks with no await."""
         cache = self.region.cache
         machine = self.cycle.machine
+        drainer = self.cycle.drainer
         tb = self.volumes.track_bytes
         first, last = offset // tb, (offset + mv.nbytes - 1) // tb
         force_send_first: set[int] = set()
@@ -80,14 +81,13 @@ class HostPath:
         while True:
             recording = machine.recording
             dual = self.params.collision_policy == "dual-image"
-            oos = self.region.oos[vi]
             to_send: list[int] = []
             plan: list[tuple[int, object, int]] = []  # (track, entry or None, state to allocate)
             allocs = 0
             new_allocs: list[int] = []
             for t in range(first, last + 1):
                 cur, new = cache.images(vi, t)
-                if recording and oos.test(t):
+                if recording and drainer.owes(vi, t):
                     if not dual or t in force_send_first:  # claim 3 (send-first)
                         to_send.append(t)
                     elif new is not None:  # claim 4: apply to the existing new image
@@ -127,15 +127,15 @@ class HostPath:
     async def _send_first(self, vi: int, tracks: list[int]) -> None:
         cycle = self.cycle
         seq = cycle.seq
-        for t in tracks:
-            try:
+        try:
+            for t in tracks:
                 await cycle.drainer.send_old(vi, t, seq)
                 self.send_first_sends += 1
-            except Exception as e:  # noqa: BLE001 - the CG fails; the write proceeds normally after
-                log.info("send-first of %s track %d failed (%s); failing the CG", self.volumes.names[vi], t, e)
-                cycle.request_fail(f"send-first failed: {e}")
-                await cycle.wait_cg_end()
-                return
+            await cycle.drainer.sync(seq)  # B durable and OOS cleared before the write lands
+        except Exception as e:  # noqa: BLE001 - the CG fails; the write proceeds normally after
+            log.info("send-first of %s tracks %s failed (%s); failing the CG", self.volumes.names[vi], tracks, e)
+            cycle.request_fail(f"send-first failed: {e}")
+            await cycle.wait_cg_end()
 
     async def _make_room(self, needed: int, pinned: set) -> None:
         cache = self.region.cache

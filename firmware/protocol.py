@@ -61,6 +61,7 @@ class Kind(enum.IntEnum):
     ACK = 9
     STATUS = 10
     ERROR = 11
+    SYNC = 12  # make B durable for everything sent so far (the OOS barrier)
 
 
 class ErrorCode(enum.IntEnum):
@@ -231,6 +232,13 @@ class DrainDone(Frame):
 
 
 @dataclass
+class Sync(Frame):
+    cg_seq: int
+    KIND = Kind.SYNC
+    BODY = _CgBody
+
+
+@dataclass
 class Prepare(Frame):
     cg_seq: int
     KIND = Kind.PREPARE
@@ -316,7 +324,7 @@ class _FrameBody(cs.Adapter):
 Body = cs.Switch(
     cs.this.kind,
     {cls.KIND.name: _FrameBody(cls) for cls in
-     (Hello, AuthChallenge, AuthResponse, Data, DrainDone, Prepare, Commit, Abort, Ack, Status, Error)},
+     (Hello, AuthChallenge, AuthResponse, Data, DrainDone, Sync, Prepare, Commit, Abort, Ack, Status, Error)},
     default=cs.Error,
 )
 

@@ -60,6 +60,12 @@ class RemotePort(abc.ABC):
         volume may be shorter) into B for the CG being formed."""
 
     @abc.abstractmethod
+    async def sync(self, cg_seq: int) -> None:
+        """Make every track sent so far durable in B (a power cut at the
+        secondary keeps them). The primary clears OOS bits only after this:
+        a track whose bit is cleared is never sent again."""
+
+    @abc.abstractmethod
     async def drain_done(self, cg_seq: int) -> None:
         """Every track of ``cg_seq`` has been sent."""
 
@@ -90,6 +96,8 @@ class SecondaryPort(Protocol):
     async def receive_track(self, volume: str, track: int, cg_seq: int, data: bytes) -> None:
         """Write one track image into B for ``cg_seq``."""
         ...
+
+    async def sync(self, cg_seq: int) -> None: ...
 
     async def drain_done(self, cg_seq: int) -> None: ...
 

@@ -383,6 +383,9 @@ class LinkRemote(RemotePort):
         self.stats["data_frames"] += 1
         self.stats["data_bytes"] += len(data)
 
+    async def sync(self, cg_seq: int) -> None:
+        await self._request(p.Sync(cg_seq=cg_seq))
+
     async def drain_done(self, cg_seq: int) -> None:
         await self._request(p.DrainDone(cg_seq=cg_seq))
 
@@ -434,6 +437,7 @@ class ReplicationService:
         # What each request frame asks of the secondary, decided once here.
         self._calls: dict[type[p.Frame], Callable[..., Awaitable[None]]] = {
             p.Data: secondary.receive_track,
+            p.Sync: secondary.sync,
             p.DrainDone: secondary.drain_done,
             p.Prepare: secondary.prepare,
             p.Commit: secondary.commit,

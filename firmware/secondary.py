@@ -160,6 +160,11 @@ class Secondary:
         self.received_tracks += 1
         self.received_bytes += n
 
+    async def sync(self, cg_seq: int) -> None:
+        """Every track received so far is durable in B once this returns."""
+        for b in self.b:
+            await b.flush()
+
     async def drain_done(self, cg_seq: int) -> None:
         self.events.emit("change", "cg", seq=cg_seq, phase="drained", role="secondary")
 
@@ -276,6 +281,9 @@ class LocalRemote(RemotePort):
     async def send_track(self, volume: str, track: int, cg_seq: int, data: bytes) -> None:
         self.sent_tracks += 1
         await self.secondary.receive_track(volume, track, cg_seq, bytes(data))
+
+    async def sync(self, cg_seq: int) -> None:
+        await self.secondary.sync(cg_seq)
 
     async def drain_done(self, cg_seq: int) -> None:
         await self.secondary.drain_done(cg_seq)

@@ -197,6 +197,9 @@ class RecordingRemote(RemotePort):
     async def send_track(self, volume, track, cg_seq, data) -> None:
         self.b[(volume, track)] = bytes(data)
 
+    async def sync(self, cg_seq) -> None:
+        return None
+
     async def drain_done(self, cg_seq) -> None:
         return None
 

@@ -182,6 +182,11 @@ class JitterRemote(LocalRemote):
         await super().send_track(volume, track, cg_seq, data)
         await self._yield()
 
+    async def sync(self, cg_seq):
+        await self._yield()
+        await super().sync(cg_seq)
+        await self._yield()
+
     async def drain_done(self, cg_seq):
         await self._yield()
         await super().drain_done(cg_seq)

@@ -222,8 +222,9 @@ def test_claims_7_17_27_old_image_discarded_and_oos_cleared_only_after_it_was_se
         assert await p.drain()
         # While being sent: old image content, OOS set, both images present.
         assert (4, True, True, True) in states
-        # Sent but not yet cleared: OOS still set, the old image not yet discarded.
-        assert seen == [(BEFORE_OOS_CLEAR, (True, True))]
+        # Sent and durable in B, OOS not yet cleared: the old image was discarded
+        # when the secondary had it (claim 7's order: discard, then clear OOS).
+        assert seen == [(BEFORE_OOS_CLEAR, (True, False))]
         # After: OOS clear; the new image is the only image and holds old sectors in its holes.
         cur, new = p.cache.images(0, 4)
         assert new is None and cur.valid.count() == 16 and not p.oos[0].test(4)

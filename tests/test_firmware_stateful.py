@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from firmware.cg import Phase
-from firmware.crashpoints import CrashPoints
 from firmware.cgcycle import AFTER_RECORDING_ON
+from firmware.crashpoints import CrashPoints
 
 TRACK = 4096
 TRACKS = 16

@@ -84,6 +84,9 @@ class FakeSecondary:
         await asyncio.sleep(0)
         self._note("receive_track", volume, track, cg_seq, data)
 
+    async def sync(self, cg_seq: int) -> None:
+        self._note("sync", cg_seq)
+
     async def drain_done(self, cg_seq: int) -> None:
         self._note("drain_done", cg_seq)
 
@@ -323,6 +326,7 @@ def test_an_in_process_remote_is_up_by_default():
             raise NotImplementedError
 
         async def send_track(self, volume, track, cg_seq, data): ...
+        async def sync(self, cg_seq): ...
         async def drain_done(self, cg_seq): ...
         async def prepare(self, cg_seq): ...
         async def commit(self, cg_seq): ...
