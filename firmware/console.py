@@ -5,7 +5,8 @@ delivers lines; ``CommandSet.execute`` parses one line against the single
 command table (``CommandSet._table``: each command holds its handler, bound
 once when the CommandSet is made), the handler calls the Primary or
 Secondary method, and a ``Reply`` comes back. ``help`` is generated from the
-same table, so a command cannot exist without its help text and usage.
+same table, so a command cannot exist without its help text and usage:
+adding a command is one row in ``CommandSet._table`` plus its handler.
 
 Rules every line obeys: a bad line (unknown command, wrong arguments, more
 than ``MAX_LINE_CHARS``, binary bytes, unbalanced quotes) gets one clear
@@ -15,33 +16,34 @@ any controller method runs; no exception escapes ``execute``.
 ``--json`` on any command gives one line of JSON with a stable shape:
 ``{"ok": true, "command": "...", "data": {...}}`` or
 ``{"ok": false, "command": "..." | null, "error": "..."}``.
+
+Here: the table, ``execute`` and the handlers. Beside it: console_grammar.py
+(``Command``, ``Arg``, how a line becomes one), console_events.py (the
+``events`` snapshot, ``EventStream``), console_format.py (text and JSON).
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import logging
-import math
 import re
-import shlex
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
+from firmware import console_format as fmt
+from firmware.console_events import EventStream, snapshot
+from firmware.console_grammar import BOTH, MAX_LINE_CHARS, Arg, Command, CommandError, Grammar
 from firmware.crashpoints import POINTS, UnknownCrashPoint
 from firmware.events import Event, EventBus
 
+# Importers (harness/console_session.py, tests, the fuzzer) take these from here.
+__all__ = ["MAX_LINE_CHARS", "CommandError", "CommandSet", "EventStream", "Reply"]
+
 log = logging.getLogger(__name__)
 
-MAX_LINE_CHARS = 4096
 MAP_CELLS = 64
-HELP_USAGE_CHARS = 40  # wider usages go on a line of their own in `help`
-STREAM_QUEUE_EVENTS = 4096  # events buffered for one slow events reader before dropping
-
-PRIMARY = frozenset({"primary"})
-BOTH = frozenset({"primary", "secondary"})
 
 # Parameters `set` may change live (the rest of SessionParams is fixed at format time).
 SETTABLE = ("cg_interval_s", "max_coord_ms", "max_drain_s", "collision_policy")
@@ -54,93 +56,6 @@ LOG_LEVELS = {
     "critical": logging.CRITICAL,
 }
 
-# The status fields every primary status reply carries, in display order
-# (IBM Copy Services Manager vocabulary first). Missing values show as null.
-STATUS_KEYS = (
-    "copy_state", "fatal_reason", "severity", "recoverable", "phase", "cg_seq",
-    "last_cg_time", "data_exposure_s", "total_successful_cgs", "total_failed_cgs",
-    "consecutive_failures", "cg_interval_s", "max_coord_ms", "max_drain_s",
-    "collision_policy", "oos_tracks", "cr_tracks", "held_ack_ms", "drain_bytes", "link",
-)
-CACHE_KEYS = ("slots", "used", "dual", "dirty", "hits", "misses", "destaged", "occupancy")
-SECONDARY_STATUS_KEYS = ("role", "session_id", "committed_cg", "last_commit_time", "prepared_cg",
-                         "established", "receiving_cg", "received_tracks", "received_bytes", "cow_copies",
-                         "volumes")
-
-
-class CommandError(Exception):
-    """A line the console refuses; the message is shown to the operator."""
-
-
-@dataclass(frozen=True)
-class Arg:
-    """One positional argument. ``keyword`` makes it the pair ``KEYWORD VALUE``."""
-
-    name: str
-    kind: str = "word"  # word | int | choice | range | text (the rest of the line)
-    choices: tuple[str, ...] = ()
-    optional: bool = False
-    keyword: str | None = None
-
-    def usage(self) -> str:
-        shown = "|".join(self.choices) if self.kind == "choice" else self.name
-        if self.kind == "text":
-            shown += "..."
-        if self.keyword:
-            shown = f"{self.keyword} {shown}"
-        return f"[{shown}]" if self.optional else shown
-
-
-# What a command runs: the parsed arguments, flags and --json in; (data, text, stream) out.
-Handler = Callable[[dict, set, bool], Awaitable[tuple[Any, str, "EventStream | None"]]]
-
-
-@dataclass(frozen=True)
-class Command:
-    name: str  # one or two words: "status", "cg start"
-    run: Handler = field(repr=False)
-    help: str
-    args: tuple[Arg, ...] = ()
-    flags: tuple[str, ...] = ()  # command-specific options besides --json
-    roles: frozenset = PRIMARY
-    faults: bool = False  # refused unless the console was started with allow_faults
-
-    def usage(self) -> str:
-        parts = [self.name, *(f"[{f}]" for f in self.flags), *(a.usage() for a in self.args), "[--json]"]
-        return " ".join(parts)
-
-
-class EventStream:
-    """Events for one ``events`` reader, buffered so the firmware never
-    waits on a slow console. Overflow drops events and says how many."""
-
-    def __init__(self, bus: EventBus, *, as_json: bool, limit: int = STREAM_QUEUE_EVENTS) -> None:
-        self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=limit)
-        self._as_json = as_json
-        self.dropped = 0
-        self._unsubscribe = bus.subscribe(self._on_event)
-
-    def _on_event(self, event: Event) -> None:
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.dropped += 1
-
-    async def next_line(self) -> str:
-        """The next event as one line (waits for it)."""
-        if self.dropped:
-            dropped, self.dropped = self.dropped, 0
-            event = Event("call", "overflow", {"dropped": dropped})
-        else:
-            event = await self._queue.get()
-        if self._as_json:
-            return json.dumps({"event": {"action": event.action, "object": event.obj,
-                                         "fields": _jsonable(event.fields)}}, sort_keys=True)
-        return event.line()
-
-    def close(self) -> None:
-        self._unsubscribe()
-
 
 @dataclass
 class Reply:
@@ -149,6 +64,8 @@ class Reply:
     data: dict | None = None
     command: str | None = None
     stream: EventStream | None = field(default=None, repr=False)  # `events` without --now
+
+
 
 
 class CommandSet:
@@ -162,14 +79,18 @@ class CommandSet:
         self.crashpoints = crashpoints if crashpoints is not None else getattr(controller, "crashpoints", None)
         self.events = events if events is not None else getattr(controller, "events", None)
         every = self._table()
-        self._other_role_words = {c.name.split()[0] for c in every if role not in c.roles}
-        self.commands = [c for c in every if role in c.roles]
-        self._by_name = {c.name: c for c in self.commands}
-        self._groups = {c.name.split()[0] for c in self.commands if " " in c.name}
+        self._grammar = Grammar([c for c in every if role in c.roles],
+                                other_role_words={c.name.split()[0] for c in every if role not in c.roles},
+                                other_role="secondary" if role == "primary" else "primary")
+        self.commands = self._grammar.commands
+        self._by_name = self._grammar.by_name
 
     def _table(self) -> tuple[Command, ...]:
         """The one command table, each command holding its handler. Order is
-        the order `help` lists them in."""
+        the order `help` lists them in. A new command is one row here (roles:
+        PRIMARY by default, BOTH or SECONDARY from console_grammar) and its
+        handler method, ``async def _x(self, args, flags, as_json)`` returning
+        (data, text, None); parsing, checks, help and --json come from the row."""
         return (
             Command("help", self._help, "list commands, or show one command's usage",
                     (Arg("COMMAND", "text", optional=True),), roles=BOTH),
@@ -244,9 +165,9 @@ class CommandSet:
         except Exception as exc:  # noqa: BLE001 - the console's one catch-all: a reply, never a crash
             log.warning("console: %r failed", line[:200], exc_info=True)
             what = command.name if command else "console"
-            return self._error(command, f"{what} failed: {type(exc).__name__}: {_one_line(exc)}", as_json)
+            return self._error(command, f"{what} failed: {type(exc).__name__}: {fmt.one_line(exc)}", as_json)
         if as_json:
-            text = json.dumps({"ok": True, "command": command.name, "data": _jsonable(data)},
+            text = json.dumps({"ok": True, "command": command.name, "data": fmt.jsonable(data)},
                               sort_keys=True)
         return Reply(True, text, data, command.name, stream)
 
@@ -258,103 +179,9 @@ class CommandSet:
             text = f"error: {message}"
         return Reply(False, text, None, name)
 
-    # ---- parsing ------------------------------------------------------------
-
     def parse(self, line: str) -> tuple[Command | None, dict, set]:
         """(command, args, flags); (None, {}, set()) for a blank or comment line."""
-        if len(line) > MAX_LINE_CHARS:
-            raise CommandError(f"line too long (more than {MAX_LINE_CHARS} characters)")
-        line = line.strip(" \t\r\n")
-        for column, ch in enumerate(line, 1):
-            if _is_binary(ch):
-                raise CommandError(f"line holds binary data (U+{ord(ch):04X} at column {column}); "
-                                   "commands are printable text, type help")
-        try:
-            tokens = shlex.split(line, comments=True)
-        except ValueError as exc:
-            raise CommandError(f"cannot parse the line: {exc}") from None
-        if not tokens:
-            return None, {}, set()
-        tokens = [t for t in tokens if t != "--json"]
-        if not tokens:
-            raise CommandError("--json needs a command, e.g. status --json")
-        command, rest = self._find(tokens)
-        if command.faults and not self.allow_faults:
-            raise CommandError("fault injection is disabled on this console "
-                               "(set allow_faults = true in the [console] config section)")
-        flags = {t for t in rest if t.startswith("--")}
-        for flag in flags:
-            if flag not in command.flags:
-                known = ", ".join([*command.flags, "--json"])
-                raise CommandError(f"{command.name}: unknown option {flag}; options: {known}")
-        positional = [t for t in rest if not t.startswith("--")]
-        return command, self._bind(command, positional), flags
-
-    def _find(self, tokens: list[str]) -> tuple[Command, list[str]]:
-        word = tokens[0].lower()
-        if len(tokens) > 1 and f"{word} {tokens[1].lower()}" in self._by_name:
-            return self._by_name[f"{word} {tokens[1].lower()}"], tokens[2:]
-        if word in self._by_name:
-            return self._by_name[word], tokens[1:]
-        if word in self._groups:
-            subs = [c.name.split()[1] for c in self.commands if c.name.split()[0] == word]
-            given = f" {tokens[1]!r}" if len(tokens) > 1 else ""
-            raise CommandError(f"{word}: unknown or missing subcommand{given}; expected one of: "
-                               f"{', '.join(subs)}")
-        other = " (it is a primary command)" if word in self._other_role_words else ""
-        raise CommandError(f"unknown command {_short(tokens[0])!r}{other}; type help")
-
-    def _bind(self, command: Command, tokens: list[str]) -> dict:
-        args: dict[str, Any] = {}
-        i = 0
-        for spec in command.args:
-            if spec.kind == "text":
-                if i < len(tokens):
-                    args[spec.name] = " ".join(tokens[i:])
-                    i = len(tokens)
-                elif not spec.optional:
-                    raise CommandError(f"missing {spec.name}; usage: {command.usage()}")
-                continue
-            if spec.keyword:
-                if i < len(tokens) and tokens[i].lower() == spec.keyword:
-                    if i + 1 >= len(tokens):
-                        raise CommandError(f"{spec.keyword} needs {spec.name}; usage: {command.usage()}")
-                    args[spec.name] = self._value(command, spec, tokens[i + 1])
-                    i += 2
-                elif not spec.optional:
-                    raise CommandError(f"missing {spec.keyword} {spec.name}; usage: {command.usage()}")
-                continue
-            if i < len(tokens):
-                args[spec.name] = self._value(command, spec, tokens[i])
-                i += 1
-            elif not spec.optional:
-                raise CommandError(f"missing {spec.name}; usage: {command.usage()}")
-        if i < len(tokens):
-            raise CommandError(f"unexpected argument {_short(tokens[i])!r}; usage: {command.usage()}")
-        return args
-
-    @staticmethod
-    def _value(command: Command, spec: Arg, token: str) -> Any:
-        if spec.kind == "choice":
-            if token.lower() not in spec.choices:
-                raise CommandError(f"{spec.name.lower()} {_short(token)!r}: expected one of "
-                                   f"{', '.join(spec.choices)}")
-            return token.lower()
-        if spec.kind == "int":
-            if not re.fullmatch(r"\d{1,18}", token):
-                raise CommandError(f"{spec.name} {_short(token)!r}: expected a whole number >= 0")
-            return int(token)
-        if spec.kind == "range":
-            m = re.fullmatch(r"(\d{1,18})(?:-(\d{0,18}))?", token)
-            if not m:
-                raise CommandError(f"{spec.name} {_short(token)!r}: expected START or START-END "
-                                   "(track numbers, END exclusive)")
-            start = int(m.group(1))
-            end = int(m.group(2)) if m.group(2) else None
-            if end is not None and end <= start:
-                raise CommandError(f"range {token}: END must be greater than START (END is exclusive)")
-            return (start, end)
-        return token
+        return self._grammar.parse(line, allow_faults=self.allow_faults)
 
     # ---- help ---------------------------------------------------------------
 
@@ -363,43 +190,33 @@ class CommandSet:
         if topic:
             shown = [c for c in self.commands if c.name == topic or c.name.split()[0] == topic]
             if not shown:
-                raise CommandError(f"help: no command {_short(topic)!r}; type help for the list")
+                raise CommandError(f"help: no command {fmt.short(topic)!r}; type help for the list")
         else:
             shown = self.commands
         entries = [{"name": c.name, "usage": c.usage(), "help": c.help,
                     **({"requires": "allow_faults"} if c.faults else {})} for c in shown]
-        width = min(HELP_USAGE_CHARS, max(len(e["usage"]) for e in entries))
-        lines = []
-        for e in entries:
-            about = e["help"] + ("  (needs allow_faults)" if "requires" in e else "")
-            if len(e["usage"]) > width:  # a long usage gets its own line
-                lines += [e["usage"], f"{'':<{width}}  {about}"]
-            else:
-                lines.append(f"{e['usage']:<{width}}  {about}")
-        if not topic:
-            lines.append("every command takes --json: one line of JSON {ok, command, data|error}")
-        return {"commands": entries}, "\n".join(lines), None
+        return {"commands": entries}, fmt.help_text(entries, listing_all=not topic), None
 
     # ---- status -------------------------------------------------------------
 
     async def _status(self, args, flags, as_json):
         raw = self.controller.status()
         if self.role == "secondary":
-            data = {k: raw.get(k) for k in SECONDARY_STATUS_KEYS}
+            data = {k: raw.get(k) for k in fmt.SECONDARY_STATUS_KEYS}
             data["role"] = "secondary"
-            text = _table([(k, _show(k, data[k])) for k in SECONDARY_STATUS_KEYS])
+            text = fmt.table([(k, fmt.show(k, data[k])) for k in fmt.SECONDARY_STATUS_KEYS])
             return data, text, None
-        data = {k: raw.get(k) for k in STATUS_KEYS}
+        data = {k: raw.get(k) for k in fmt.STATUS_KEYS}
         cache = self._cache()
         data["cache"] = cache
-        rows = [(k, _show(k, data[k])) for k in STATUS_KEYS]
-        rows.append(("cache", _cache_line(cache)))
-        return data, _table(rows), None
+        rows = [(k, fmt.show(k, data[k])) for k in fmt.STATUS_KEYS]
+        rows.append(("cache", fmt.cache_line(cache)))
+        return data, fmt.table(rows), None
 
     def _cache(self) -> dict:
         stats = getattr(self.controller, "cache_stats", None)
         raw = stats() if stats else {}
-        return {k: raw.get(k) for k in CACHE_KEYS}
+        return {k: raw.get(k) for k in fmt.CACHE_KEYS}
 
     # ---- cg / pair ----------------------------------------------------------
 
@@ -457,7 +274,7 @@ class CommandSet:
             if v.get("name") == name:
                 return v
         names = ", ".join(str(v.get("name")) for v in vols) or "none"
-        raise CommandError(f"no volume {_short(name)!r}; volumes: {names}")
+        raise CommandError(f"no volume {fmt.short(name)!r}; volumes: {names}")
 
     async def _volume_list(self, args, flags, as_json):
         vols = self._volumes()
@@ -466,14 +283,11 @@ class CommandSet:
         keys = [k for k in ("name", "size_bytes", "tracks", "oos_tracks", "cr_tracks", "copied_grains",
                             "url", "b_url", "c_url")
                 if any(k in v for v in vols)] or sorted({k for v in vols for k in v})
-        rows = [keys] + [[_show(k, v.get(k)) for k in keys] for v in vols]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(keys))]
-        text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
-        return {"volumes": vols}, text, None
+        return {"volumes": vols}, fmt.columns(keys, vols), None
 
     async def _volume_show(self, args, flags, as_json):
         vol = self._volume(args["NAME"])
-        return {"volume": vol}, _table([(k, _show(k, v)) for k, v in vol.items()]), None
+        return {"volume": vol}, fmt.table([(k, fmt.show(k, v)) for k, v in vol.items()]), None
 
     async def _bitmap_show(self, args, flags, as_json):
         kind, name = args["KIND"], args["VOLUME"]
@@ -496,29 +310,22 @@ class CommandSet:
         data = {"kind": kind, "volume": name, "start_track": start, "end_track": end,
                 "count": whole["count"], "tracks": n, "runs": runs, "map": bitmap_map,
                 "cell_tracks": n / cells}
-        pct = 100.0 * whole["count"] / n
-        text = "\n".join([
-            f"{kind} {name} tracks {start}..{end - 1}: {whole['count']} of {n} set ({pct:.1f}%)",
-            f"map ({cells} cells of ~{n / cells:.4g} tracks): [{bitmap_map}]",
-            "runs: " + (" ".join(f"{a}-{b}" for a, b in runs) or "none")
-            + (" (first 64, END exclusive)" if runs else ""),
-        ])
-        return data, text, None
+        return data, fmt.bitmap_text(data), None
 
     async def _cache_stats(self, args, flags, as_json):
         cache = self._cache()
-        rows = [(k, _show(k, cache[k])) for k in CACHE_KEYS]
+        rows = [(k, fmt.show(k, cache[k])) for k in fmt.CACHE_KEYS]
         hits, misses = cache.get("hits") or 0, cache.get("misses") or 0
         hit_rate = hits / (hits + misses) if hits + misses else None
         cache["hit_rate"] = hit_rate
         rows.append(("hit_rate", "-" if hit_rate is None else f"{100 * hit_rate:.1f}%"))
-        return cache, _table(rows), None
+        return cache, fmt.table(rows), None
 
     async def _link_status(self, args, flags, as_json):
         s = self.controller.status()
         data = {k: s.get(k) for k in ("link", "copy_state", "phase", "cg_seq", "drain_bytes",
                                       "consecutive_failures", "data_exposure_s")}
-        return data, _table([(k, _show(k, v)) for k, v in data.items()]), None
+        return data, fmt.table([(k, fmt.show(k, v)) for k, v in data.items()]), None
 
     # ---- parameters, faults, logging ----------------------------------------
 
@@ -527,7 +334,7 @@ class CommandSet:
         try:
             self.controller.set_param(name, value)
         except ValueError as exc:
-            message = _one_line(exc).removeprefix(f"{name}: ")
+            message = fmt.one_line(exc).removeprefix(f"{name}: ")
             raise CommandError(f"set {name}: {message}") from None
         params = getattr(self.controller, "params", None)
         now = getattr(params, name, value) if params is not None else value
@@ -552,7 +359,7 @@ class CommandSet:
         cp = self._points()
         name = args["CRASHPOINT"]
         if name not in POINTS:
-            raise CommandError(f"unknown crash point {_short(name)!r}; fault list shows them")
+            raise CommandError(f"unknown crash point {fmt.short(name)!r}; fault list shows them")
         was = name in cp.armed
         cp.disarm(name)
         return {"crashpoint": name, "was_armed": was}, f"disarmed {name}" + ("" if was else " (was not armed)"), None
@@ -563,15 +370,12 @@ class CommandSet:
                   for n, why in sorted(POINTS.items())]
         if not points:
             return {"crashpoints": []}, "no crash points declared", None
-        width = max(len(p["name"]) for p in points)
-        text = "\n".join(f"{p['name']:<{width}}  {'armed after ' + str(p['after']) if p['armed'] else '-':<14}"
-                         f"  {p['why']}" for p in points)
-        return {"crashpoints": points}, text, None
+        return {"crashpoints": points}, fmt.crashpoint_lines(points), None
 
     async def _log_level(self, args, flags, as_json):
         name = args.get("LOGGER", "")
         if name and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,200}", name):
-            raise CommandError(f"logger {_short(name)!r}: expected a dotted module name, e.g. firmware.primary")
+            raise CommandError(f"logger {fmt.short(name)!r}: expected a dotted module name, e.g. firmware.primary")
         logger = logging.getLogger(name)
         if "LEVEL" in args:
             logger.setLevel(LOG_LEVELS[args["LEVEL"]])
@@ -579,114 +383,19 @@ class CommandSet:
         shown = name or "root"
         return {"logger": shown, "level": level}, f"log level {shown}: {level}", None
 
-    # ---- events -------------------------------------------------------------
-
     async def _events(self, args, flags, as_json):
         stats = "--statistics" in flags
-        snapshot = self._snapshot(stats)
-        snapshot.append(Event("exists", "-", {}))
-        data = {"events": [{"action": e.action, "object": e.obj, "fields": e.fields} for e in snapshot]}
-        text = "\n".join(e.line() for e in snapshot)
+        status = self.controller.status()
+        volumes = self._volumes()
+        cache = self._cache() if self.role == "primary" else {}
+        now = snapshot(self.role, status, volumes, cache, stats=stats,
+                       session_id=getattr(self.controller, "session_id", "default"))
+        now.append(Event("exists", "-", {}))
+        data = {"events": [{"action": e.action, "object": e.obj, "fields": e.fields} for e in now]}
+        text = "\n".join(e.line() for e in now)
         stream = None
         if "--now" not in flags:
             if self.events is None:
                 raise CommandError("this controller has no event bus; use events --now")
             stream = EventStream(self.events, as_json=as_json)
         return data, text, stream
-
-    def _snapshot(self, stats: bool) -> list[Event]:
-        s = self.controller.status()
-        if self.role == "secondary":
-            fields = {"name": s.get("session_id", "default"), "role": "secondary",
-                      "committed_cg": s.get("committed_cg"), "receiving_cg": s.get("receiving_cg")}
-            if stats:
-                fields |= {k: s.get(k) for k in ("last_commit_time", "received_tracks", "received_bytes",
-                                                 "cow_copies")}
-            out = [Event("exists", "session", _present(fields))]
-            out += [Event("exists", "volume", {k: v for k, v in vol.items() if not isinstance(v, (dict, list))})
-                    for vol in self._volumes()]
-            return out
-        session = {"name": getattr(self.controller, "session_id", "default"), "role": "primary"}
-        session |= {k: s.get(k) for k in ("copy_state", "phase", "cg_seq", "severity", "recoverable",
-                                          "fatal_reason")}
-        if stats:
-            session |= {k: s.get(k) for k in ("total_successful_cgs", "total_failed_cgs",
-                                              "consecutive_failures", "data_exposure_s", "last_cg_time",
-                                              "drain_bytes")}
-            held = s.get("held_ack_ms") or {}
-            session |= {f"held_ack_ms_{k}": v for k, v in held.items()}
-        out = [Event("exists", "session", _present(session))]
-        for vol in self._volumes():
-            fields = {"name": vol.get("name")}
-            keys = ("oos_tracks", "cr_tracks") + (("size_bytes", "tracks") if stats else ())
-            fields |= {k: vol.get(k) for k in keys}
-            out.append(Event("exists", "volume", _present(fields)))
-        out.append(Event("exists", "link", _present({"state": s.get("link")})))
-        cache = self._cache()
-        keys = CACHE_KEYS if stats else ("slots", "used", "occupancy")
-        out.append(Event("exists", "cache", _present({k: cache.get(k) for k in keys})))
-        return out
-
-
-# ---- formatting helpers (module-private) -----------------------------------
-
-def _present(fields: dict) -> dict:
-    """events2 lines show an absent value as '-', never as Python's None."""
-    return {k: ("-" if v is None or v == "" else v) for k, v in fields.items()}
-
-
-def _is_binary(ch: str) -> bool:
-    o = ord(ch)
-    return (o < 32 and ch != "\t") or 0x7F <= o <= 0x9F or ch == "\ufffd" or 0xD800 <= o <= 0xDFFF
-
-
-def _short(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    return (text.splitlines() or [type(exc).__name__])[0]
-
-
-def _table(rows: list[tuple[str, str]]) -> str:
-    width = max((len(k) for k, _ in rows), default=0)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def _show(key: str, value: Any) -> str:
-    if value is None or value == "":
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if key.endswith("_time") and isinstance(value, (int, float)):
-        when = datetime.datetime.fromtimestamp(value, tz=datetime.UTC)
-        return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, dict):
-        return " ".join(f"{k}={_show(k, v)}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_show(key, v) for v in value) or "-"
-    return str(value)
-
-
-def _cache_line(cache: dict) -> str:
-    if cache.get("slots") is None:
-        return "-"
-    occ = cache.get("occupancy")
-    pct = f" ({100 * occ:.1f}%)" if isinstance(occ, (int, float)) else ""
-    return f"{cache.get('used')}/{cache.get('slots')} slots used{pct}, {cache.get('dual')} dual, {cache.get('dirty')} dirty"
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON: no NaN/inf (they are not JSON), tuples as lists, odd types as text."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
