@@ -66,8 +66,6 @@ class Reply:
     stream: EventStream | None = field(default=None, repr=False)  # `events` without --now
 
 
-
-
 class CommandSet:
     def __init__(self, controller: Any, *, role: str = "primary", allow_faults: bool = False,
                  crashpoints: Any = None, events: EventBus | None = None) -> None:
@@ -382,6 +380,8 @@ class CommandSet:
         level = logging.getLevelName(logger.getEffectiveLevel()).lower()
         shown = name or "root"
         return {"logger": shown, "level": level}, f"log level {shown}: {level}", None
+
+    # ---- events -------------------------------------------------------------
 
     async def _events(self, args, flags, as_json):
         stats = "--statistics" in flags
