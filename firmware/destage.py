@@ -33,51 +33,95 @@ class Destager:
         self.cache.destaging.add(entry.key)
         return self.cache.destage_snapshot(entry, self.track_len(*entry.key))
 
-    async def destage_entry(self, entry: CacheEntry,
-                            claimed: tuple[int, list[tuple[int, bytes]]] | None = None) -> None:
-        """Write one image to A; ``claimed`` is the ``claim(entry)`` taken when
-        it was picked (taken here when None: the caller must not have awaited
-        since picking it)."""
+    def _release(self, entry: CacheEntry) -> None:
+        self.cache.destaging.discard(entry.key)
+
+    async def _write(self, entry: CacheEntry, runs: list[tuple[int, bytes]]) -> None:
+        """Write one claimed image's runs to A (durable only after a flush)."""
         cache = self.cache
-        key = entry.key
+        dev = self.devices[entry.volume]
+        bs = dev.info.block_size
+        base = entry.track * cache.track_bytes
         try:
-            seq, runs = claimed if claimed is not None else self.claim(entry)
-            dev = self.devices[entry.volume]
-            bs = dev.info.block_size
-            base = entry.track * cache.track_bytes
             for off, data in runs:
                 await dev.write((base + off) // bs, data)
-            cache.destage_done(entry, seq)
         except Exception as e:  # A failed: keep the image dirty; the next round retries
-            cache.counters.destage_errors += 1
-            cache.counters.last_error = str(e)
-            log.warning("destage of volume %d track %d failed: %s", key[0], key[1], e)
+            self._count_error(f"destage of volume {entry.volume} track {entry.track} failed: {e}")
             raise
-        finally:
-            cache.destaging.discard(key)
+
+    def _count_error(self, message: str) -> None:
+        self.cache.counters.destage_errors += 1
+        self.cache.counters.last_error = message
+        log.warning("%s", message)
+
+    async def _make_clean(self, written: list[tuple[CacheEntry, int]]) -> int | None:
+        """Flush A under a batch of written images, then mark them clean.
+        A clean image may be evicted: were A's copy still in a volatile
+        device cache, a power cut would bring back older data for an
+        acknowledged write (and the drain would send that). Returns how
+        many became clean, None when the flush failed."""
+        if not written:
+            return 0
+        try:
+            for vi in sorted({entry.volume for entry, _ in written}):
+                await self.devices[vi].flush()
+        except Exception as e:  # the images stay dirty; the next round writes them again
+            self._count_error(f"flush of volume A after destage failed: {e}")
+            for entry, _ in written:
+                self._release(entry)
+            return None
+        for entry, seq in written:
+            self.cache.destage_done(entry, seq)
+            self._release(entry)
+        return len(written)
 
     async def destage(self, limit: int | None = None) -> int:
-        """Destage up to ``limit`` images (all dirty ones when None) with bounded
-        concurrency; returns how many were written."""
+        """Destage up to ``limit`` images (all dirty ones when None), at most
+        ``inflight`` writes at a time, flushing A once per batch of
+        ``inflight`` written images; returns how many became clean. A device
+        error ends the round (the images stay dirty)."""
+        running: dict[asyncio.Task, tuple[CacheEntry, int]] = {}
+        written: list[tuple[CacheEntry, int]] = []
         done = 0
-        running: set[asyncio.Task] = set()
-        while limit is None or done + len(running) < limit:
-            entry = self.cache.next_dirty()
-            if entry is None:
+        failed = False
+        try:
+            while True:
+                left = None if limit is None else limit - done - len(written) - len(running)
+                if not failed and left != 0 and len(running) < self.inflight:
+                    entry = self.cache.next_dirty()
+                    if entry is not None:
+                        seq, runs = self.claim(entry)
+                        running[asyncio.ensure_future(self._write(entry, runs))] = (entry, seq)
+                        continue
                 if not running:
-                    break
-            elif len(running) < self.inflight:
-                running.add(asyncio.ensure_future(self.destage_entry(entry, self.claim(entry))))
-                continue
-            finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            for t in finished:
-                if t.exception() is None:
-                    done += 1
-                else:
-                    limit = done  # stop this round on a device error
-        if running:
-            for t in await asyncio.gather(*running, return_exceptions=True):
-                done += 0 if isinstance(t, BaseException) else 1
+                    if not written:
+                        break
+                    # Settle the batch: its claims go, and a track rewritten
+                    # meanwhile (still dirty) can be picked again this round.
+                    cleaned = await self._make_clean(written)
+                    written = []
+                    failed = failed or cleaned is None
+                    done += cleaned or 0
+                    continue
+                finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    entry, seq = running.pop(task)
+                    if task.exception() is None:
+                        written.append((entry, seq))
+                    else:
+                        self._release(entry)
+                        failed = True
+                if len(written) >= self.inflight:
+                    cleaned = await self._make_clean(written)
+                    written = []
+                    failed = failed or cleaned is None
+                    done += cleaned or 0
+        finally:  # cancelled (stop): what was claimed stays dirty
+            for task, (entry, _) in running.items():
+                task.cancel()
+                self._release(entry)
+            for entry, _ in written:
+                self._release(entry)
         return done
 
     def start(self, clock_sleep: Callable[[float], object]) -> None:

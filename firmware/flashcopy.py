@@ -19,6 +19,7 @@ import logging
 
 from firmware.bitmap import TrackBitmap
 from firmware.layout import FC_IDLE, FC_PREPARED, DoubleRecord, RegionPlan
+from firmware.pins import DEFAULT_MAX_PINNED_BYTES, Pins
 from firmware.region import bitmap_pairs
 from hal.block import BlockDevice
 from hal.nvram import NvramRegion
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 class FlashCopy:
     def __init__(self, nvram: NvramRegion, plan: RegionPlan, store: DoubleRecord, record: dict,
-                 b_devices: list[BlockDevice], c_devices: list[BlockDevice], *, fresh: bool) -> None:
+                 b_devices: list[BlockDevice], c_devices: list[BlockDevice], *, fresh: bool,
+                 max_pinned_bytes: int = DEFAULT_MAX_PINNED_BYTES) -> None:
         self.nvram = nvram
         self.plan = plan
         self.store = store
@@ -39,6 +41,7 @@ class FlashCopy:
         self._areas = bitmap_pairs(nvram, plan, fresh=fresh)
         self._busy: dict[tuple[int, int], asyncio.Future] = {}
         self.cow_copies = 0
+        self.pins = Pins(self, max_pinned_bytes)  # point-in-time reads of C (firmware/pins.py)
 
     # -- bitmaps ---------------------------------------------------------------
     def copied(self, vi: int) -> TrackBitmap:
@@ -53,6 +56,9 @@ class FlashCopy:
     def grain_len(self, vi: int, g: int) -> int:
         return min(self.grain_bytes, self.plan.volumes[vi].size_bytes - g * self.grain_bytes)
 
+    def grain_count(self, vi: int) -> int:
+        return -(-self.plan.volumes[vi].size_bytes // self.grain_bytes)
+
     # -- grain locks: a COW and the B write that follows it are one step for readers of C --
     async def lock(self, vi: int, grains: range) -> None:
         for g in grains:
@@ -63,8 +69,15 @@ class FlashCopy:
     def unlock(self, vi: int, grains: range) -> None:
         for g in grains:
             fut = self._busy.pop((vi, g), None)
+            self.pins.settle(vi, g)  # pins waiting on this grain decide it now, before anyone relocks it
             if fut is not None and not fut.done():
                 fut.set_result(None)
+
+    def locked_grains(self) -> list[tuple[int, int]]:
+        return list(self._busy)
+
+    def lock_future(self, vi: int, g: int) -> asyncio.Future | None:
+        return self._busy.get((vi, g))
 
     async def wait_unlocked(self, vi: int, grains: range) -> None:
         for g in grains:
@@ -74,6 +87,7 @@ class FlashCopy:
     # -- copy on write ------------------------------------------------------------------
     async def before_b_write(self, vi: int, grains: range, crash_hit=None) -> None:
         """Copy every not-yet-copied grain from B to C, then set its bit."""
+        await self.pins.capture(vi, grains, cow=True)  # what pinned readers still need, first
         copied = self.copied(vi)
         b, c = self.b[vi], self.c[vi]
         for g in grains:
@@ -82,31 +96,22 @@ class FlashCopy:
             n = self.grain_len(vi, g)
             off = g * self.grain_bytes
             data = await b.read(off // b.info.block_size, n // b.info.block_size)
-            await c.write(off // c.info.block_size, data)
+            # FUA: the copy is durable in C before its bit persists and before B
+            # is overwritten; else a power cut leaves a bit pointing at nothing.
+            await c.write(off // c.info.block_size, data, fua=True)
             if crash_hit is not None:
                 crash_hit()
             copied.set(g)  # the copy is in C before the bit says so
             self.cow_copies += 1
 
     async def read_c(self, vi: int, offset: int, length: int) -> bytes:
-        """C at the last commit: per grain, C's copy if copied, else B."""
-        grains = self.grains(vi, offset, length)
-        await self.wait_unlocked(vi, grains)
-        copied = self.copied(vi)
-        out = bytearray(length)
-        g = grains.start
-        while g < grains.stop:
-            src = copied.test(g)
-            h = g + 1
-            while h < grains.stop and copied.test(h) == src:
-                h += 1
-            lo = max(offset, g * self.grain_bytes)
-            hi = min(offset + length, h * self.grain_bytes)
-            dev = self.c[vi] if src else self.b[vi]
-            bs = dev.info.block_size
-            out[lo - offset : hi - offset] = await dev.read(lo // bs, (hi - lo) // bs)
-            g = h
-        return bytes(out)
+        """C at the last commit (per grain, C's copy if copied, else B), one
+        point in time for the whole read: it pins its grains while it reads."""
+        pin = self.pins.take("one read", {vi: self.grains(vi, offset, length)})
+        try:
+            return await self.pins.read(pin, vi, offset, length)
+        finally:
+            self.pins.drop(pin)
 
     # -- the new point in time ---------------------------------------------------------------
     def prepare(self, seq: int) -> None:
@@ -138,8 +143,14 @@ class FlashCopy:
             while g >= 0:
                 n = self.grain_len(vi, g)
                 off = g * self.grain_bytes
-                data = await c.read(off // c.info.block_size, n // c.info.block_size)
-                await b.write(off // b.info.block_size, data)
+                one = range(g, g + 1)
+                await self.lock(vi, one)
+                try:
+                    await self.pins.capture(vi, one, cow=False)  # pins still reading B[g] keep it
+                    data = await c.read(off // c.info.block_size, n // c.info.block_size)
+                    await b.write(off // b.info.block_size, data)
+                finally:
+                    self.unlock(vi, one)
                 restored += 1
                 g = copied.next_set(g + 1)
             await b.flush()
