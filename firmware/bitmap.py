@@ -128,6 +128,11 @@ class TrackBitmap:
     def count_range(self, start: int, end: int) -> int:
         return self._bits.count(1, max(0, start), min(end, self.tracks))
 
+    def copy_bits(self, start: int = 0, end: int | None = None) -> bitarray:
+        """A copy of bits [start, end), detached from this bitmap (and from NVRAM)."""
+        end = self.tracks if end is None else min(end, self.tracks)
+        return self._bits[max(0, start) : end]
+
     def set_tracks(self) -> list[int]:
         """Every set track (tests and small bitmaps)."""
         return list(self._bits.search(1, 0, self.tracks)) if self._count else []

@@ -20,6 +20,7 @@ from firmware.layout import (
     RegionPlan,
     region_is_blank,
 )
+from firmware.pins import DEFAULT_MAX_PINNED_BYTES, SNAPSHOT_SEP, PinnedVolume, Snapshots
 from firmware.region import format_region, read_region
 from firmware.remote import RemoteError, RemotePort, RemoteState, VolumeGeometry
 from hal.block import BlockDevice
@@ -37,7 +38,8 @@ MID_FLASHCOPY = cp.declare("secondary.mid_flashcopy", "a grain was copied B->C, 
 class Secondary:
     def __init__(self, volumes: dict[str, tuple[BlockDevice, BlockDevice]], nvram: NvramRegion, clock: Clock,
                  *, session_id: str = "default", events: EventBus | None = None,
-                 crashpoints: CrashPoints | None = None, grain_bytes: int = 65536) -> None:
+                 crashpoints: CrashPoints | None = None, grain_bytes: int = 65536,
+                 max_pinned_bytes: int = DEFAULT_MAX_PINNED_BYTES) -> None:
         if not volumes:
             raise RemoteError("a secondary needs at least one volume")
         self.names = list(volumes)
@@ -59,6 +61,8 @@ class Secondary:
         self.crashpoints = crashpoints if crashpoints is not None else CrashPoints()
         self.grain_bytes = grain_bytes
         self.fc: FlashCopy | None = None
+        self.max_pinned_bytes = max_pinned_bytes  # what pinned reads of C may keep in memory
+        self.snapshots: Snapshots | None = None
         self._track_bytes: dict[str, int] = {}
         self.receiving_seq = 0
         self.received_tracks = 0
@@ -94,7 +98,9 @@ class Secondary:
                 store.write(record)
             self.recovered = {"formatted": False, "rolled_back_prepare": rolled_back,
                               "committed_seq": record["committed_seq"]}
-        self.fc = FlashCopy(nvram, plan, store, record, self.b, self.c, fresh=fresh)
+        self.fc = FlashCopy(nvram, plan, store, record, self.b, self.c, fresh=fresh,
+                            max_pinned_bytes=self.max_pinned_bytes)
+        self.snapshots = Snapshots(self.fc.pins)
         log.info("secondary NVRAM ready: %s", self.recovered)
 
     async def close(self) -> None:
@@ -207,6 +213,18 @@ class Secondary:
     def host_target(self) -> HostTarget:
         return SecondaryTarget(self)
 
+    # -- named snapshots: one CG of every volume, kept in memory while replication runs --
+    def snapshot_create(self, name: str) -> dict:
+        pin = self.snapshots.create(name)
+        return {"name": name, "cg": pin.seq, "exports": [f"{n}{SNAPSHOT_SEP}{name}" for n in self.names]}
+
+    def snapshot_delete(self, name: str) -> dict:
+        pin = self.snapshots.delete(name)
+        return {"name": name, "cg": pin.seq}
+
+    def snapshot_list(self) -> list[dict]:
+        return self.snapshots.entries()
+
     async def fast_reverse_restore(self) -> int:
         """C -> B: B becomes the last committed CG (failover). Returns grains copied."""
         n = await self.fc.reverse_restore()
@@ -226,6 +244,7 @@ class Secondary:
             "received_tracks": self.received_tracks,
             "received_bytes": self.received_bytes,
             "cow_copies": self.fc.cow_copies,
+            "pins": self.fc.pins.status() | {"snapshots": self.snapshots.names()},
             "volumes": [{"name": n, "size_bytes": b.info.size_bytes, "b_url": b.info.url, "c_url": c.info.url,
                          "copied_grains": self.fc.copied(i).count()}
                         for i, (n, b, c) in enumerate(zip(self.names, self.b, self.c, strict=False))],
@@ -259,13 +278,40 @@ class SecondaryVolume(HostVolume):
     async def flush(self) -> None:
         return None
 
+    def can_multi_conn(self) -> bool:
+        return False  # each connection reads its own CG (SecondaryTarget.open)
+
 
 class SecondaryTarget(HostTarget):
+    """C of every volume, and every volume of each named snapshot as
+    VOLUME@NAME, read-only. A connection to a volume reads one CG, the one
+    committed when it opened the export (its own pin, dropped at its close)."""
+
     def __init__(self, secondary: Secondary) -> None:
+        self.secondary = secondary
         self._volumes = {n: SecondaryVolume(secondary, n) for n in secondary.names}
 
     def volumes(self) -> dict[str, HostVolume]:
-        return self._volumes
+        out: dict[str, HostVolume] = dict(self._volumes)
+        for snap in self.secondary.snapshots.names():
+            for name in self.secondary.names:
+                out[f"{name}{SNAPSHOT_SEP}{snap}"] = self.open(f"{name}{SNAPSHOT_SEP}{snap}")
+        return out
+
+    def open(self, name: str) -> HostVolume | None:
+        s = self.secondary
+        volume, sep, snap = name.partition(SNAPSHOT_SEP)
+        if volume not in self._volumes:
+            return None
+        vi = s._vi(volume)
+        b = s.b[vi]
+        if sep:
+            pin = s.snapshots.get(snap)
+            if pin is None:
+                return None
+            return PinnedVolume(s.fc.pins, pin, vi, name, b.info.size_bytes, b.info.block_size, own=False)
+        pin = s.fc.pins.take(f"a connection to {volume}", {vi: range(s.fc.grain_count(vi))})
+        return PinnedVolume(s.fc.pins, pin, vi, name, b.info.size_bytes, b.info.block_size, own=True)
 
 
 class LocalRemote(RemotePort):

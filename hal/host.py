@@ -11,6 +11,9 @@ Each volume declares what its export can do, after nbdkit's plugin table
 exactly those, and refuses the rest before a request reaches the volume; it
 never probes a volume for attributes. The write-related ones only count when
 ``can_write`` is true.
+
+A host port asks ``open(name)`` for the volume of each connection and closes
+it when the connection ends; ``volumes()`` is what it lists and describes.
 """
 
 from __future__ import annotations
@@ -64,8 +67,21 @@ class HostVolume(abc.ABC):
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
         await self.write(offset, bytes(length), fua=fua)
 
+    def close(self) -> None:
+        """The connection that got this volume from ``HostTarget.open`` is gone
+        (its last request answered). Shared volumes ignore it."""
+        return None
+
 
 class HostTarget(abc.ABC):
     @abc.abstractmethod
     def volumes(self) -> dict[str, HostVolume]:
-        """Volumes by export name."""
+        """Volumes by export name (what a host port lists and describes)."""
+
+    def open(self, name: str) -> HostVolume | None:
+        """The volume one host connection uses from when it selects export
+        ``name`` until it ends, then ``close()``d; None if there is no such
+        export. By default every connection shares the volume of ``volumes()``;
+        a target can give each its own view (the secondary pins C at the CG
+        current when the connection opens)."""
+        return self.volumes().get(name)

@@ -206,6 +206,16 @@ class NbdServer:
         vol = volumes.get(name)
         return _Export(vol, self.read_only) if vol is not None else None
 
+    def open_export(self, name: str) -> _Export | None:
+        """The export one connection transmits on, over its own volume from
+        ``target.open`` (closed when the connection ends)."""
+        if name == "":
+            volumes = self.target.volumes()
+            if len(volumes) == 1:
+                (name,) = volumes
+        vol = self.target.open(name)
+        return _Export(vol, self.read_only) if vol is not None else None
+
     # -- listening ------------------------------------------------------------
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -263,6 +273,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.into_payload = False
         self.discard_left = 0  # bytes of a refused WRITE's payload still to skip
         self.export: _Export | None = None
+        self.released = False  # the export's volume was closed
         self.structured = False
         self.transmitting = False
         self.closed = False
@@ -298,6 +309,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.server._connections.discard(self)
         if self.inflight:
             log.info("nbd %s: client went away with %d requests in flight", self.peer, self.inflight)
+        else:
+            self._release()
         self._wake()
         self.out.clear()
 
@@ -406,7 +419,7 @@ class _Connection(asyncio.BufferedProtocol):
                     raise _Disconnect(f"no export named {data[:64]!r}")
                 reply = ExportNameReply.build(dict(size=export.size, flags=export.flags))
                 self._send(reply if no_zeroes else reply + bytes(EXPORT_NAME_ZEROES))
-                self.export = export
+                self._select(export)
                 return
             if option == Option.ABORT:
                 self._send(option_reply(option, Reply.ACK))
@@ -435,7 +448,23 @@ class _Connection(asyncio.BufferedProtocol):
             name = raw_name.decode("utf8")
         except UnicodeDecodeError:
             return None
-        return self.server.find_export(name)
+        return self.server.open_export(name)
+
+    def _select(self, export: _Export) -> None:
+        """The connection transmits on ``export`` (opened for it) from now on."""
+        self.export = export
+        if self.closed:
+            self._release()
+
+    def _release(self) -> None:
+        """Close the connection's volume once: the connection is gone and nothing is in flight."""
+        if self.export is None or self.released:
+            return
+        self.released = True
+        try:
+            self.export.volume.close()
+        except Exception:  # noqa: BLE001 - a closing volume must not take the server down
+            log.exception("nbd %s: closing export %r failed", self.peer, self.export.name)
 
     def _info(self, option: int, data: bytes) -> bool:
         try:
@@ -445,7 +474,8 @@ class _Connection(asyncio.BufferedProtocol):
         except (ConstructError, ValueError, UnicodeDecodeError):
             self._send(option_reply(option, Reply.ERR_INVALID, b"malformed INFO/GO request"))
             return False
-        export = self.server.find_export(req.name)
+        # GO selects the export: the connection gets its own volume (INFO only describes it).
+        export = self.server.open_export(req.name) if option == Option.GO else self.server.find_export(req.name)
         if export is None:
             msg = f"no export named {req.name!r}; exports: {', '.join(self.server.target.volumes())}"
             self._send(option_reply(option, Reply.ERR_UNKNOWN, msg.encode()[:MAX_STRING_BYTES]))
@@ -460,7 +490,7 @@ class _Connection(asyncio.BufferedProtocol):
                               preferred=export.preferred, maximum=export.max_block))
         self._send(option_reply(option, Reply.ACK))
         if option == Option.GO:
-            self.export = export
+            self._select(export)
         return True
 
     # -- transmission ---------------------------------------------------------
@@ -591,6 +621,8 @@ class _Connection(asyncio.BufferedProtocol):
             self.inflight -= 1
             if self.inflight == 0:
                 self.idle.set()
+                if self.closed:
+                    self._release()
             if self.reading_paused:
                 self._update_reading()
         if err:
