@@ -103,7 +103,8 @@ class CgCycle:
         """Hello: learn what the secondary holds; a new (or emptied) secondary
         gets a full copy (every OOS bit set)."""
         try:
-            state = await self.remote.connect(self.session_id, self.volumes.geometry())
+            state = await self.remote.connect(self.session_id, self.volumes.geometry(),
+                                              self.region.record["generation"])
         except RemoteError as e:
             self.connected = False
             self.session.to(CopyState.FATAL, reason=str(e))

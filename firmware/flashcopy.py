@@ -120,11 +120,12 @@ class FlashCopy:
         self.record.update(phase=FC_PREPARED, prepared_seq=seq)
         self.store.write(self.record)
 
-    def commit(self, seq: int, wall: float) -> None:
+    def commit(self, seq: int, wall: float, primary_generation: int) -> None:
         sel = self.record["active_select"]
         for vi in range(len(self._areas)):
             sel ^= 1 << vi
-        self.record.update(phase=FC_IDLE, committed_seq=seq, active_select=sel, established=1, commit_wall=wall)
+        self.record.update(phase=FC_IDLE, committed_seq=seq, active_select=sel, established=1, commit_wall=wall,
+                           primary_generation=primary_generation)
         self.store.write(self.record)  # the one write that moves C to the new point in time
 
     def abort(self) -> None:

@@ -57,7 +57,7 @@ from hal.wire import fast_struct
 
 PAGE = 4096
 SECTOR_BYTES = 512
-VERSION = 1
+VERSION = 2  # 2: the CG record names its format generation, the FlashCopy record the primary's
 PRIMARY_MAGIC = b"MFWP"
 SECONDARY_MAGIC = b"MFWS"
 MAX_VOLUMES = 48
@@ -110,6 +110,7 @@ CgRecord = Struct(
     "successful" / Int64ul,
     "failed" / Int64ul,
     "consecutive" / Int32ul,
+    "generation" / Int64ul,  # made at format: which NVRAM the secondary's copy descends from
 )
 
 FC_IDLE, FC_PREPARED = 0, 1
@@ -122,6 +123,7 @@ FlashCopyRecord = Struct(
     "prepared_seq" / Int64ul,
     "active_select" / Int64ul,  # bit v: which copied-bitmap area of volume v is live
     "commit_wall" / Float64l,
+    "primary_generation" / Int64ul,  # the primary format generation the last commit was for
 )
 
 

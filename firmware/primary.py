@@ -123,7 +123,10 @@ class Primary:
             if tb % dev.info.block_size:
                 raise NvramError(f"track_bytes {tb} is not a multiple of {dev.info.url}'s "
                                  f"block size {dev.info.block_size}")
-        self.region.format(list(self.volumes.sizes_by_name().items()), tb, self.session_id)
+        # A new generation per format: a secondary that committed for another
+        # one demands a full copy (A may hold anything now).
+        generation = max(1, int(self.clock.wall() * 1e6))
+        self.region.format(list(self.volumes.sizes_by_name().items()), tb, self.session_id, generation)
         self.recovered = {"formatted": True}
 
     def _recover(self) -> None:

@@ -20,7 +20,7 @@ into a ``ProtocolError`` that says what was wrong, never another exception.
 
 The handshake (primary P connects to secondary S)::
 
-    P -> S  HELLO(version, session id, volume geometry)
+    P -> S  HELLO(version, session id, volume geometry, format generation)
     S -> P  AUTH_CHALLENGE(nonce_s)
     P -> S  AUTH_RESPONSE(mac = HMAC(secret, "primary" | nonce_s | session), challenge = nonce_p)
     S -> P  AUTH_RESPONSE(mac = HMAC(secret, "secondary" | nonce_p | session))
@@ -42,7 +42,7 @@ import crc32c
 
 from hal.wire import fast_struct
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: HELLO carries the primary's format generation
 MAGIC = b"MFWL"
 MAX_BODY_BYTES = 64 << 20  # a DATA frame carries one track; 64 MiB leaves room for huge tracks
 NONCE_BYTES = 32
@@ -186,8 +186,10 @@ class Hello(Frame):
     version: int
     session_id: str
     volumes: list[tuple[str, int, int]] = field(default_factory=list)  # (name, size_bytes, track_bytes)
+    generation: int = 0  # the primary NVRAM's format generation (a new one demands a full copy)
     KIND = Kind.HELLO
-    BODY = cs.Struct("version" / cs.Int16ub, "session_id" / Text, "volumes" / Volumes)
+    BODY = cs.Struct("version" / cs.Int16ub, "session_id" / Text, "volumes" / Volumes,
+                     "generation" / cs.Int64ub)
 
 
 @dataclass

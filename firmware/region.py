@@ -89,7 +89,8 @@ def _persister(nvram: NvramRegion, base: int):
 
 
 FRESH_RECORD = {"seq": 0, "phase": 0, "recording": 0, "oos_select": 0, "start_wall": 0.0, "committed_seq": 0,
-                "cut_wall": 0.0, "commit_wall": 0.0, "successful": 0, "failed": 0, "consecutive": 0}
+                "cut_wall": 0.0, "commit_wall": 0.0, "successful": 0, "failed": 0, "consecutive": 0,
+                "generation": 0}
 
 
 class PrimaryRegion:
@@ -112,19 +113,31 @@ class PrimaryRegion:
         self._header: dict = {}
 
     # -- format and recover --------------------------------------------------------
-    def format(self, volumes: list[tuple[str, int]], track_bytes: int, session_id: str) -> None:
+    def format(self, volumes: list[tuple[str, int]], track_bytes: int, session_id: str, generation: int) -> None:
+        """Lay the region out anew for ``volumes``; the cache and bitmaps are
+        discarded. The format generation is ``generation``, or the one the
+        region held plus one if that is larger (a clock that did not move)."""
+        generation = max(generation, self._previous_generation() + 1)
         self.plan, self._header_store = format_region(self.nvram, PRIMARY_MAGIC, volumes, track_bytes,
                                                       session_id, with_cache=True)
         self._header = self.plan.header_fields(generation=1, clean=0)
         self.names = [name for name, _ in volumes]
         self._record_store = DoubleRecord(self.nvram.view, self.nvram.persist, RegionPlan.RECORD_OFFSET, CgRecord)
-        self.record = dict(FRESH_RECORD)
+        self.record = dict(FRESH_RECORD, generation=generation)
         self._record_store.write(self.record)
         self.cache = WriteCache(self.nvram, self.plan)
         self.cache.format()
         self._attach(fresh=True)
         log.info("formatted NVRAM %s: %d slots of %d bytes", getattr(self.nvram, "url", "?"),
                  self.plan.n_slots, track_bytes)
+
+    def _previous_generation(self) -> int:
+        try:
+            read_region(self.nvram, PRIMARY_MAGIC, "primary")
+            rec = DoubleRecord(self.nvram.view, self.nvram.persist, RegionPlan.RECORD_OFFSET, CgRecord).read()
+        except NvramError:
+            return 0
+        return rec["generation"] if rec is not None else 0
 
     def recover(self, volumes: dict[str, int]) -> dict:
         """Open a region written before (after a clean stop or a crash):

@@ -50,8 +50,10 @@ class RemotePort(abc.ABC):
         return True
 
     @abc.abstractmethod
-    async def connect(self, session_id: str, volumes: list[VolumeGeometry]) -> RemoteState:
+    async def connect(self, session_id: str, volumes: list[VolumeGeometry], generation: int = 0) -> RemoteState:
         """Hello: check geometry and learn what the secondary holds.
+        ``generation`` names the primary NVRAM's format: a secondary that last
+        committed for another one answers ``new`` (a full copy is due).
         Raises RemoteError on a mismatch."""
 
     @abc.abstractmethod
@@ -88,7 +90,7 @@ class RemotePort(abc.ABC):
 class SecondaryPort(Protocol):
     """The calls a secondary answers, one per request frame."""
 
-    async def hello(self, session_id: str, volumes: list[VolumeGeometry]) -> RemoteState:
+    async def hello(self, session_id: str, volumes: list[VolumeGeometry], generation: int = 0) -> RemoteState:
         """Check the primary's session and geometry; say what C holds.
         Raises RemoteError to refuse the pairing."""
         ...

@@ -138,6 +138,7 @@ class LinkRemote(RemotePort):
         self._closed = False
         self._session_id: str | None = None
         self._volumes: list[VolumeGeometry] = []
+        self._generation = 0
         self._index: dict[str, int] = {}
         self.state: RemoteState | None = None
         self._unreported: RemoteState | None = None  # from a background reconnect, not yet seen by connect()
@@ -157,7 +158,7 @@ class LinkRemote(RemotePort):
     async def _handshake(self, link: Link) -> RemoteState:
         session_id = self._session_id or ""
         hello = p.Hello(seq=next(self._seq), version=p.PROTOCOL_VERSION, session_id=session_id,
-                        volumes=_geometry(self._volumes))
+                        volumes=_geometry(self._volumes), generation=self._generation)
         await link.send(p.encode(hello))
         challenge = await self._expect(link, p.AuthChallenge)
         nonce = self._random(p.NONCE_BYTES)
@@ -212,15 +213,17 @@ class LinkRemote(RemotePort):
         self._emit("change", state="up", peer=link.peer, committed_cg=state.committed_cg, new=state.new)
         return state
 
-    async def connect(self, session_id: str, volumes: list[VolumeGeometry]) -> RemoteState:
+    async def connect(self, session_id: str, volumes: list[VolumeGeometry], generation: int = 0) -> RemoteState:
         """Hello: one attempt to connect and pair. Raises LinkDown when the
         secondary cannot be reached (a background task keeps trying), or
         RemoteError when it refuses the pairing."""
         if self._closed:
             raise LinkDown("link remote closed")
-        same = session_id == self._session_id and list(volumes) == self._volumes
+        same = (session_id == self._session_id and list(volumes) == self._volumes
+                and generation == self._generation)
         self._session_id = session_id
         self._volumes = list(volumes)
+        self._generation = generation
         async with self._connect_lock:
             fresh, self._unreported = self._unreported, None
             if self._link is not None and fresh is not None and same:
@@ -522,7 +525,7 @@ class ReplicationService:
         # the secondary looks at its state again.
         await self._settle()
         try:
-            state = await self.secondary.hello(hello.session_id, volumes)
+            state = await self.secondary.hello(hello.session_id, volumes, hello.generation)
         except (RemoteError, ValueError, KeyError) as e:
             await self._refuse(link, p.ErrorCode.GEOMETRY, str(e) or type(e).__name__)
             return None

@@ -68,6 +68,7 @@ class Secondary:
         self.received_tracks = 0
         self.received_bytes = 0
         self.recovered: dict = {}
+        self._primary_generation = 0  # the format generation of the primary that said hello
 
     # -- NVRAM -----------------------------------------------------------------
     async def open(self, format: bool = False) -> None:  # noqa: A002 - contract name
@@ -79,7 +80,7 @@ class Secondary:
                                     with_cache=False)
             store = DoubleRecord(nvram.view, nvram.persist, RegionPlan.RECORD_OFFSET, FlashCopyRecord)
             record = {"session_id": self.session_id, "established": 0, "phase": 0, "committed_seq": 0,
-                      "prepared_seq": 0, "active_select": 0, "commit_wall": 0.0}
+                      "prepared_seq": 0, "active_select": 0, "commit_wall": 0.0, "primary_generation": 0}
             store.write(record)
             self.recovered = {"formatted": True}
         else:
@@ -121,7 +122,7 @@ class Secondary:
             raise RemoteError(f"unknown volume {volume!r}; this secondary has {', '.join(self.names)}") from None
 
     # -- the RemotePort calls, server side --------------------------------------------
-    async def hello(self, session_id: str, volumes: list[VolumeGeometry]) -> RemoteState:
+    async def hello(self, session_id: str, volumes: list[VolumeGeometry], generation: int = 0) -> RemoteState:
         if session_id != self.session_id:
             raise RemoteError(f"session {session_id!r} does not match this secondary's {self.session_id!r}")
         rec = self.fc.record
@@ -137,8 +138,12 @@ class Secondary:
             if v.track_bytes % b.info.block_size:
                 raise RemoteError(f"{v.name}: track {v.track_bytes} is not a multiple of B's block size")
             self._track_bytes[v.name] = v.track_bytes
+        # A primary whose NVRAM was formatted since our last commit may hold
+        # anything on A: only a full copy makes C converge to it again.
+        self._primary_generation = generation
+        new = not rec["established"] or rec["primary_generation"] != generation
         return RemoteState(session_id=self.session_id, committed_cg=rec["committed_seq"],
-                           new=not rec["established"],
+                           new=new,
                            volumes=[VolumeGeometry(n, b.info.size_bytes, self._track_bytes[n])
                                     for n, b in zip(self.names, self.b, strict=False)])
 
@@ -191,7 +196,7 @@ class Secondary:
         for c in self.c:
             await c.flush()  # copied grains durable before the bits that point at them are dropped
         self.crashpoints.hit(MID_COMMIT)
-        self.fc.commit(cg_seq, self.clock.wall())
+        self.fc.commit(cg_seq, self.clock.wall(), self._primary_generation)
         self.events.emit("destroy", "cg", seq=cg_seq, result="committed", role="secondary")
 
     async def abort(self, cg_seq: int) -> None:
@@ -321,8 +326,8 @@ class LocalRemote(RemotePort):
         self.secondary = secondary
         self.sent_tracks = 0
 
-    async def connect(self, session_id: str, volumes: list[VolumeGeometry]) -> RemoteState:
-        return await self.secondary.hello(session_id, volumes)
+    async def connect(self, session_id: str, volumes: list[VolumeGeometry], generation: int = 0) -> RemoteState:
+        return await self.secondary.hello(session_id, volumes, generation)
 
     async def send_track(self, volume: str, track: int, cg_seq: int, data: bytes) -> None:
         self.sent_tracks += 1

@@ -188,7 +188,7 @@ class RecordingRemote(RemotePort):
         self.committed = 0
         self.connects = 0
 
-    async def connect(self, session_id, volumes):
+    async def connect(self, session_id, volumes, generation=0):
         from firmware.remote import RemoteState
 
         self.connects += 1

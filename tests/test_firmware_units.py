@@ -77,7 +77,7 @@ def test_header_round_trip_and_hand_made_fixture():
     assert back.magic == b"MFWP" and back.generation == 7 and back.volumes[0].name == "vol0"
     assert L.RegionPlan.from_header(back) == plan
     # Hand-made from the documented field order (little-endian), not from construct.
-    expect = (b"MFWP" + struct.pack("<HQBIIIIQQQ", 1, 7, 1, 65536, 512, plan.n_slots, plan.entry_bytes,
+    expect = (b"MFWP" + struct.pack("<HQBIIIIQQQ", 2, 7, 1, 65536, 512, plan.n_slots, plan.entry_bytes,
                                     plan.dir_offset, plan.slots_offset, plan.total_bytes)
               + b"demo".ljust(64, b"\0") + struct.pack("<H", 1)
               + b"vol0".ljust(32, b"\0") + struct.pack("<QQQQ", 1 << 20, 16, 4 * 4096, 4096))
@@ -88,7 +88,7 @@ def test_sealed_record_survives_a_torn_update():
     view = memoryview(bytearray(4 * 4096))
     rec = L.DoubleRecord(view, lambda o, n: None, 0, L.CgRecord)
     base = {"seq": 1, "phase": 0, "recording": 0, "oos_select": 0, "start_wall": 0.0, "committed_seq": 0,
-            "cut_wall": 0.0, "commit_wall": 0.0, "successful": 0, "failed": 0, "consecutive": 0}
+            "cut_wall": 0.0, "commit_wall": 0.0, "successful": 0, "failed": 0, "consecutive": 0, "generation": 9}
     rec.write(base)
     rec.write(dict(base, seq=2))
     assert L.DoubleRecord(view, None, 0, L.CgRecord).read()["seq"] == 2

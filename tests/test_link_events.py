@@ -76,7 +76,7 @@ class FakeSecondary:
         if name in self.raises:
             raise self.raises[name]
 
-    async def hello(self, session_id: str, volumes: list[VolumeGeometry]) -> RemoteState:
+    async def hello(self, session_id: str, volumes: list[VolumeGeometry], generation: int = 0) -> RemoteState:
         self._note("hello", session_id)
         return RemoteState(session_id=session_id, committed_cg=0, new=False, volumes=list(volumes))
 
@@ -322,7 +322,7 @@ def test_a_handshake_frame_after_the_handshake_is_refused_and_closes_the_link():
 
 def test_an_in_process_remote_is_up_by_default():
     class InProcess(RemotePort):
-        async def connect(self, session_id, volumes):
+        async def connect(self, session_id, volumes, generation=0):
             raise NotImplementedError
 
         async def send_track(self, volume, track, cg_seq, data): ...

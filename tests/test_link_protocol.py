@@ -41,23 +41,25 @@ def test_crc32c_is_castagnoli():
 
 
 def hello_fixture() -> bytes:
-    """HELLO seq 3, session "demo", one volume vol0 of 1 MiB in 64 KiB tracks, from the layout by hand."""
+    """HELLO seq 3, session "demo", one volume vol0 of 1 MiB in 64 KiB tracks,
+    format generation 7, from the layout by hand (frame version 2)."""
     body = (
-        struct.pack(">H", 1)  # hello version
+        struct.pack(">H", 2)  # hello version
         + struct.pack(">H", 4) + b"demo"
         + struct.pack(">H", 1)  # one volume
         + struct.pack(">H", 4) + b"vol0" + struct.pack(">QI", 1 << 20, 65536)
+        + struct.pack(">Q", 7)  # the primary's format generation
     )
-    header = b"MFWL" + struct.pack(">BBHQI", 1, 1, 0, 3, len(body))
+    header = b"MFWL" + struct.pack(">BBHQI", 2, 1, 0, 3, len(body))
     return header + body + struct.pack(">I", crc32c.crc32c(header + body))
 
 
 def test_hand_made_fixture_decodes_and_encodes_identically():
     raw = hello_fixture()
     frame = p.decode(raw)
-    assert frame == p.Hello(seq=3, version=1, session_id="demo", volumes=[("vol0", 1 << 20, 65536)])
+    assert frame == p.Hello(seq=3, version=2, session_id="demo", volumes=[("vol0", 1 << 20, 65536)], generation=7)
     assert p.encode(frame) == raw
-    assert len(raw) == p.HEADER_BYTES + 28 + 4
+    assert len(raw) == p.HEADER_BYTES + 36 + 4
 
 
 def test_data_fixture_payload_offset():
@@ -90,7 +92,7 @@ def recrc(raw: bytes) -> bytes:
         (lambda r: recrc(r[:16] + struct.pack(">I", p.MAX_BODY_BYTES + 1) + r[20:]), p.BadLength, "limit"),
         (lambda r: recrc(corrupt(r, 7, 0x80)), p.BadBody, "flags"),
         # a body one byte longer than HELLO uses: trailing bytes
-        (lambda r: recrc(r[:16] + struct.pack(">I", 29) + r[20:-4] + b"\0" + r[-4:]), p.BadBody, "trailing"),
+        (lambda r: recrc(r[:16] + struct.pack(">I", 37) + r[20:-4] + b"\0" + r[-4:]), p.BadBody, "trailing"),
         # a session id that claims more bytes than the body has
         (lambda r: recrc(r[:22] + struct.pack(">H", 200) + r[24:]), p.BadBody, "HELLO"),
     ],
@@ -160,34 +162,34 @@ def test_decoder_fuzz_mutated_frames(frame, edits, fix_crc, cut):
 # declaration must not move a single byte.
 PINNED = [
     ("hello", p.Hello(seq=1, version=1, session_id="demo", volumes=[("vol0", 1 << 30, 65536), ("v1", 4096, 512)]),
-     "4d46574c0101000000000000000000010000002c0001000464656d6f00020004766f6c3000000000400000000001000000027631"
-     "000000000000100000000200a8ea4cf0"),
+     "4d46574c020100000000000000000001000000340001000464656d6f00020004766f6c300000000040000000000100000002"
+     "76310000000000001000000002000000000000000000fe1a0e28"),
     ("hello-empty", p.Hello(seq=2, version=1, session_id=""),
-     "4d46574c01010000000000000000000200000006000100000000c2dd4686"),
+     "4d46574c0201000000000000000000020000000e0001000000000000000000000000ce818f2e"),
     ("auth-challenge", p.AuthChallenge(seq=3, nonce=bytes(range(8))),
-     "4d46574c0102000000000000000000030000000908000102030405060795009911"),
+     "4d46574c02020000000000000000000300000009080001020304050607e75dc5b6"),
     ("auth-response", p.AuthResponse(seq=4, mac=b"\xaa" * 4, challenge=b"UUU"),
-     "4d46574c0103000000000000000000040000000904aaaaaaaa03555555ac3e72e0"),
+     "4d46574c0203000000000000000000040000000904aaaaaaaa03555555de632e47"),
     ("auth-response-last", p.AuthResponse(seq=5, mac=b"\xaa" * 4),
-     "4d46574c0103000000000000000000050000000604aaaaaaaa0097e19af0"),
+     "4d46574c0203000000000000000000050000000604aaaaaaaa0073dfa92c"),
     ("data", p.Data(seq=6, volume=1, track=123456, cg_seq=77, payload=b"PAYLOAD"),
-     "4d46574c010400000000000000000006000000190001000000000001e240000000000000004d5041594c4f414461cf58d3"),
+     "4d46574c020400000000000000000006000000190001000000000001e240000000000000004d5041594c4f4144ae190032"),
     ("data-empty", p.Data(seq=7, volume=0, track=0, cg_seq=1, payload=b""),
-     "4d46574c01040000000000000000000700000012000000000000000000000000000000000001d5d37aa6"),
-    ("drain-done", p.DrainDone(seq=8, cg_seq=77), "4d46574c01050000000000000000000800000008000000000000004d29b000f0"),
-    ("sync", p.Sync(seq=8, cg_seq=77), "4d46574c010c0000000000000000000800000008000000000000004dfcc8ea1b"),
-    ("prepare", p.Prepare(seq=9, cg_seq=77), "4d46574c01060000000000000000000900000008000000000000004d871628dd"),
-    ("commit", p.Commit(seq=10, cg_seq=77), "4d46574c01070000000000000000000a00000008000000000000004da3b3904a"),
-    ("abort", p.Abort(seq=11, cg_seq=78), "4d46574c01080000000000000000000b00000008000000000000004e6c4de751"),
-    ("ack", p.Ack(seq=12, acked=6), "4d46574c01090001000000000000000c0000000c000000000000000600000000c69e7d1d"),
+     "4d46574c0204000000000000000000070000001200000000000000000000000000000000000156cee6d5"),
+    ("drain-done", p.DrainDone(seq=8, cg_seq=77), "4d46574c02050000000000000000000800000008000000000000004de28c3193"),
+    ("sync", p.Sync(seq=8, cg_seq=77), "4d46574c020c0000000000000000000800000008000000000000004d37f4db78"),
+    ("prepare", p.Prepare(seq=9, cg_seq=77), "4d46574c02060000000000000000000900000008000000000000004d4c2a19be"),
+    ("commit", p.Commit(seq=10, cg_seq=77), "4d46574c02070000000000000000000a00000008000000000000004d688fa129"),
+    ("abort", p.Abort(seq=11, cg_seq=78), "4d46574c02080000000000000000000b00000008000000000000004ea771d632"),
+    ("ack", p.Ack(seq=12, acked=6), "4d46574c02090001000000000000000c0000000c000000000000000600000000254c96b0"),
     ("ack-refused", p.Ack(seq=13, acked=7, status=p.AckStatus.REFUSED, message="völ0?"),
-     "4d46574c01090001000000000000000d0000001200000000000000070001000676c3b66c303fa77b2d3b"),
+     "4d46574c02090001000000000000000d0000001200000000000000070001000676c3b66c303f2466b148"),
     ("status", p.Status(seq=14, acked=1, session_id="demo", committed_cg=76, new=True,
                         volumes=[("vol0", 1 << 20, 65536)]),
-     "4d46574c010a0001000000000000000e0000002b0000000000000001000464656d6f000000000000004c0100010004766f6c300000"
-     "00000010000000010000aed326c9"),
+     "4d46574c020a0001000000000000000e0000002b0000000000000001000464656d6f000000000000004c0100010004766f6c"
+     "30000000000010000000010000f211b015"),
     ("error", p.Error(seq=15, code=p.ErrorCode.AUTH, message="wrong secret"),
-     "4d46574c010b0001000000000000000f000000100003000c77726f6e6720736563726574d0f82797"),
+     "4d46574c020b0001000000000000000f000000100003000c77726f6e6720736563726574961356ca"),
 ]
 
 
@@ -213,7 +215,7 @@ volumes = st.lists(st.tuples(text, u64, st.integers(0, 0xFFFFFFFF)), max_size=4)
 seq = {"seq": u64}
 
 FRAME_STRATEGIES = {
-    p.Kind.HELLO: st.builds(p.Hello, version=u16, session_id=text, volumes=volumes, **seq),
+    p.Kind.HELLO: st.builds(p.Hello, version=u16, session_id=text, volumes=volumes, generation=u64, **seq),
     p.Kind.AUTH_CHALLENGE: st.builds(p.AuthChallenge, nonce=short_bytes, **seq),
     p.Kind.AUTH_RESPONSE: st.builds(p.AuthResponse, mac=short_bytes, challenge=short_bytes, **seq),
     p.Kind.DATA: st.builds(p.Data, volume=u16, track=u64, cg_seq=u64, payload=st.binary(max_size=5000), **seq),

@@ -190,7 +190,7 @@ def with_header_version(raw: bytes, version: int) -> bytes:
     "frames, code",
     [
         ([with_header_version(p.encode(p.Hello(version=1, session_id="test")), 9)], p.ErrorCode.VERSION),
-        ([p.encode(p.Hello(version=2, session_id="test"))], p.ErrorCode.VERSION),
+        ([p.encode(p.Hello(version=p.PROTOCOL_VERSION + 1, session_id="test"))], p.ErrorCode.VERSION),
         ([b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"], p.ErrorCode.BAD_FRAME),
         ([p.encode(p.Hello(version=1, session_id="test"))[:-1] + b"\0"], p.ErrorCode.BAD_FRAME),  # CRC
         ([p.encode(p.Data(volume=0, track=0, cg_seq=1, payload=b"x" * TRACK))], p.ErrorCode.STATE),

@@ -4,7 +4,8 @@ that loses what it has not flushed: drivers/powerloss.py), in process.
 Each test is a hole found on the first version; each fails without its
 barrier: OOS cleared before B was durable (hole 1), a C copy-on-write not
 durable before its copied bit (hole 2), an image marked clean before A was
-flushed (hole 3)."""
+flushed (hole 3), a reformatted primary that was never fully copied
+(hole 4, session identity)."""
 
 from __future__ import annotations
 
@@ -126,4 +127,29 @@ def test_hole_3_an_evicted_clean_image_was_durable_on_a():
         assert not p.cache.has(0, 2), "track 2 was not evicted; the test proves nothing"
         p = await pair.cut_primary()
         assert await p.read("vol0", 2 * T, T) == blk("X"), "an acknowledged write was lost from A"
+    asyncio.run(main())
+
+
+def test_hole_4_a_reformatted_primary_gets_a_full_copy_and_c_converges_to_a():
+    async def main():
+        pair = await steady()
+        p = pair.primary
+        await p.write("vol0", T, blk("X"))
+        assert await p.form_cg()
+        await p.write("vol0", 2 * T, blk("Y"))  # on A (destaged), never in a CG
+        await p.destager.destage()
+        await p.stop()
+        # The NVRAM is formatted again (or replaced): its OOS bit for track 2 is gone.
+        pair.primary = Primary({"vol0": p.devices[0]}, pair.pnv, pair.clock, pair.params,
+                               LocalRemote(pair.secondary))
+        await pair.primary.open(format=True)
+        assert pair.primary.oos_tracks() == 0
+        await pair.primary.start(form_cgs=False, destage=False)
+        q = pair.primary
+        assert q.oos_tracks() == SIZE // T, "a new format generation did not demand a full copy"
+        assert await q.form_cg()
+        assert await pair.secondary.read_c("vol0", 0, SIZE) == await q.read("vol0", 0, SIZE)
+        # Once C descends from this format, a reconnect is no full copy.
+        await q.cycle.connect()
+        assert q.oos_tracks() == 0
     asyncio.run(main())
