@@ -65,6 +65,9 @@ class CgCycle:
         self.drainer = Drainer(volumes, region, remote, crashpoints, self.in_cg, self.link_lost)
         # Hook for a session master: awaited between quiesce and run (subordinates switch to CR).
         self.coordinate: Callable[[], Awaitable[None]] | None = None
+        # Awaited right before the CR switch, gate closed: the host path's
+        # chunked writes finish landing, so none straddles the switch.
+        self.before_switch: Callable[[], Awaitable[None]] | None = None
         self.seq = 0
         self.remote_committed = 0
         self.connected = False  # hello done on the current link; False: say hello before the next CG
@@ -199,6 +202,8 @@ class CgCycle:
             await self.coordinate()
         else:
             await asyncio.sleep(0)  # writes already accepted land before CR exists
+        if self.before_switch is not None:
+            await self.before_switch()
         self.machine.handle(Event.RECORDING_ON)
         timer = None
         consecutive = self.region.record["consecutive"]

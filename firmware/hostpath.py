@@ -9,11 +9,15 @@ it announces, in OOS while no CG is recording and in CR while one is. The
 ack waits at the quiesce gate (claims 1, 2).
 
 A write longer than ``max_landing_tracks`` tracks lands in chunks, each
-decided and landed on its own; a CR switch can fall between two chunks.
+decided and landed on its own (a chunk may wait for free slots). Such a write
+still falls entirely on one side of the CR switch: it starts landing only
+while the gate is open, and the CG cycle switches recording on only once no
+chunked write is half landed (``landed_whole``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from firmware import crashpoints as cp
@@ -45,6 +49,8 @@ class HostPath:
         self.max_landing_tracks = 1
         self.fallbacks = 0  # dual-image writes that fell back to send-first
         self.send_first_sends = 0
+        self._chunked = 0  # chunked writes with some chunks landed and more to come
+        self._whole_waiters: list[asyncio.Future] = []
 
     def attach(self, destager: Destager) -> None:
         """The region is open: bound a landing by a quarter of the cache."""
@@ -59,14 +65,36 @@ class HostPath:
         n = mv.nbytes
         vols.check_io(vi, offset, n)
         tb = vols.track_bytes
-        pos = 0
-        while pos < n:
-            first = (offset + pos) // tb
-            stop_track = min((offset + n - 1) // tb, first + self.max_landing_tracks - 1)
-            end = min(n, (stop_track + 1) * tb - offset)
-            await self.land(vi, offset + pos, mv[pos:end])
-            pos = end
-        await self.cycle.gate.wait()
+        gate = self.cycle.gate
+        if n and (offset + n - 1) // tb - offset // tb >= self.max_landing_tracks:
+            while gate.closed:  # a CR switch is pending: land after it, never across it
+                await gate.wait()
+            self._chunked += 1
+            try:
+                pos = 0
+                while pos < n:
+                    first = (offset + pos) // tb
+                    end = min(n, (first + self.max_landing_tracks) * tb - offset)
+                    await self.land(vi, offset + pos, mv[pos:end])
+                    pos = end
+            finally:
+                self._chunked -= 1
+                if not self._chunked:
+                    waiters, self._whole_waiters = self._whole_waiters, []
+                    for fut in waiters:
+                        if not fut.done():
+                            fut.set_result(None)
+        else:
+            await self.land(vi, offset, mv)
+        await gate.wait()
+
+    async def landed_whole(self) -> None:
+        """Return when no chunked write is half landed (the CR switch waits
+        for this, with the gate closed so no new one starts)."""
+        while self._chunked:
+            fut = asyncio.get_running_loop().create_future()
+            self._whole_waiters.append(fut)
+            await fut
 
     async def land(self, vi: int, offset: int, mv: memoryview) -> None:
         """Decide every track of the chunk, await whatever must happen first

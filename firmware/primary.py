@@ -54,6 +54,7 @@ class Primary:
         self.cycle = CgCycle(self.volumes, self.region, remote, params, clock, self.events, crashpoints,
                              self.session, session_id)
         self.host = HostPath(self.volumes, self.region, self.cycle, params, crashpoints)
+        self.cycle.before_switch = self.host.landed_whole
         self.destager: Destager | None = None
         self.recovered: dict = {}
         self._start_wall = 0.0

@@ -359,3 +359,32 @@ def test_concurrent_writes_with_eight_destages_in_flight_keep_c_the_cut(seed):
     w = asyncio.run(random_run(seed, policy="dual-image", destage_inflight=8))
     assert not w.problems, "\n".join(w.problems[:5])
     assert w.cut_seq > 5
+
+
+def test_a_chunked_host_write_never_straddles_the_cr_switch():
+    """A write longer than the landing bound lands in chunks, with awaits
+    between them. The first version let the CR switch fall between two
+    chunks: the CG being formed took the first chunk and not the rest, and C
+    showed half of one host write (the comment said it could not happen)."""
+    async def main():
+        rig = await make_rig()
+        p = rig.primary
+        await steady(rig)
+        p.host.max_landing_tracks = 2
+        land = p.host.land
+        first_landed = asyncio.Event()
+
+        async def slow_land(vi, offset, mv):
+            await land(vi, offset, mv)
+            first_landed.set()
+            await settle(5)  # the CG loop runs between chunks
+
+        p.host.land = slow_land
+        write = asyncio.ensure_future(p.write("vol0", 0, blk("W", 6 * T)))  # three chunks
+        await first_landed.wait()
+        assert await p.form_cg()
+        await write
+        c = await rig.secondary.read_c("vol0", 0, 6 * T)
+        assert c in (blk("W", 6 * T), bytes(6 * T)), \
+            f"C holds {sum(c[t * T:(t + 1) * T] == blk('W', T) for t in range(6))} of the write's 6 tracks"
+    asyncio.run(main())
