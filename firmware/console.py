@@ -34,9 +34,18 @@ from typing import Any
 
 from firmware import console_format as fmt
 from firmware.console_events import EventStream, snapshot
-from firmware.console_grammar import BOTH, MAX_LINE_CHARS, Arg, Command, CommandError, Grammar
+from firmware.console_grammar import (
+    BOTH,
+    MAX_LINE_CHARS,
+    SECONDARY,
+    Arg,
+    Command,
+    CommandError,
+    Grammar,
+)
 from firmware.crashpoints import POINTS, UnknownCrashPoint
 from firmware.events import Event, EventBus
+from firmware.pins import SnapshotError
 
 # Importers (harness/console_session.py, tests, the fuzzer) take these from here.
 __all__ = ["MAX_LINE_CHARS", "CommandError", "CommandSet", "EventStream", "Reply"]
@@ -116,6 +125,14 @@ class CommandSet:
                      Arg("START[-END]", "range", optional=True))),
             Command("cache stats", self._cache_stats, "write cache: slots used, dual images, dirty, hit rate"),
             Command("link status", self._link_status, "replication link state"),
+            Command("snapshot create", self._snapshot_create,
+                    "pin the last committed CG of every volume as NAME, read-only over NBD as VOLUME@NAME; "
+                    "kept in memory while replication runs, up to the pinned-bytes budget (a restart drops it)",
+                    (Arg("NAME"),), roles=SECONDARY),
+            Command("snapshot delete", self._snapshot_delete, "drop snapshot NAME and the grains it keeps",
+                    (Arg("NAME"),), roles=SECONDARY),
+            Command("snapshot list", self._snapshot_list,
+                    "snapshots with their CG and the bytes each keeps in memory", roles=SECONDARY),
             Command("set", self._set, "change a session parameter live",
                     (Arg("PARAMETER", "choice", SETTABLE), Arg("VALUE"))),
             Command("fault arm", self._fault_arm, "arm a crash point (tests only); fires on hit number N+1",
@@ -324,6 +341,32 @@ class CommandSet:
         data = {k: s.get(k) for k in ("link", "copy_state", "phase", "cg_seq", "drain_bytes",
                                       "consecutive_failures", "data_exposure_s")}
         return data, fmt.table([(k, fmt.show(k, v)) for k, v in data.items()]), None
+
+    # ---- snapshots (secondary) ------------------------------------------------
+
+    async def _snapshot_create(self, args, flags, as_json):
+        try:
+            made = self.controller.snapshot_create(args["NAME"])
+        except SnapshotError as exc:
+            raise CommandError(f"snapshot create: {fmt.one_line(exc)}") from None
+        return made, f"snapshot {made['name']}: CG {made['cg']}, exported as {', '.join(made['exports'])}", None
+
+    async def _snapshot_delete(self, args, flags, as_json):
+        try:
+            gone = self.controller.snapshot_delete(args["NAME"])
+        except SnapshotError as exc:
+            raise CommandError(f"snapshot delete: {fmt.one_line(exc)}") from None
+        return gone, f"snapshot {gone['name']} (CG {gone['cg']}) deleted", None
+
+    async def _snapshot_list(self, args, flags, as_json):
+        snaps = self.controller.snapshot_list()
+        pins = self.controller.status().get("pins") or {}
+        data = {"snapshots": snaps, "pinned_bytes": pins.get("pinned_bytes"),
+                "max_pinned_bytes": pins.get("max_pinned_bytes")}
+        table = fmt.columns(["name", "cg", "kept_bytes", "lost"], snaps) if snaps else "no snapshots"
+        budget = (f"kept in memory by every pin: {data['pinned_bytes']} of max_pinned_bytes "
+                  f"{data['max_pinned_bytes']} bytes")
+        return data, f"{table}\n{budget}", None
 
     # ---- parameters, faults, logging ----------------------------------------
 

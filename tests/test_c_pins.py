@@ -373,3 +373,41 @@ def test_qemu_img_and_nbdcopy_of_c_while_cgs_commit_are_consistent_cuts(tmp_path
         for p in procs:
             if p.alive():
                 p.stop()
+
+
+def test_snapshot_console_commands_on_the_secondary():
+    from firmware.console import CommandSet
+
+    async def main():
+        rig = await steady_rig(volumes=("v0", "v1"))
+        m = Model(["v0", "v1"])
+        k = await m.cg(rig, {"v0": range(4), "v1": range(4)})
+        cs = CommandSet(rig.secondary, role="secondary")
+
+        async def run(line):
+            return await cs.execute(line)
+
+        assert "kept in memory while replication runs" in (await run("help snapshot create")).text
+        made = await run("snapshot create before-upgrade")
+        assert made.ok and made.text == (f"snapshot before-upgrade: CG {k}, exported as v0@before-upgrade, "
+                                         f"v1@before-upgrade")
+        for line, error in (("snapshot create before-upgrade", "exists"), ("snapshot create x@y", "bad snapshot name"),
+                            ("snapshot delete nope", "no snapshot named 'nope'"), ("snapshot create", "missing NAME")):
+            reply = await run(line)
+            assert not reply.ok and error in reply.text and "\n" not in reply.text, reply.text
+        await m.cg(rig, {"v0": range(2), "v1": range(3)})
+        await m.cg(rig, {"v0": range(3), "v1": range(1)})
+        listed = await run("snapshot list --json")
+        import json
+
+        doc = json.loads(listed.text)["data"]
+        assert [(s["name"], s["cg"]) for s in doc["snapshots"]] == [("before-upgrade", k)]
+        assert doc["pinned_bytes"] == sum(s["kept_bytes"] for s in doc["snapshots"]) > 0
+        target = rig.secondary.host_target()
+        for vol in ("v0", "v1"):
+            assert grains_of(await target.open(f"{vol}@before-upgrade").read(0, 4 * T)) == m.at[k][vol][:4]
+        assert (await run("snapshot delete before-upgrade")).text == f"snapshot before-upgrade (CG {k}) deleted"
+        assert (await run("snapshot list")).text.startswith("no snapshots")
+        primary = CommandSet(rig.primary, role="primary")
+        assert "secondary command" in (await primary.execute("snapshot list")).text
+    asyncio.run(main())
