@@ -32,6 +32,9 @@ class SessionParams:
     max_failures_before_untimed: int = 5
     destage_inflight: int = 8
     drain_inflight: int = 16
+    # Secondary: bytes that point-in-time reads of C (NBD connections, snapshots)
+    # may keep in memory, over all of them (firmware/pins.py).
+    max_pinned_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -83,11 +86,13 @@ class SessionParams:
         elif name in ("max_failures_before_untimed", "destage_inflight", "drain_inflight"):
             lo = 0 if name == "max_failures_before_untimed" else 1
             need(isinstance(value, int) and lo <= value <= 4096, f"must be an integer in [{lo}, 4096]")
+        elif name == "max_pinned_bytes":
+            need(isinstance(value, int) and 0 <= value <= 1 << 40, "must be 0 to 1 TiB (e.g. 256MiB)")
 
 
 def _parse_size(text: str) -> int:
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = {"k": 1024, "m": 1 << 20}.get(t[-1:])
+    mult = {"k": 1024, "m": 1 << 20, "g": 1 << 30}.get(t[-1:])
     if mult is None:
         raise ValueError(text)
     return int(t[:-1]) * mult
