@@ -294,7 +294,8 @@ class SecondaryController(Controller):
         self._arm_crashpoints()
         volumes = {v.name: (self._open_device(v.b_url), self._open_device(v.c_url)) for v in cfg.volumes}
         self.secondary = Secondary(volumes, nvram, self.clock, session_id=cfg.session_id, events=self.events,
-                                   crashpoints=self.crashpoints)
+                                   crashpoints=self.crashpoints,
+                                   max_pinned_bytes=cfg.session_params().max_pinned_bytes)
         await self._open_firmware(self.secondary)
         self.service = ReplicationService(self.secondary, cfg.secret, cfg.session_id, random_bytes=os.urandom,
                                           clock=self.clock, events=self.events)
