@@ -18,21 +18,13 @@ from them (``hal.wire.fast_struct``), so a track's payload is copied once
 on each side and never through construct. ``decode`` turns any bad input
 into a ``ProtocolError`` that says what was wrong, never another exception.
 
-The handshake (primary P connects to secondary S)::
-
-    P -> S  HELLO(version, session id, volume geometry, format generation)
-    S -> P  AUTH_CHALLENGE(nonce_s)
-    P -> S  AUTH_RESPONSE(mac = HMAC(secret, "primary" | nonce_s | session), challenge = nonce_p)
-    S -> P  AUTH_RESPONSE(mac = HMAC(secret, "secondary" | nonce_p | session))
-    S -> P  STATUS(session, committed CG, new, geometry)    or ERROR(code, message)
+The handshake these frames carry, and its HMAC, are in firmware/link_handshake.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
-import hmac
 import struct
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -45,8 +37,6 @@ from hal.wire import fast_struct
 PROTOCOL_VERSION = 2  # 2: HELLO carries the primary's format generation
 MAGIC = b"MFWL"
 MAX_BODY_BYTES = 64 << 20  # a DATA frame carries one track; 64 MiB leaves room for huge tracks
-NONCE_BYTES = 32
-MAC_BYTES = 32
 
 
 class Kind(enum.IntEnum):
@@ -151,10 +141,6 @@ class BadBody(ProtocolError):
     pass
 
 
-class AuthError(ProtocolError):
-    code = ErrorCode.AUTH
-
-
 class PeerError(ProtocolError):
     """The peer sent an ERROR frame."""
 
@@ -223,42 +209,32 @@ class Data(Frame):
     BODY = cs.Struct(*DataHead.subcons, "payload" / cs.GreedyBytes)
 
 
-_CgBody = cs.Struct("cg_seq" / cs.Int64ub)
-
-
 @dataclass
-class DrainDone(Frame):
+class CgStep(Frame):
+    """A request about one CG as a whole (the kinds below share this body)."""
+
     cg_seq: int
+    BODY = cs.Struct("cg_seq" / cs.Int64ub)
+
+
+class DrainDone(CgStep):
     KIND = Kind.DRAIN_DONE
-    BODY = _CgBody
 
 
-@dataclass
-class Sync(Frame):
-    cg_seq: int
+class Sync(CgStep):
     KIND = Kind.SYNC
-    BODY = _CgBody
 
 
-@dataclass
-class Prepare(Frame):
-    cg_seq: int
+class Prepare(CgStep):
     KIND = Kind.PREPARE
-    BODY = _CgBody
 
 
-@dataclass
-class Commit(Frame):
-    cg_seq: int
+class Commit(CgStep):
     KIND = Kind.COMMIT
-    BODY = _CgBody
 
 
-@dataclass
-class Abort(Frame):
-    cg_seq: int
+class Abort(CgStep):
     KIND = Kind.ABORT
-    BODY = _CgBody
 
 
 @dataclass
@@ -441,19 +417,3 @@ def decode(buf: bytes) -> Frame:
 def _first_line(e: BaseException) -> str:
     text = str(e) or type(e).__name__
     return text.splitlines()[0]
-
-
-# -- authentication ------------------------------------------------------------
-
-
-def auth_mac(secret: bytes, role: str, nonce: bytes, session_id: str) -> bytes:
-    """HMAC-SHA256 over the role that answers, the peer's nonce and the session.
-
-    The role is in the MAC so a response cannot be reflected back at its
-    sender; the session binds the response to this pairing."""
-    msg = b"mirrorfw-link-v1\0" + role.encode() + b"\0" + nonce + b"\0" + session_id.encode()
-    return hmac.new(secret, msg, hashlib.sha256).digest()
-
-
-def check_mac(secret: bytes, role: str, nonce: bytes, session_id: str, mac: bytes) -> bool:
-    return hmac.compare_digest(auth_mac(secret, role, nonce, session_id), mac)

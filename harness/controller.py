@@ -235,8 +235,8 @@ class PrimaryController(Controller):
         params = cfg.session_params()
         nvram = self._open_nvram()
         # Imported here so a refused NVRAM is reported before anything heavy loads.
+        from firmware.link_primary import LinkRemote
         from firmware.primary import Primary
-        from firmware.replication import LinkRemote
 
         self._arm_crashpoints()
         volumes = {v.name: self._open_device(v.url) for v in cfg.volumes}
@@ -288,7 +288,7 @@ class SecondaryController(Controller):
         cfg = self.cfg
         nvram = self._open_nvram()
         # Imported here so a refused NVRAM is reported before anything heavy loads.
-        from firmware.replication import ReplicationService
+        from firmware.link_secondary import ReplicationService
         from firmware.secondary import Secondary
 
         self._arm_crashpoints()

@@ -14,8 +14,10 @@ import pytest
 
 from firmware import protocol as p
 from firmware.events import EventBus
+from firmware.link_handshake import auth_mac
+from firmware.link_primary import LinkRemote
+from firmware.link_secondary import ReplicationService
 from firmware.remote import RemoteError, RemotePort, RemoteState, SecondaryPort, VolumeGeometry
-from firmware.replication import LinkRemote, ReplicationService
 from hal.link import Link, LinkDown
 
 pytestmark = pytest.mark.timeout(30)
@@ -278,7 +280,7 @@ def test_a_failing_secondary_call_is_answered_and_the_link_stays(method, error, 
                                          volumes=[(v.name, v.size_bytes, v.track_bytes) for v in GEOMETRY])))
         challenge = p.decode(await link.recv())
         nonce = b"n" * 32
-        await link.send(p.encode(p.AuthResponse(seq=2, mac=p.auth_mac(SECRET, "primary", challenge.nonce, "test"),
+        await link.send(p.encode(p.AuthResponse(seq=2, mac=auth_mac(SECRET, "primary", challenge.nonce, "test"),
                                                 challenge=nonce)))
         assert isinstance(p.decode(await link.recv()), p.AuthResponse)
         assert isinstance(p.decode(await link.recv()), p.Status)

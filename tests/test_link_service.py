@@ -18,8 +18,9 @@ from firmware import primary as primary_mod
 from firmware import protocol as p
 from firmware import secondary as secondary_mod
 from firmware.events import EventBus
+from firmware.link_primary import HandshakeRefused, LinkRemote
+from firmware.link_secondary import ReplicationService
 from firmware.remote import VolumeGeometry
-from firmware.replication import HandshakeRefused, LinkRemote, ReplicationService
 from hal.link import LinkDown
 from harness.controller import connect_replication_link, listen_replication_links
 from harness.faults import DeviceFaultPlan, FaultyDevice, FaultyLink, LinkFaultPlan

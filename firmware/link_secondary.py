@@ -1,0 +1,259 @@
+"""The secondary's side of the replication link: ``ReplicationService``.
+
+It runs the handshake (version, mutual HMAC challenge, session, geometry)
+and answers frames by calling a ``SecondaryPort`` (the Secondary). A peer
+that fails the handshake or sends a bad frame gets an ERROR frame and is
+closed, before anything touches B or C. DATA frames are written
+concurrently (at most ``data_inflight``), two for the same track in the
+order they came; a CG step waits until every DATA frame before it is
+written.
+
+``ReplicationService`` alone owns the secondary's link state: it emits the
+``change link`` events (state up/down), once per change, so a reconnect
+reads down then up.
+
+Nonces come from a caller-supplied ``random_bytes`` and time from a hal
+Clock, so the firmware stays deterministic under test. The handshake and
+what both sides share are in firmware/link_handshake.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from firmware import protocol as p
+from firmware.events import EventBus
+from firmware.link_handshake import (
+    HANDSHAKE_TIMEOUT_S,
+    NONCE_BYTES,
+    PRIMARY,
+    SECONDARY,
+    RandomBytes,
+    auth_mac,
+    check_mac,
+    recv_frame,
+    wire_geometry,
+    with_deadline,
+)
+from firmware.remote import RemoteError, SecondaryPort, VolumeGeometry
+from hal.clock import AsyncioClock, Clock
+from hal.link import Link, LinkDown
+
+log = logging.getLogger(__name__)
+
+
+class ReplicationService:
+    """Answers one primary at a time; a newly paired link replaces the old."""
+
+    def __init__(
+        self,
+        secondary: SecondaryPort,
+        secret: bytes,
+        session_id: str | None = None,
+        *,
+        random_bytes: RandomBytes,
+        clock: Clock | None = None,
+        data_inflight: int = 32,
+        events: EventBus | None = None,
+    ) -> None:
+        if not secret:
+            raise ValueError("the link needs a non-empty shared secret")
+        self.secondary = secondary
+        # What each request frame asks of the secondary, decided once here.
+        self._calls: dict[type[p.Frame], Callable[..., Awaitable[None]]] = {
+            p.Data: secondary.receive_track,
+            p.Sync: secondary.sync,
+            p.DrainDone: secondary.drain_done,
+            p.Prepare: secondary.prepare,
+            p.Commit: secondary.commit,
+            p.Abort: secondary.abort,
+        }
+        self._secret = secret
+        self.session_id = session_id
+        self._random = random_bytes
+        self._clock = clock or AsyncioClock()
+        self._slots = asyncio.Semaphore(data_inflight)
+        self._tasks: set[asyncio.Task] = set()
+        self._by_track: dict[tuple[int, int], asyncio.Task] = {}
+        self._active: Link | None = None
+        self.events = events
+        self.rejected: list[str] = []  # one line per refused peer, for status and tests
+        self.stats = {"data_frames": 0, "data_bytes": 0, "links": 0, "rejected": 0, "bad_frames": 0}
+
+    @property
+    def link_up(self) -> bool:
+        return self._active is not None
+
+    def _emit(self, action: str, **fields) -> None:
+        if self.events is not None:
+            self.events.emit(action, "link", **fields)
+
+    async def _send(self, link: Link, frame: p.Frame) -> None:
+        try:
+            await link.send(p.encode(frame))
+        except LinkDown:
+            pass
+
+    async def _refuse(self, link: Link, code: int, message: str) -> None:
+        self.stats["rejected"] += 1
+        line = f"link from {link.peer or 'peer'} refused: {message}"
+        self.rejected.append(line)
+        log.warning("%s", line)
+        self._emit("call", state="refused", peer=link.peer, reason=message)
+        await self._send(link, p.Error(code=int(code), message=message))
+
+    async def _handshake(self, link: Link) -> tuple[str, list[str]] | None:
+        """Pair with a primary: its session and the volume names by wire
+        index, or None when refused."""
+        try:
+            hello = await recv_frame(link)
+        except p.ProtocolError as e:
+            await self._refuse(link, e.code, str(e))
+            return None
+        if not isinstance(hello, p.Hello):
+            await self._refuse(link, p.ErrorCode.STATE, f"expected HELLO first, got {hello.KIND.name}")
+            return None
+        if hello.version != p.PROTOCOL_VERSION:
+            await self._refuse(link, p.ErrorCode.VERSION,
+                               f"HELLO version {hello.version}; this secondary speaks {p.PROTOCOL_VERSION}")
+            return None
+        nonce = self._random(NONCE_BYTES)
+        await link.send(p.encode(p.AuthChallenge(seq=hello.seq, nonce=nonce)))
+        try:
+            response = await recv_frame(link)
+        except p.ProtocolError as e:
+            await self._refuse(link, e.code, str(e))
+            return None
+        if isinstance(response, p.Error):
+            log.warning("primary %s gave up: %s", link.peer, p.PeerError(response.code, response.message))
+            return None
+        if not isinstance(response, p.AuthResponse):
+            await self._refuse(link, p.ErrorCode.STATE, f"expected AUTH_RESPONSE, got {response.KIND.name}")
+            return None
+        if not check_mac(self._secret, PRIMARY, nonce, hello.session_id, response.mac):
+            await self._refuse(link, p.ErrorCode.AUTH, "authentication failed (wrong shared secret?)")
+            return None
+        if len(response.challenge) < 16:
+            await self._refuse(link, p.ErrorCode.AUTH, "the primary's challenge is shorter than 16 bytes")
+            return None
+        mac = auth_mac(self._secret, SECONDARY, response.challenge, hello.session_id)
+        await link.send(p.encode(p.AuthResponse(seq=response.seq, mac=mac)))
+        if self.session_id is not None and hello.session_id != self.session_id:
+            await self._refuse(link, p.ErrorCode.SESSION,
+                               f"session {hello.session_id!r}; this secondary serves {self.session_id!r}")
+            return None
+        volumes = [VolumeGeometry(n, s, t) for n, s, t in hello.volumes]
+        # Wait for work of an earlier link (DATA still being written) before
+        # the secondary looks at its state again.
+        await self._settle()
+        try:
+            state = await self.secondary.hello(hello.session_id, volumes, hello.generation)
+        except (RemoteError, ValueError, KeyError) as e:
+            await self._refuse(link, p.ErrorCode.GEOMETRY, str(e) or type(e).__name__)
+            return None
+        await link.send(p.encode(p.Status(
+            acked=hello.seq, session_id=state.session_id, committed_cg=state.committed_cg,
+            new=state.new, volumes=wire_geometry(state.volumes),
+        )))
+        return hello.session_id, [v.name for v in volumes]
+
+    async def serve(self, link: Link) -> None:
+        """Serve one connection until it drops or misbehaves."""
+        try:
+            paired = await with_deadline(self._clock, self._handshake(link), HANDSHAKE_TIMEOUT_S, "handshake")
+        except TimeoutError as e:
+            await self._refuse(link, p.ErrorCode.STATE, str(e))
+            paired = None
+        except LinkDown as e:
+            log.info("link from %s dropped during the handshake: %s", link.peer, e)
+            paired = None
+        if paired is None:
+            await link.close()
+            return
+        session_id, names = paired
+        previous, self._active = self._active, link
+        if previous is not None:
+            # The old link's serve() no longer owns the state: say it went
+            # down here, so a reconnect reads down then up, never up twice.
+            log.warning("new link from %s replaces the one from %s", link.peer, previous.peer)
+            self._emit("change", state="down", peer=previous.peer, reason=f"replaced by a link from {link.peer}")
+        self.stats["links"] += 1
+        log.info("link up from %s", link.peer)
+        self._emit("change", state="up", peer=link.peer, session=session_id)
+        try:
+            if previous is not None:
+                await previous.close()
+            await self._dispatch(link, names)
+        except LinkDown as e:
+            log.info("link from %s down: %s", link.peer, e)
+        finally:
+            if self._active is link:
+                self._active = None
+                self._emit("change", state="down", peer=link.peer)
+            await link.close()
+
+    async def _dispatch(self, link: Link, names: list[str]) -> None:
+        while True:
+            raw = await link.recv()
+            try:
+                frame = p.decode(raw)
+            except p.ProtocolError as e:
+                self.stats["bad_frames"] += 1
+                await self._refuse(link, e.code, f"bad frame: {e}")
+                return
+            call = self._calls.get(type(frame))
+            if call is None:
+                if isinstance(frame, p.Error):
+                    log.warning("primary %s closed the link: %s", link.peer, p.PeerError(frame.code, frame.message))
+                else:
+                    await self._refuse(link, p.ErrorCode.STATE, f"unexpected {frame.KIND.name} after the handshake")
+                return
+            if isinstance(frame, p.Data):
+                if frame.volume >= len(names):
+                    await self._send(link, p.Ack(acked=frame.seq, status=p.AckStatus.REFUSED,
+                                                 message=f"volume index {frame.volume} not in the hello"))
+                    continue
+                await self._slots.acquire()
+                key = (frame.volume, frame.track)
+                task = asyncio.ensure_future(
+                    self._data(link, frame, call, names[frame.volume], self._by_track.get(key)))
+                self._by_track[key] = task
+                self._tasks.add(task)
+                task.add_done_callback(lambda t, key=key: self._data_finished(t, key))
+            else:  # a CG step: it applies to every DATA frame received before it
+                await self._settle()
+                await self._send(link, await self._answer(frame, call, frame.cg_seq))
+
+    def _data_finished(self, task: asyncio.Task, key: tuple[int, int]) -> None:
+        self._slots.release()
+        self._tasks.discard(task)
+        if self._by_track.get(key) is task:
+            del self._by_track[key]
+
+    async def _settle(self) -> None:
+        """Wait for every DATA frame received so far to be written."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _data(self, link: Link, frame: p.Data, receive_track: Callable[..., Awaitable[None]], volume: str,
+                    before: asyncio.Task | None) -> None:
+        if before is not None:  # same track twice in flight: keep their order
+            await asyncio.gather(before, return_exceptions=True)
+        ack = await self._answer(frame, receive_track, volume, frame.track, frame.cg_seq, frame.payload)
+        if ack.status == p.AckStatus.OK:
+            self.stats["data_frames"] += 1
+            self.stats["data_bytes"] += len(frame.payload)
+        await self._send(link, ack)
+
+    async def _answer(self, frame: p.Frame, call: Callable[..., Awaitable[None]], *args) -> p.Ack:
+        """Make the call a request frame asks for; the ACK that answers it."""
+        try:
+            await call(*args)
+        except RemoteError as e:
+            return p.Ack(acked=frame.seq, status=p.AckStatus.REFUSED, message=str(e))
+        except Exception as e:  # noqa: BLE001 - a failed request is answered, the link stays
+            log.warning("%s(%s) failed: %s", frame.KIND.name, ", ".join(map(str, args[:3])), e)
+            return p.Ack(acked=frame.seq, status=p.AckStatus.FAILED, message=f"{type(e).__name__}: {e}")
+        return p.Ack(acked=frame.seq)
