@@ -309,19 +309,24 @@ def test_pinned_readers_racing_cg_commits_always_see_their_cg(seed):
 # -- real processes, real clients ------------------------------------------------------
 
 
-def _secondary_cg(console_url: str) -> int:
+def _console(console_url: str, line: str) -> dict:
     from harness.console_client import ConsoleClient
 
     with ConsoleClient(console_url, timeout_s=10) as con:
-        return con.run_json("status")["data"]["committed_cg"]
+        return con.run_json(line)["data"]
+
+
+def _secondary_cg(console_url: str) -> int:
+    return _console(console_url, "status")["committed_cg"]
 
 
 @pytest.mark.slow
 def test_qemu_img_and_nbdcopy_of_c_while_cgs_commit_are_consistent_cuts(tmp_path):
     """The pair as real processes, a stamped workload replayed into the
     primary, and C copied by qemu-img convert and nbdcopy while CGs keep
-    committing (no pause): ``mirrorfw check`` finds every copy a consistent
-    cut. (On cf85b73 qemu-img's copy was not one.)"""
+    committing (no pause), and a snapshot taken mid-workload copied after it:
+    ``mirrorfw check`` finds every copy a consistent cut. (On cf85b73
+    qemu-img's copy was not one.)"""
     import shutil
     import subprocess
     import sys
@@ -333,7 +338,7 @@ def test_qemu_img_and_nbdcopy_of_c_while_cgs_commit_are_consistent_cuts(tmp_path
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (make deps installs qemu-utils libnbd-bin)")
     mirrorfw = [sys.executable, "-m", "harness.cli"]
-    configs = write_pair_configs(tmp_path, size="64MiB", console=True)
+    configs = write_pair_configs(tmp_path, size="64MiB", console=True, session={"max_pinned_bytes": "128MiB"})
     procs = [start_controller(configs.secondary, format=True), start_controller(configs.primary, format=True)]
     sec, pri = procs
     replay = None
@@ -349,6 +354,8 @@ def test_qemu_img_and_nbdcopy_of_c_while_cgs_commit_are_consistent_cuts(tmp_path
         while _secondary_cg(sec.ready["console"]) < 4:  # past the initial copy: CGs of the workload
             assert time.monotonic() < deadline and replay.poll() is None, "no CG committed"
             time.sleep(0.2)
+        made = _console(sec.ready["console"], "snapshot create mid")
+        assert made["exports"] == ["vol0@mid"]
         c_url = f"nbd://{sec.ready['nbd']}/vol0"
         copies = []
         for i in range(4):
@@ -361,6 +368,13 @@ def test_qemu_img_and_nbdcopy_of_c_while_cgs_commit_are_consistent_cuts(tmp_path
             copies.append((cmd[0], out, _secondary_cg(sec.ready["console"]) - before))
         assert replay.wait(timeout=60) == 0, replay.stderr.read()
         assert any(n > 0 for _, _, n in copies), f"no copy overlapped a commit, so nothing was tested: {copies}"
+        snap = tmp_path / "snapshot.img"
+        run = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", f"nbd://{sec.ready['nbd']}/vol0@mid",
+                              str(snap)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        listed = _console(sec.ready["console"], "snapshot list")
+        assert listed["max_pinned_bytes"] == 128 << 20 and listed["snapshots"][0]["lost"] is None, listed
+        copies.append(("snapshot", snap, _secondary_cg(sec.ready["console"]) - made["cg"]))
         for tool, out, commits in copies:
             check = subprocess.run(mirrorfw + ["check", "--log", str(tmp_path / "replay.log"), "--copy",
                                                f"file://{out}"], capture_output=True, text=True, timeout=120)
