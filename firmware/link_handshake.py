@@ -12,6 +12,9 @@ The handshake (primary P connects to secondary S)::
 The primary's side is ``LinkRemote`` (firmware/link_primary.py), the
 secondary's ``ReplicationService`` (firmware/link_secondary.py); the frames
 are in firmware/protocol.py.
+
+Nonces come from a caller-supplied ``random_bytes`` and time from a hal
+Clock, so the firmware stays deterministic under test.
 """
 
 from __future__ import annotations

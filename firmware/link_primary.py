@@ -15,9 +15,8 @@ calls ``connect`` again and learns that a full copy is due.
 link`` events (state up/down), once per change, so a reconnect reads down
 then up. The primary reads ``LinkRemote.link_up`` rather than keeping a copy.
 
-Nonces come from a caller-supplied ``random_bytes`` and time from a hal
-Clock, so the firmware stays deterministic under test. The handshake and
-what both sides share are in firmware/link_handshake.py.
+The handshake, its HMAC and what both sides share are in
+firmware/link_handshake.py.
 """
 
 from __future__ import annotations
@@ -27,20 +26,9 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable
 
+from firmware import link_handshake as hs
 from firmware import protocol as p
 from firmware.events import EventBus
-from firmware.link_handshake import (
-    HANDSHAKE_TIMEOUT_S,
-    NONCE_BYTES,
-    PRIMARY,
-    SECONDARY,
-    RandomBytes,
-    auth_mac,
-    check_mac,
-    recv_frame,
-    wire_geometry,
-    with_deadline,
-)
 from firmware.remote import RemoteError, RemotePort, RemoteState, VolumeGeometry
 from hal.clock import AsyncioClock, Clock
 from hal.link import Link, LinkDown
@@ -62,7 +50,7 @@ class LinkRemote(RemotePort):
         link_factory: LinkFactory | Link,
         secret: bytes,
         *,
-        random_bytes: RandomBytes,
+        random_bytes: hs.RandomBytes,
         window: int = 64,
         clock: Clock | None = None,
         backoff_s: tuple[float, float] = (0.05, 2.0),
@@ -125,14 +113,14 @@ class LinkRemote(RemotePort):
     async def _handshake(self, link: Link) -> RemoteState:
         session_id = self._session_id or ""
         hello = p.Hello(seq=next(self._seq), version=p.PROTOCOL_VERSION, session_id=session_id,
-                        volumes=wire_geometry(self._volumes), generation=self._generation)
+                        volumes=hs.wire_geometry(self._volumes), generation=self._generation)
         await link.send(p.encode(hello))
         challenge = await self._expect(link, p.AuthChallenge)
-        nonce = self._random(NONCE_BYTES)
-        mac = auth_mac(self._secret, PRIMARY, challenge.nonce, session_id)
+        nonce = self._random(hs.NONCE_BYTES)
+        mac = hs.auth_mac(self._secret, hs.PRIMARY, challenge.nonce, session_id)
         await link.send(p.encode(p.AuthResponse(seq=next(self._seq), mac=mac, challenge=nonce)))
         answer = await self._expect(link, p.AuthResponse)
-        if not check_mac(self._secret, SECONDARY, nonce, session_id, answer.mac):
+        if not hs.check_mac(self._secret, hs.SECONDARY, nonce, session_id, answer.mac):
             msg = "the secondary failed authentication (wrong shared secret?)"
             await self._send_error(link, p.ErrorCode.AUTH, msg)
             raise HandshakeRefused(msg)
@@ -144,7 +132,7 @@ class LinkRemote(RemotePort):
 
     async def _expect(self, link: Link, cls: type[p.Frame]) -> p.Frame:
         try:
-            frame = await recv_frame(link)
+            frame = await hs.recv_frame(link)
         except p.ProtocolError as e:
             await self._send_error(link, e.code, str(e))
             raise HandshakeRefused(f"handshake with {link.peer}: {e}") from None
@@ -167,7 +155,7 @@ class LinkRemote(RemotePort):
         self.stats["reconnect_attempts"] += 1
         link = await self._factory()
         try:
-            state = await with_deadline(self._clock, self._handshake(link), HANDSHAKE_TIMEOUT_S, "handshake")
+            state = await hs.with_deadline(self._clock, self._handshake(link), hs.HANDSHAKE_TIMEOUT_S, "handshake")
         except BaseException:
             await link.close()
             raise
@@ -260,7 +248,7 @@ class LinkRemote(RemotePort):
             self._up.clear()
             waiter = asyncio.ensure_future(self._up.wait())
             try:
-                await with_deadline(self._clock, waiter, self._down_wait_s, "link")
+                await hs.with_deadline(self._clock, waiter, self._down_wait_s, "link")
             except TimeoutError:
                 raise LinkDown(f"link down: {self.last_error or 'reconnecting'}") from None
             if self._stale is not None:
@@ -289,7 +277,7 @@ class LinkRemote(RemotePort):
         try:
             while True:
                 try:
-                    frame = await recv_frame(link)
+                    frame = await hs.recv_frame(link)
                 except p.ProtocolError as e:
                     # The stream lost sync or was corrupted: nothing after this
                     # frame can be trusted; say so and start over.

@@ -12,9 +12,8 @@ written.
 ``change link`` events (state up/down), once per change, so a reconnect
 reads down then up.
 
-Nonces come from a caller-supplied ``random_bytes`` and time from a hal
-Clock, so the firmware stays deterministic under test. The handshake and
-what both sides share are in firmware/link_handshake.py.
+The handshake, its HMAC and what both sides share are in
+firmware/link_handshake.py.
 """
 
 from __future__ import annotations
@@ -23,20 +22,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from firmware import link_handshake as hs
 from firmware import protocol as p
 from firmware.events import EventBus
-from firmware.link_handshake import (
-    HANDSHAKE_TIMEOUT_S,
-    NONCE_BYTES,
-    PRIMARY,
-    SECONDARY,
-    RandomBytes,
-    auth_mac,
-    check_mac,
-    recv_frame,
-    wire_geometry,
-    with_deadline,
-)
 from firmware.remote import RemoteError, SecondaryPort, VolumeGeometry
 from hal.clock import AsyncioClock, Clock
 from hal.link import Link, LinkDown
@@ -53,7 +41,7 @@ class ReplicationService:
         secret: bytes,
         session_id: str | None = None,
         *,
-        random_bytes: RandomBytes,
+        random_bytes: hs.RandomBytes,
         clock: Clock | None = None,
         data_inflight: int = 32,
         events: EventBus | None = None,
@@ -108,7 +96,7 @@ class ReplicationService:
         """Pair with a primary: its session and the volume names by wire
         index, or None when refused."""
         try:
-            hello = await recv_frame(link)
+            hello = await hs.recv_frame(link)
         except p.ProtocolError as e:
             await self._refuse(link, e.code, str(e))
             return None
@@ -119,10 +107,10 @@ class ReplicationService:
             await self._refuse(link, p.ErrorCode.VERSION,
                                f"HELLO version {hello.version}; this secondary speaks {p.PROTOCOL_VERSION}")
             return None
-        nonce = self._random(NONCE_BYTES)
+        nonce = self._random(hs.NONCE_BYTES)
         await link.send(p.encode(p.AuthChallenge(seq=hello.seq, nonce=nonce)))
         try:
-            response = await recv_frame(link)
+            response = await hs.recv_frame(link)
         except p.ProtocolError as e:
             await self._refuse(link, e.code, str(e))
             return None
@@ -132,13 +120,13 @@ class ReplicationService:
         if not isinstance(response, p.AuthResponse):
             await self._refuse(link, p.ErrorCode.STATE, f"expected AUTH_RESPONSE, got {response.KIND.name}")
             return None
-        if not check_mac(self._secret, PRIMARY, nonce, hello.session_id, response.mac):
+        if not hs.check_mac(self._secret, hs.PRIMARY, nonce, hello.session_id, response.mac):
             await self._refuse(link, p.ErrorCode.AUTH, "authentication failed (wrong shared secret?)")
             return None
         if len(response.challenge) < 16:
             await self._refuse(link, p.ErrorCode.AUTH, "the primary's challenge is shorter than 16 bytes")
             return None
-        mac = auth_mac(self._secret, SECONDARY, response.challenge, hello.session_id)
+        mac = hs.auth_mac(self._secret, hs.SECONDARY, response.challenge, hello.session_id)
         await link.send(p.encode(p.AuthResponse(seq=response.seq, mac=mac)))
         if self.session_id is not None and hello.session_id != self.session_id:
             await self._refuse(link, p.ErrorCode.SESSION,
@@ -155,14 +143,14 @@ class ReplicationService:
             return None
         await link.send(p.encode(p.Status(
             acked=hello.seq, session_id=state.session_id, committed_cg=state.committed_cg,
-            new=state.new, volumes=wire_geometry(state.volumes),
+            new=state.new, volumes=hs.wire_geometry(state.volumes),
         )))
         return hello.session_id, [v.name for v in volumes]
 
     async def serve(self, link: Link) -> None:
         """Serve one connection until it drops or misbehaves."""
         try:
-            paired = await with_deadline(self._clock, self._handshake(link), HANDSHAKE_TIMEOUT_S, "handshake")
+            paired = await hs.with_deadline(self._clock, self._handshake(link), hs.HANDSHAKE_TIMEOUT_S, "handshake")
         except TimeoutError as e:
             await self._refuse(link, p.ErrorCode.STATE, str(e))
             paired = None
