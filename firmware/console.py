@@ -45,6 +45,7 @@ from firmware.console_grammar import (
 )
 from firmware.crashpoints import POINTS, UnknownCrashPoint
 from firmware.events import Event, EventBus
+from firmware.params import describe
 from firmware.pins import SnapshotError
 
 # Importers (harness/console_session.py, tests, the fuzzer) take these from here.
@@ -55,7 +56,10 @@ log = logging.getLogger(__name__)
 MAP_CELLS = 64
 
 # Parameters `set` may change live (the rest of SessionParams is fixed at format time).
-SETTABLE = ("cg_interval_s", "max_coord_ms", "max_drain_s", "collision_policy")
+SETTABLE = ("cg_interval_s", "max_coord_ms", "max_drain_s", "collision_policy", "rpo_warning_s", "rpo_severe_s")
+# `help set` shows each one's range (firmware/params.py RANGES, the one place they live).
+SET_HELP = "change a session parameter live (a change wakes the CG loop): " + "; ".join(
+    f"{name} {describe(name)}" for name in SETTABLE)
 
 LOG_LEVELS = {
     "debug": logging.DEBUG,
@@ -133,7 +137,7 @@ class CommandSet:
                     (Arg("NAME"),), roles=SECONDARY),
             Command("snapshot list", self._snapshot_list,
                     "snapshots with their CG and the bytes each keeps in memory", roles=SECONDARY),
-            Command("set", self._set, "change a session parameter live",
+            Command("set", self._set, SET_HELP,
                     (Arg("PARAMETER", "choice", SETTABLE), Arg("VALUE"))),
             Command("fault arm", self._fault_arm, "arm a crash point (tests only); fires on hit number N+1",
                     (Arg("CRASHPOINT"), Arg("N", "int", optional=True, keyword="after")), roles=BOTH,
