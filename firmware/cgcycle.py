@@ -382,17 +382,24 @@ class CgCycle:
         await self._interval_wait(committed)
 
     async def _interval_wait(self, committed: bool) -> None:
+        # The loop's kick (a `set`, resume, run, pair resume) ends any wait:
+        # a wait that only slept once outlived every command, so a long
+        # interval set by mistake could not be undone. A kick from before
+        # this wait began was for the CG that just ran.
+        self.kick.clear()
         interval = self.params.cg_interval_s
         if interval > 0:
-            await self.clock.sleep(interval)
-            return
-        if committed and not self.region.oos_tracks() and self.last_write_wall <= self.cut_wall:
+            wakers = [self.clock.sleep(interval)]
+        elif committed and not self.region.oos_tracks() and self.last_write_wall <= self.cut_wall:
             # Nothing written since the cut: wait for a write (or a second) instead of spinning.
             self._write_seen.clear()
-            waiter = asyncio.ensure_future(self._write_seen.wait())
-            sleeper = asyncio.ensure_future(self.clock.sleep(1.0))
-            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            sleeper.cancel()
+            wakers = [self._write_seen.wait(), self.clock.sleep(1.0)]
         else:
             await asyncio.sleep(0)
+            return
+        tasks = [asyncio.ensure_future(w) for w in (self.kick.wait(), *wakers)]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
