@@ -102,3 +102,35 @@ def test_pair_resume_wakes_a_long_wait():
         assert p.status()["total_successful_cgs"] > n, "pair resume left the loop in its hour's wait"
         await p.stop()
     asyncio.run(main())
+
+
+# The fix is in CgCycle.form_cg (the lead's file): a RemoteError from a CG
+# must drop `connected` as a link error does, so the next turn says hello
+# and connect() takes the secondary's committed CG as the floor. Strict:
+# once that lands, this xfail fails and is to be removed.
+@pytest.mark.xfail(strict=True, reason="needs form_cg to re-hello after a refusal (issue 16; lead's cgcycle.py)")
+def test_a_secondary_committed_ahead_is_adopted_not_a_silent_failing_loop():
+    """A peer with the secret committed CG committed+1000 at the secondary:
+    the primary's next CGs were refused ("CG N is already committed") for
+    good while status said Running. It must adopt the secondary's committed
+    CG as the floor for the next one (or go Fatal saying why)."""
+    async def main():
+        rig = await make_rig(form_cgs=True, cg_interval_s=1.0)
+        p, sec = rig.primary, rig.secondary
+        await turn(rig, 1.0)
+        committed = p.status()["committed_seq"]
+        assert committed >= 1
+        ahead = committed + 1000
+        await sec.prepare(ahead)  # what the rogue peer did
+        await sec.commit(ahead)
+        await p.write("vol0", 3 * T, blk("d"))
+        await turn(rig, 1.0, rounds=6)
+        s = p.status()
+        if s["copy_state"] == "Fatal":
+            assert "committed" in (s["fatal_reason"] or "")
+        else:
+            assert s["committed_seq"] > ahead, f"still failing: {s['total_failed_cgs']} failed CGs"
+            assert s["consecutive_failures"] == 0 and s["oos_tracks"] == 0
+            assert await sec.read_c("vol0", 3 * T, 4096) == blk("d")
+        await p.stop()
+    asyncio.run(main())
