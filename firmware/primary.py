@@ -302,6 +302,12 @@ class Primary:
             severity = "Warning"
         else:
             severity = "Normal"
+        # RPO thresholds (0: off) raise it further while the exposure exceeds them.
+        exposure, params = self.data_exposure_s(), self.params
+        if params.rpo_severe_s and exposure > params.rpo_severe_s:
+            severity = "Severe"
+        elif params.rpo_warning_s and exposure > params.rpo_warning_s and severity == "Normal":
+            severity = "Warning"
         return {
             "copy_state": state.value,
             "fatal_reason": self.fatal_reason,
@@ -309,7 +315,7 @@ class Primary:
             "cg_seq": self.cycle.seq,
             "committed_seq": rec.get("committed_seq", 0),
             "last_cg_time": rec.get("commit_wall") or None,
-            "data_exposure_s": self.data_exposure_s(),
+            "data_exposure_s": exposure,
             "total_successful_cgs": rec.get("successful", 0),
             "total_failed_cgs": rec.get("failed", 0),
             "consecutive_failures": consecutive,

@@ -134,3 +134,22 @@ def test_a_secondary_committed_ahead_is_adopted_not_a_silent_failing_loop():
             assert await sec.read_c("vol0", 3 * T, 4096) == blk("d")
         await p.stop()
     asyncio.run(main())
+
+
+def test_rpo_thresholds_drive_severity():
+    async def main():
+        rig = await make_rig(form_cgs=True, cg_interval_s=3600.0, rpo_warning_s=10.0, rpo_severe_s=30.0)
+        p = rig.primary
+        await turn(rig)
+        assert p.status()["committed_seq"] >= 1
+        await p.write("vol0", 0, blk("r"))  # exposed from now until the next CG, an hour away
+        assert p.status()["severity"] == "Normal"
+        rig.clock.advance(15.0)
+        s = p.status()
+        assert s["data_exposure_s"] > 10 and s["severity"] == "Warning"
+        rig.clock.advance(20.0)
+        assert p.status()["severity"] == "Severe"
+        p.set_param("rpo_severe_s", "0")  # off: back to the warning threshold only
+        assert p.status()["severity"] == "Warning"
+        await p.stop()
+    asyncio.run(main())
