@@ -161,3 +161,119 @@ def test_engine_name_obeys_the_setting_and_names_the_engine_doing_the_io(tmp_pat
             assert _run(go()) == (expect == "uring"), (choice, direct)
         finally:
             d.close()
+
+
+# -- io_uring: a taken SQE slot is always prepared; a sync follows the writes before it --
+URING_PATHS = ["uring", "uring-direct"]
+BLOCK = 4096
+
+
+def _stamp(i: int) -> bytes:
+    return i.to_bytes(4, "big") * (BLOCK // 4)
+
+
+async def _fill_every_sq_slot(dio, buf: bytearray, blocks: int) -> None:
+    """Write ``blocks`` blocks one at a time from one reused buffer (the caller
+    may reuse it once the write is done), so every SQ slot of the ring has
+    held a write of that buffer at some other offset."""
+    for i in range(blocks):
+        buf[:] = _stamp(i)
+        await dio.write(buf, i * BLOCK)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", URING_PATHS)
+def test_a_sync_through_the_ring_runs_no_stale_write(tmp_path, monkeypatch, kind):
+    """Before the fix, fdatasync asked liburing for IORINGFSYNC_DATASYNC (no
+    such name) after taking an SQE slot: the op fell back to the pool and the
+    slot went to the kernel unprepared, re-running the write that last used
+    it, from a buffer that held other data by then (C showed one track's data
+    at another's offset). Every op of a uring path must go through the ring."""
+    _want_uring(monkeypatch)
+    dio = _open(tmp_path, kind, size=(uring.RING_ENTRIES + 64) * BLOCK)
+    blocks = uring.RING_ENTRIES + 44
+    pooled = []
+    monkeypatch.setattr(dio, "_to_pool", lambda loop, op: pooled.append(op.kind) or pytest.fail("op left the ring"))
+
+    async def go():
+        buf = bytearray(BLOCK)
+        await _fill_every_sq_slot(dio, buf, blocks)
+        await dio.fdatasync()
+        await dio.write(b"\x01" * BLOCK, 0)  # a submit after the sync's
+        return [await dio.read(i * BLOCK, BLOCK) for i in range(1, blocks)]
+
+    try:
+        got = _run(go())
+    finally:
+        dio.close()
+    assert pooled == []
+    bad = [i for i, b in enumerate(got, 1) if b != _stamp(i)]
+    assert bad == [], f"blocks with another block's data: {bad[:8]}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", URING_PATHS)
+def test_an_op_the_ring_refuses_leaves_a_no_op_not_a_stale_slot(tmp_path, monkeypatch, kind):
+    """A prep that raises after its slot was taken (a buffer liburing will
+    not take) sends the op to the pool; the slot must reach the kernel as a
+    no-op, not as the earlier write it last held."""
+    _want_uring(monkeypatch)
+    dio = _open(tmp_path, kind, size=(uring.RING_ENTRIES + 64) * BLOCK)
+    blocks = uring.RING_ENTRIES + 20
+
+    class Refusing:
+        """liburing with one prep_write that raises after its arguments were checked."""
+
+        def __init__(self, u):
+            self._u, self.armed = u, True
+
+        def __getattr__(self, name):
+            return getattr(self._u, name)
+
+        def io_uring_prep_write(self, *args):
+            if self.armed:
+                self.armed = False
+                raise TypeError("refused")
+            return self._u.io_uring_prep_write(*args)
+
+    async def go():
+        buf = bytearray(BLOCK)
+        await _fill_every_sq_slot(dio, buf, blocks)
+        dio._ring.u = Refusing(dio._ring.u)
+        await dio.write(_stamp(blocks), blocks * BLOCK)  # refused by the ring: the pool writes it
+        assert not dio._ring.u.armed
+        await dio.write(_stamp(blocks + 1), (blocks + 1) * BLOCK)  # through the ring, with the slot after it
+        return [await dio.read(i * BLOCK, BLOCK) for i in range(blocks + 2)]
+
+    try:
+        got = _run(go())
+    finally:
+        dio.close()
+    bad = [i for i, b in enumerate(got) if b != _stamp(i)]
+    assert bad == [], f"blocks with another block's data: {bad[:8]}"
+
+
+@pytest.mark.timeout(60)
+def test_a_sync_completes_only_after_the_writes_issued_before_it(dio):
+    """fdatasync covers what was written before it; neither io_uring nor the
+    pool orders it after writes still in flight. The second of two
+    overlapping writes is held back until the first is done, so a sync
+    issued right after them would otherwise finish before it even started."""
+
+    async def go():
+        done: list[str] = []
+
+        def note(name):
+            return lambda _f: done.append(name)
+
+        w1 = asyncio.ensure_future(dio.write(b"\x11" * 8192, 0))
+        w2 = asyncio.ensure_future(dio.write(b"\x22" * 4096, 4096))
+        s = asyncio.ensure_future(dio.fdatasync())
+        for f, name in ((w1, "w1"), (w2, "w2"), (s, "sync")):
+            f.add_done_callback(note(name))
+        await asyncio.gather(w1, w2, s)
+        assert done.index("sync") > max(done.index("w1"), done.index("w2")), done
+        assert await dio.read(0, 8192) == b"\x11" * 4096 + b"\x22" * 4096
+
+    for _ in range(20):
+        _run(go())

@@ -5,7 +5,8 @@ The file and block drivers hand every data-path op of a descriptor to one
 ``DeviceIo``, which keeps what a disk controller would keep and neither
 io_uring nor a thread pool does by itself: overlapping ops complete in issue
 order, an op counts as in flight until the kernel is really done with it
-(so the descriptor is closed after the last one), and the ops queued in one
+(so the descriptor is closed after the last one), a flush goes only once
+the writes issued before it are done, and the ops queued in one
 loop iteration go to the pool as a few jobs woken up together rather than a
 thread each. Page-cache descriptors first try RWF_NOWAIT on the loop itself.
 """
@@ -86,7 +87,8 @@ class DeviceIo:
     earlier overlapping reads and writes, a read for earlier overlapping
     writes), as a disk controller's overlap check does; io_uring and the pool
     would otherwise run a batch in any order, and callers (the firmware's
-    destage and copy-on-write) have come to expect issue order.
+    destage and copy-on-write) have come to expect issue order. A sync waits
+    for every write issued before it, so it makes them all durable.
     Each op counts as in flight until the kernel or the worker is really done
     with it (not merely until its awaiting task gives up), so ``close()``
     closes the descriptor only after the last one: a reused descriptor number
@@ -209,13 +211,28 @@ class DeviceIo:
             grains = self._grains
             for g in range(op.lo >> _GRAIN_SHIFT, ((op.hi - 1) >> _GRAIN_SHIFT) + 1):
                 grains.setdefault(g, []).append(op)
-            if deps:
-                op.deps = len(deps)
-                for d in deps:
-                    d.waiters.append(op)
-                return fut  # goes when the last earlier overlapping op is done
+        else:
+            # A flush covers every write issued before it: neither io_uring nor
+            # the pool orders an fdatasync after writes still in flight, so it
+            # waits for them here (later writes do not wait for it).
+            deps = self._writes_in_flight() if self._grains else ()
+        if deps:
+            op.deps = len(deps)
+            for d in deps:
+                d.waiters.append(op)
+            return fut  # goes when the last earlier op it must follow is done
         self._dispatch(loop, op)
         return fut
+
+    def _writes_in_flight(self) -> list[Op]:
+        seen: set[int] = set()
+        out: list[Op] = []
+        for ops in self._grains.values():
+            for other in ops:
+                if other.kind == WRITE and id(other) not in seen:
+                    seen.add(id(other))
+                    out.append(other)
+        return out
 
     def _conflicts(self, lo: int, hi: int, writing: bool) -> list[Op]:
         out: list[Op] = []

@@ -40,6 +40,9 @@ ENGINE_ENV = "MIRRORFW_IO_ENGINE"
 RING_ENTRIES = 256  # per device; more in flight than this spills to the pool
 
 READ, WRITE, FSYNC = 0, 1, 2  # what an op asks of the kernel (an Op's ``kind``)
+# io_uring.h's IORING_FSYNC_DATASYNC (kernel ABI, 1U << 0): liburing 2024.5.3
+# declares it only for Cython, so ``liburing.IORING_FSYNC_DATASYNC`` does not exist.
+IORING_FSYNC_DATASYNC = 1
 _uring_mod: Any = None
 _uring_tried = False
 _uring_all = False  # MIRRORFW_IO_ENGINE=uring-all: page-cache descriptors too
@@ -134,27 +137,44 @@ class Ring:
 
     def queue(self, fd: int, op: Op) -> None:
         u = self.u
+        kind = op.kind
+        # Whatever can fail comes before io_uring_get_sqe: a slot taken is
+        # submitted with the next io_uring_enter whether or not it was
+        # prepared, and an unprepared one still holds an earlier op's opcode,
+        # buffer address and offset (a stale write of a reused buffer).
+        if kind == WRITE and op.flags:
+            op.iov = u.iovec(op.view)
         sqe = u.io_uring_get_sqe(self.ring)
         if not sqe:  # SQ full of unsubmitted entries
             self.submit()
             sqe = u.io_uring_get_sqe(self.ring)
             if not sqe:
                 raise OSError(errno.EAGAIN, "io_uring submission queue full")
-        kind = op.kind
-        if kind == WRITE:
-            if op.flags:
-                op.iov = u.iovec(op.view)
-                u.io_uring_prep_writev2(sqe, fd, op.iov, 1, op.offset, op.flags)
-            else:
-                u.io_uring_prep_write(sqe, fd, op.view, op.view.nbytes, op.offset)
-        elif kind == READ:
-            u.io_uring_prep_read(sqe, fd, op.view, op.view.nbytes, op.offset)
-        else:
-            u.io_uring_prep_fsync(sqe, fd, u.IORINGFSYNC_DATASYNC)
         ud = self.next_id
+        try:
+            if kind == WRITE:
+                if op.flags:
+                    u.io_uring_prep_writev2(sqe, fd, op.iov, 1, op.offset, op.flags)
+                else:
+                    u.io_uring_prep_write(sqe, fd, op.view, op.view.nbytes, op.offset)
+            elif kind == READ:
+                u.io_uring_prep_read(sqe, fd, op.view, op.view.nbytes, op.offset)
+            else:
+                u.io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC)
+            u.io_uring_sqe_set_data64(sqe, ud)
+        except BaseException:
+            # The slot is taken and will be submitted: make it a no-op whose
+            # completion (user_data 0) nobody claims; the caller sends the op
+            # to the pool.
+            u.io_uring_prep_nop(sqe)
+            u.io_uring_sqe_set_data64(sqe, 0)
+            self._count_queued()
+            raise
         self.next_id = ud + 1
-        u.io_uring_sqe_set_data64(sqe, ud)
         self.ops[ud] = op
+        self._count_queued()
+
+    def _count_queued(self) -> None:
         self.unsubmitted += 1
         if not self.submit_scheduled:
             self.submit_scheduled = True
