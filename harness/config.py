@@ -19,6 +19,7 @@ listen = "127.0.0.1:10809"
 socket = "nbd.sock"
 [console]                             # optional
 url = "socket://127.0.0.1:4001"
+token_file = "console.token"          # optional; required to bind a TCP console beyond loopback
 allow_faults = false
 ```
 
@@ -26,22 +27,75 @@ Every error is a ConfigError naming the file and the key. Unknown keys are
 errors. Relative paths (the secret file, the host socket, and the path of a
 ``file://``/``nvram://``/``pty://`` URL written without a leading slash,
 like ``file://data/a0.img``) are resolved against the config file's folder.
+
+Files named here are read with bounds (``read_small_file``): only regular
+files, at most ``SECRET_MAX_BYTES`` of a secret or token (``/dev/zero`` read
+until MemoryError and a FIFO hung the loader), and a secret or token that
+the group or others may read is named in a warning. A console token turns
+into the console URL's ``token_file`` option, which the transport reads
+(drivers/console.py): a TCP client then sends ``auth TOKEN`` first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import logging
+import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from drivers.link import split_address
 from hal.url import UrlError, parse_url
 from harness.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 ROLES = ("primary", "secondary")
 PATH_SCHEMES = {"file", "nvram", "pty", "blk", "nvme", "sata"}
+SECRET_MAX_BYTES = 4096
+CONFIG_MAX_BYTES = 1 << 20
+TCP_CONSOLES = ("socket", "rfc2217")
+
+
+def read_small_file(path: Path, limit: int, what: str) -> tuple[bytes, int]:
+    """(content, mode) of a regular file of at most ``limit`` bytes; OSError
+    or ValueError (the message says why) for anything else. Opened without
+    blocking so a FIFO cannot hang us; only ``limit + 1`` bytes are read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file (a {what} must be one)")
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"{path} is longer than {limit} bytes (too long for a {what})")
+    return data, st.st_mode
+
+
+def _private_file(r: _Reader, name: str, path: Path, what: str) -> bytes:
+    """A secret or token: bounded, not empty, and a warning when others may read it."""
+    try:
+        data, mode = read_small_file(path, SECRET_MAX_BYTES, what)
+    except FileNotFoundError:
+        raise r.error(name, f"{path} does not exist") from None
+    except OSError as e:
+        raise r.error(name, f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise r.error(name, str(e)) from None
+    data = data.strip()
+    if not data:
+        raise r.error(name, f"{path} is empty (the {what} cannot be empty)")
+    if mode & 0o077:
+        log.warning("%s: %s: %s %s is readable by group or others (mode %04o); chmod 600 it",
+                    r.path, r.key(name), what, path, stat.S_IMODE(mode))
+    return data
 
 
 @dataclass
@@ -66,8 +120,9 @@ class ControllerConfig:
     link_listen: tuple[str, int] | None = None  # secondary
     host_listen: tuple[str, int] | None = None
     host_socket: Path | None = None
-    console_url: str | None = None
+    console_url: str | None = None  # with ?token_file=... when the console needs a token
     console_allow_faults: bool = False
+    console_token_file: Path | None = None
     extra: dict = field(default_factory=dict)
 
     def session_params(self):
@@ -175,17 +230,21 @@ def load_config(path: str | Path, *, role: str | None = None) -> ControllerConfi
     """Read and check one controller config; ``role`` insists on primary/secondary."""
     path = Path(path).expanduser().resolve()
     try:
-        text = path.read_bytes()
+        text, _mode = read_small_file(path, CONFIG_MAX_BYTES, "config file")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
     try:
         doc = tomllib.loads(text.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
 
     top = _Reader(path, doc, "")
     cfg_role = top.take("role", str, required=True)
@@ -202,14 +261,7 @@ def load_config(path: str | Path, *, role: str | None = None) -> ControllerConfi
         raise session.error("id", "must be 1 to 200 characters")
     secret_name = session.take("secret_file", str, required=True)
     secret_file = (path.parent / Path(secret_name).expanduser()).resolve()
-    try:
-        secret = secret_file.read_bytes().strip()
-    except FileNotFoundError:
-        raise session.error("secret_file", f"{secret_file} does not exist") from None
-    except OSError as e:
-        raise session.error("secret_file", f"cannot read {secret_file}: {e.strerror or e}") from None
-    if not secret:
-        raise session.error("secret_file", f"{secret_file} is empty (the link needs a shared secret)")
+    secret = _private_file(session, "secret_file", secret_file, "link secret")
     params: dict[str, Any] = {}
     known = _session_fields()
     for name in list(session.table):
@@ -270,13 +322,18 @@ def load_config(path: str | Path, *, role: str | None = None) -> ControllerConfi
             host_socket = (path.parent / Path(sock).expanduser()).resolve()
         host.done()
 
-    console_url, allow_faults = None, False
+    console_url, allow_faults, token_file = None, False, None
     console = top.table_of("console")
     if console is not None:
         console_url = console.take("url", str)
         if console_url is not None:
             console_url = _resolve_url(console, "url", console_url)
+        token_name = console.take("token_file", str)
+        if token_name is not None:
+            token_file = (path.parent / Path(token_name).expanduser()).resolve()
+            _private_file(console, "token_file", token_file, "console token")
         allow_faults = console.take("allow_faults", bool, default=False)
+        console_url = _console_access(console, console_url, token_file)
         console.done()
 
     top.done()
@@ -284,5 +341,38 @@ def load_config(path: str | Path, *, role: str | None = None) -> ControllerConfi
         path=path, role=cfg_role, session_id=session_id, secret=secret, secret_file=secret_file,
         params=params, nvram_url=nvram_url, volumes=volumes, link_peer=link_peer, link_listen=link_listen,
         host_listen=host_listen, host_socket=host_socket, console_url=console_url,
-        console_allow_faults=allow_faults,
+        console_allow_faults=allow_faults, console_token_file=token_file,
     )
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("", "localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _console_access(r: _Reader, url: str | None, token_file: Path | None) -> str | None:
+    """Anything that reaches a console can pause, suspend and ``set``: a TCP
+    console beyond loopback needs a token. The token rides in the URL as
+    ``token_file`` (the transport reads it)."""
+    if url is None:
+        if token_file is not None:
+            raise r.error("token_file", "given without a console url")
+        return None
+    parsed = parse_url(url)
+    if parsed.scheme not in TCP_CONSOLES:
+        if token_file is not None:
+            raise r.error("token_file", f"a token guards TCP consoles ({', '.join(TCP_CONSOLES)}); "
+                                        f"a {parsed.scheme} console is guarded by its file permissions")
+        return url
+    if "token_file" in parsed.query:
+        raise r.error("url", "give the token as [console] token_file, not in the URL")
+    if token_file is None:
+        if not is_loopback(parsed.host):
+            raise r.error("url", f"{url}: a console bound beyond loopback ({parsed.host}) needs "
+                                 "[console] token_file (anyone who reaches it could pause or suspend)")
+        return url
+    return f"{url}{'&' if '?' in url else '?'}token_file={quote(str(token_file), safe='/')}"
