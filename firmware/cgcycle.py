@@ -14,6 +14,16 @@ once, in the task that owns the CG. With no body running (tests that step
 by hand) ``request_fail`` fails the machine at once. Entering idle on a
 failure opens the gate, folds CR back into OOS, and wakes everyone waiting
 for the CG to end (``wait_cg_end``).
+
+Driven mode (``driven``, a session member, firmware/session.py): the CG loop
+is off and a session master calls the steps one by one, each under ``guard``
+(the same failure path as ``form_cg``). The master gives the CG its sequence
+(``quiesce(seq)``), the acks stay held after the CR switch until the master
+says run (``release``; the gate's own max-hold timer still bounds them), and
+prepare and commit are separate steps (``prepare_cg``, ``commit_prepared``).
+A member that fails by itself after its secondary prepared does not abort
+there: another member may have committed, so the master (or ``session
+recover``) decides whether that CG commits or reverts.
 """
 
 from __future__ import annotations
@@ -69,6 +79,9 @@ class CgCycle:
         # chunked writes finish landing, so none straddles the switch.
         self.before_switch: Callable[[], Awaitable[None]] | None = None
         self.seq = 0
+        self._next_seq: int | None = None  # the master's sequence for the next quiesce (driven mode)
+        self.driven = False  # a session master drives the steps; the acks stay held until release()
+        self.prepared_seq = 0  # the CG whose prepare the secondary answered (driven: not aborted by ourselves)
         self.remote_committed = 0
         self.connected = False  # hello done on the current link; False: say hello before the next CG
         self.total_loop_errors = 0  # unexpected errors the CG loop survived (each logged)
@@ -130,10 +143,24 @@ class CgCycle:
         self.connected = False
 
     # ================================================================ the steps
-    async def quiesce(self) -> int:
-        """Step 1: hold write acknowledgements (START). Returns the CG sequence."""
-        self.machine.handle(Event.START)
+    async def quiesce(self, seq: int | None = None) -> int:
+        """Step 1: hold write acknowledgements (START). Returns the CG
+        sequence: ``seq`` when a session master gives it, else the next one."""
+        self._next_seq = seq
+        try:
+            self.machine.handle(Event.START)
+        finally:
+            self._next_seq = None
         return self.seq
+
+    def release(self) -> float:
+        """Driven mode, the master's run: release the acks held since the
+        quiesce (CR exists on every member). Returns the hold in ms."""
+        if self.machine.phase is not Phase.DRAINING:
+            raise InvalidTransition(self.machine.phase, "run")
+        held = self.gate.open()
+        self.events.emit("change", "cg", seq=self.seq, phase="draining", held_ms=held, acks="released")
+        return held
 
     async def drain(self, limit: int | None = None) -> bool:
         """Step 3: send OOS tracks (at most ``limit``; all when None) with
@@ -145,6 +172,11 @@ class CgCycle:
 
     async def commit_cg(self) -> None:
         """Steps 4 and 5: two-phase commit at the secondary, then the swap."""
+        await self.prepare_cg()
+        await self.commit_prepared()
+
+    async def prepare_cg(self) -> None:
+        """Step 4, phase one: drained -> committing; the secondary prepares."""
         seq = self.seq
         if self.machine.phase is Phase.DRAINING:
             if self.region.oos_tracks():
@@ -155,7 +187,14 @@ class CgCycle:
             raise InvalidTransition(self.machine.phase, Event.DRAINED)
         self.crashpoints.hit(BEFORE_COMMIT)
         await self.remote.prepare(seq)
+        self.prepared_seq = seq
         self.crashpoints.hit(AFTER_PREPARE)
+
+    async def commit_prepared(self) -> None:
+        """Step 4, phase two, and step 5: the secondary commits, then the swap."""
+        seq = self.seq
+        if self.machine.phase is not Phase.COMMITTING or self.prepared_seq != seq:
+            raise InvalidTransition(self.machine.phase, Event.COMMITTED)
         await self.remote.commit(seq)
         self.crashpoints.hit(AFTER_COMMIT)
         self.remote_committed = seq
@@ -164,15 +203,23 @@ class CgCycle:
     # ================================================================ one whole CG
     async def form_cg(self) -> bool:
         """One whole CG with the timers, as the CG loop runs it. True if committed."""
+        ok, result = await self.guard(self._cg_body())
+        return ok and result
+
+    async def guard(self, step: Awaitable) -> tuple[bool, object]:
+        """Run ``step`` (a whole CG, or one step a session master asked
+        for) as the body: a ``request_fail`` meanwhile cancels it, and a
+        failure of either kind fails the machine here, once. Returns (True,
+        the step's result) or (False, the reason)."""
         self._fail_fut = asyncio.get_running_loop().create_future()
-        body = self.body = asyncio.ensure_future(self._cg_body())
+        body = self.body = asyncio.ensure_future(step)
         try:
             await asyncio.wait({body, self._fail_fut}, return_when=asyncio.FIRST_COMPLETED)
             if not body.done():
                 body.cancel()
                 await asyncio.gather(body, return_exceptions=True)
             if not body.cancelled() and body.exception() is None:
-                return body.result()
+                return True, body.result()
             if self._fail_fut.done():
                 reason, event = self._fail_fut.result()
             else:
@@ -182,14 +229,18 @@ class CgCycle:
                     self.link_lost()
             if self.machine.phase is not Phase.IDLE:
                 self.fail_now(reason, event)
-            return False
+            return False, reason
         finally:
             self._fail_fut = None
             self.body = None
-            waiters, self._cg_end_waiters = self._cg_end_waiters, []
-            for f in waiters:
-                if not f.done():
-                    f.set_result(None)
+            if self.machine.phase is Phase.IDLE or not self.driven:  # a driven step may end mid-CG
+                self._wake_cg_end()
+
+    def _wake_cg_end(self) -> None:
+        waiters, self._cg_end_waiters = self._cg_end_waiters, []
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
 
     async def _cg_body(self) -> bool:
         # The body runs a loop iteration after form_cg created it: a pause (or
@@ -236,6 +287,8 @@ class CgCycle:
         seq = self.seq
         self._fail_reason = reason
         self.machine.handle(event)
+        if self.driven and self.prepared_seq == seq:
+            return  # in doubt: another member may have committed it; the master decides
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # failed from a timer outside the loop: the next CG's prepare supersedes it
@@ -267,9 +320,9 @@ class CgCycle:
             return
         fut = asyncio.get_running_loop().create_future()
         self._cg_end_waiters.append(fut)
-        if self.body is None:  # no runner will wake us: failing is synchronous in that case
+        if self.body is None and not self.driven:  # no runner will wake us: failing is synchronous then
             return
-        await fut
+        await fut  # driven: entering idle wakes us, whichever step or request ends the CG
 
     async def settle(self) -> None:
         """Wait for background aborts (stop)."""
@@ -278,7 +331,10 @@ class CgCycle:
 
     # ================================================================ phase side effects
     def _enter_quiescing(self, event: Event) -> None:
-        self.seq = max(self.seq, self.region.record["seq"], self.remote_committed) + 1
+        if self._next_seq is not None:
+            self.seq = self._next_seq  # the session master's number, the same on every member
+        else:
+            self.seq = max(self.seq, self.region.record["seq"], self.remote_committed) + 1
         self.drainer.cg_tracks = 0
         self._cg_started = self.clock.now()
         self.gate.close(self.params.max_coord_ms / 1000.0,
@@ -292,6 +348,9 @@ class CgCycle:
         self.cut_wall = self.clock.wall()
         self.region.save(phase=PHASE_CODES["draining"], recording=1)
         self.crashpoints.hit(AFTER_RECORDING_ON)
+        if self.driven:  # the acks stay held until the master's run (every member has CR by then)
+            self.events.emit("change", "cg", seq=self.seq, phase="draining", oos_tracks=self.region.oos_tracks())
+            return
         held = self.gate.open()
         self.events.emit("change", "cg", seq=self.seq, phase="draining", held_ms=held,
                          oos_tracks=self.region.oos_tracks())
@@ -317,6 +376,8 @@ class CgCycle:
             self.events.emit("destroy", "cg", seq=self.seq, result="failed", reason=self._fail_reason)
         if self.session.state is CopyState.PAUSING:
             self.session.to(CopyState.PAUSED)
+        if self.driven and self.body is None:
+            self._wake_cg_end()  # no guard runs to wake them (failed between two of the master's steps)
 
     # ================================================================ the CG loop
     def start_loop(self) -> None:
