@@ -6,6 +6,9 @@ role = "primary"                      # or "secondary"
 id = "demo"
 secret_file = "secret"                # relative to this file's folder; required, not empty
 cg_interval_s = 0.0                   # and any other SessionParams field
+master = true                         # a multi-controller session's master (primary only), which
+subordinates = ["127.0.0.1:7801"]     #   drives these subordinates' control ports; or, on a subordinate:
+# master_addr = "127.0.0.1:7800"      #   where its master is (for status), with [control] listen
 [nvram]
 url = "nvram:///abs/p.nvram?size=64MiB"
 [[volume]]
@@ -21,6 +24,8 @@ socket = "nbd.sock"
 url = "socket://127.0.0.1:4001"
 token_file = "console.token"          # optional; required to bind a TCP console beyond loopback
 allow_faults = false
+[control]                             # a subordinate primary only: where its master connects
+listen = "127.0.0.1:7801"
 ```
 
 Every error is a ConfigError naming the file and the key. Unknown keys are
@@ -123,7 +128,18 @@ class ControllerConfig:
     console_url: str | None = None  # with ?token_file=... when the console needs a token
     console_allow_faults: bool = False
     console_token_file: Path | None = None
+    session_master: bool = False  # this primary is the session's master
+    session_subordinates: list[tuple[str, int]] = field(default_factory=list)  # master: whom it drives
+    session_master_addr: tuple[str, int] | None = None  # subordinate: its master (informational)
+    control_listen: tuple[str, int] | None = None  # subordinate: where its master connects
     extra: dict = field(default_factory=dict)
+
+    @property
+    def session_role(self) -> str:
+        """"master", "subordinate", or "" for a primary on its own (or a secondary)."""
+        if self.session_master:
+            return "master"
+        return "subordinate" if self.control_listen is not None else ""
 
     def session_params(self):
         """A SessionParams with this file's values applied."""
@@ -262,6 +278,7 @@ def load_config(path: str | Path, *, role: str | None = None) -> ControllerConfi
     secret_name = session.take("secret_file", str, required=True)
     secret_file = (path.parent / Path(secret_name).expanduser()).resolve()
     secret = _private_file(session, "secret_file", secret_file, "link secret")
+    master, subordinates, master_addr = _session_role(session, cfg_role)
     params: dict[str, Any] = {}
     known = _session_fields()
     for name in list(session.table):
@@ -336,13 +353,53 @@ def load_config(path: str | Path, *, role: str | None = None) -> ControllerConfi
         console_url = _console_access(console, console_url, token_file)
         console.done()
 
+    control_listen = None
+    control = top.table_of("control")
+    if control is not None:
+        if cfg_role != "primary" or master:
+            raise top.error("control", "only a subordinate primary listens for its master "
+                                       "(a master connects to its [session] subordinates)")
+        control_listen = _address(control, "listen", required=True)
+        control.done()
+    if master_addr is not None and control_listen is None:
+        raise session.error("master_addr", "a subordinate needs [control] listen for its master to connect to")
+
     top.done()
     return ControllerConfig(
         path=path, role=cfg_role, session_id=session_id, secret=secret, secret_file=secret_file,
         params=params, nvram_url=nvram_url, volumes=volumes, link_peer=link_peer, link_listen=link_listen,
         host_listen=host_listen, host_socket=host_socket, console_url=console_url,
         console_allow_faults=allow_faults, console_token_file=token_file,
+        session_master=master, session_subordinates=subordinates, session_master_addr=master_addr,
+        control_listen=control_listen,
     )
+
+
+def _session_role(session: _Reader, cfg_role: str) -> tuple[bool, list[tuple[str, int]], tuple[str, int] | None]:
+    """``[session] master``/``subordinates`` (a master) or ``master_addr`` (a subordinate)."""
+    master = session.take("master", bool, default=False)
+    raw = session.take("subordinates", list)
+    master_addr = _address(session, "master_addr")
+    given = [k for k, v in (("master", master or None), ("subordinates", raw), ("master_addr", master_addr))
+             if v is not None]
+    if given and cfg_role != "primary":
+        raise session.error(given[0], "only a primary is a session's master or subordinate")
+    if raw is not None and not master:
+        raise session.error("subordinates", "only the master (master = true) drives subordinates")
+    if master and master_addr is not None:
+        raise session.error("master_addr", "the master has no master (drop master_addr or master = true)")
+    subordinates: list[tuple[str, int]] = []
+    for i, text in enumerate(raw or []):
+        if not isinstance(text, str):
+            raise session.error(f"subordinates[{i}]", f"expected a host:port string, got {text!r}")
+        try:
+            address = split_address(text)
+        except ValueError as e:
+            raise session.error(f"subordinates[{i}]", str(e)) from None
+        if address in subordinates:
+            raise session.error(f"subordinates[{i}]", f"{text!r} is listed twice")
+        subordinates.append(address)
+    return master, subordinates, master_addr
 
 
 def is_loopback(host: str) -> bool:
