@@ -8,6 +8,9 @@ Used by the process tests and by ``mirrorfw demo``::
     pri = start_controller(pair.primary, format=True)
     ... pri.ready["nbd"] ...
     pri.kill(); pri = start_controller(pair.primary)   # recovery from NVRAM
+
+    session = write_session_configs(workdir, controllers=3)   # c0 master, c1 and c2 subordinates
+    ... session.pairs[i].primary / .secondary, session.control_ports[i] ...
 """
 
 from __future__ import annotations
@@ -217,6 +220,69 @@ def write_pair_configs(
     primary.write_text(p)
     secondary.write_text(s)
     return PairConfigs(workdir, primary, secondary, list(volumes), size, {"primary": p, "secondary": s})
+
+
+@dataclass
+class SessionConfigs:
+    """One multi-controller session: controller 0 is the master, the rest subordinates."""
+
+    workdir: Path
+    pairs: list[PairConfigs]  # pairs[i]: controller i's primary and its secondary
+    control_ports: list[int | None]  # the port each subordinate's master connects to (None: the master)
+
+    @property
+    def master(self) -> PairConfigs:
+        return self.pairs[0]
+
+    @property
+    def subordinates(self) -> list[PairConfigs]:
+        return self.pairs[1:]
+
+
+def write_session_configs(
+    workdir: str | Path,
+    *,
+    controllers: int = 3,
+    volumes: tuple[str, ...] = ("vol0",),
+    size: str = "8MiB",
+    nvram_size: str = "16MiB",
+    session: dict[str, object] | None = None,
+    secret: bytes = b"mirrorfw-test-secret\n",
+    console: bool = False,
+) -> SessionConfigs:
+    """Configs for ``controllers`` primary+secondary pairs in one session, each
+    pair in ``workdir/c<i>`` as ``write_pair_configs`` makes them: controller 0
+    the master (``[session] master = true``, ``subordinates``), the others
+    subordinates (``[control] listen`` on a free port below the ephemeral
+    range, so a master reconnecting while one is down cannot take it). All
+    share the session id and the secret."""
+    if controllers < 1:
+        raise ValueError(f"controllers={controllers}: a session needs at least one")
+    workdir = Path(workdir).resolve()
+    pairs = [write_pair_configs(workdir / f"c{i}", volumes=volumes, size=size, nvram_size=nvram_size,
+                                session=session, secret=secret, console=console) for i in range(controllers)]
+    ports: list[int | None] = [None]
+    while len(ports) < controllers:
+        port = free_port()
+        if port not in ports and all(port != _link_port(pair) for pair in pairs):
+            ports.append(port)
+    marker = 'secret_file = "secret"\n'
+    addresses = ", ".join(f'"127.0.0.1:{port}"' for port in ports[1:])
+    for i, pair in enumerate(pairs):
+        text = pair.primary.read_text()
+        if i == 0:
+            text = text.replace(marker, f"{marker}master = true\nsubordinates = [{addresses}]\n", 1)
+        else:
+            text += f'[control]\nlisten = "127.0.0.1:{ports[i]}"\n'
+        pair.primary.write_text(text)
+        pair.text["primary"] = text
+    return SessionConfigs(workdir, pairs, ports)
+
+
+def _link_port(pair: PairConfigs) -> int:
+    text = pair.text["secondary"]
+    start = text.index('listen = "127.0.0.1:') + len('listen = "127.0.0.1:')
+    return int(text[start : text.index('"', start)])
 
 
 def free_port(low: int = 20000, high: int = 32000) -> int:

@@ -68,3 +68,21 @@ def test_a_secondary_has_no_control_table(tmp_path):
     path = write(tmp_path, SECONDARY + '[control]\nlisten = "127.0.0.1:7801"\n')
     with pytest.raises(ConfigError, match="control.*only a subordinate primary"):
         load_config(path, role="secondary")
+
+
+def test_write_session_configs_makes_one_master_and_its_subordinates(tmp_path):
+    from harness.supervise import write_session_configs
+
+    session = write_session_configs(tmp_path, controllers=3, console=True)
+    primaries = [load_config(pair.primary, role="primary") for pair in session.pairs]
+    secondaries = [load_config(pair.secondary, role="secondary") for pair in session.pairs]
+    assert [c.session_role for c in primaries] == ["master", "subordinate", "subordinate"]
+    listens = [c.control_listen for c in primaries[1:]]
+    assert primaries[0].session_subordinates == listens
+    assert session.control_ports == [None] + [port for _, port in listens]
+    # Each primary has its own secondary; no port is used twice.
+    assert [c.link_peer for c in primaries] == [c.link_listen for c in secondaries]
+    ports = [port for _, port in listens] + [port for _, port in (c.link_peer for c in primaries)]
+    assert len(set(ports)) == len(ports)
+    assert {c.session_id for c in primaries + secondaries} == {"test"}
+    assert len({c.secret for c in primaries}) == 1
