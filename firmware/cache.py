@@ -11,7 +11,17 @@ image before the old one has been sent; ``promote`` (after the old image was
 sent) merges the old image into the holes of the new one and discards it.
 
 Persistence order: slot data first, then the directory entry that makes it
-valid (two copies per slot, generation + CRC32C; see firmware/layout.py).
+valid (two copies per slot, generation + CRC32C; see firmware/layout.py). An
+entry is always written over the slot's older copy, so a torn entry write
+leaves the slot's previous entry, never an older one.
+
+Overwriting sectors an image already holds is not atomic in NVRAM (a power
+cut tears unpersisted stores per 8-byte word), and those sectors hold
+acknowledged data. So ``apply`` first saves their old contents to a free
+slot and seals an undo journal entry there (state JOURNAL); ``load`` puts
+them back when the image's entry was not rewritten after the journal, so
+each sector is old or new, never a mix. A clean image needs no journal: its
+entry first drops those sectors (A holds them), then the write lands.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from firmware.layout import (
     SECTOR_BYTES,
     STATE_CUR,
     STATE_FREE,
+    STATE_JOURNAL,
     STATE_NEW,
     RegionPlan,
     pack_entry,
@@ -65,6 +76,8 @@ class CacheCounters:
     evictions: int = 0
     destage_errors: int = 0
     last_error: str = ""
+    journaled: int = 0  # overwrites of held sectors with their old contents saved first
+    unjournaled: int = 0  # ... with no slot to save them in (no free slot, nothing evictable)
 
 
 def valid_runs(valid: bitarray, start: int, end: int):
@@ -92,6 +105,7 @@ class WriteCache:
         self.entry_bytes = plan.entry_bytes
         self._index: dict[Key, list[CacheEntry | None]] = {}  # key -> [cur, new]
         self._free: list[int] = []
+        self._slot_copy: list[int] = [-1] * self.n_slots  # directory copy of each slot written last
         self._clean: OrderedDict[Key, CacheEntry] = OrderedDict()  # evictable, LRU first
         self._dirty: OrderedDict[Key, None] = OrderedDict()  # destage queue
         self.with_new: set[Key] = set()
@@ -108,6 +122,7 @@ class WriteCache:
         self.nvram.persist(start, n)
         self._reset()
         self._free = list(range(self.n_slots - 1, -1, -1))
+        self._slot_copy = [-1] * self.n_slots
 
     def _reset(self) -> None:
         self._index.clear()
@@ -122,6 +137,8 @@ class WriteCache:
         self._reset()
         self._free = []
         found: list[tuple[int, int, dict]] = []  # (slot, copy, entry)
+        journals: list[tuple[int, dict]] = []  # (slot, entry)
+        self._slot_copy = [-1] * self.n_slots
         max_gen = 0
         for slot in range(self.n_slots):
             best = None
@@ -132,7 +149,10 @@ class WriteCache:
                     best = (copy, e)
             if best is not None:
                 max_gen = max(max_gen, best[1]["gen"])
-            if best is None or best[1]["state"] == STATE_FREE:
+                self._slot_copy[slot] = best[0]
+                if best[1]["state"] == STATE_JOURNAL:
+                    journals.append((slot, best[1]))
+            if best is None or best[1]["state"] in (STATE_FREE, STATE_JOURNAL):
                 self._free.append(slot)
                 continue
             e = best[1]
@@ -162,8 +182,28 @@ class WriteCache:
                 (self._dirty.__setitem__(key, None) if cur.dirty else self._clean.__setitem__(key, cur))
             if new is not None:
                 self.with_new.add(key)
+        undone = sum(self._undo(slot, e) for slot, e in journals)
         self._free.reverse()
-        return {"images": len(found) - dropped, "dropped_duplicates": dropped, "new_images": len(self.with_new)}
+        return {"images": len(found) - dropped, "dropped_duplicates": dropped, "new_images": len(self.with_new),
+                "journal_undone": undone}
+
+    def _undo(self, slot: int, journal: dict) -> bool:
+        """Recovery: put back the sectors a journal saved, unless the image
+        it names was rewritten after it (the overwrite completed, or the
+        image is gone). Then the journal is freed, before its slot is reused."""
+        pair = self._index.get((journal["volume"], journal["track"]))
+        target = pair[1 if journal["dirty"] else 0] if pair else None
+        undo = target is not None and target.gen < journal["gen"]
+        if undo:
+            saved = bitarray(endian="little")
+            saved.frombytes(journal["valid"])
+            del saved[self.sectors :]
+            src, dst = self._slot_bytes(slot), self.slot_view(target)
+            for a, b in valid_runs(saved, 0, self.sectors):
+                dst[a * SECTOR_BYTES : b * SECTOR_BYTES] = src[a * SECTOR_BYTES : b * SECTOR_BYTES]
+            self.nvram.persist(self.plan.slots_offset + target.slot * self.track_bytes, self.track_bytes)
+        self._write_free_slot(slot)
+        return undo
 
     # -- lookups ----------------------------------------------------------------------
     def images(self, volume: int, track: int) -> tuple[CacheEntry | None, CacheEntry | None]:
@@ -209,7 +249,7 @@ class WriteCache:
             raise CacheFull(f"all {self.n_slots} cache slots hold dirty or new images")
         valid = bitarray(self.sectors, endian="little")
         valid.setall(0)
-        entry = CacheEntry(slot, volume, track, state, valid, dirty=True)
+        entry = CacheEntry(slot, volume, track, state, valid, dirty=True, copy=self._slot_copy[slot])
         pair = self._index.setdefault((volume, track), [None, None])
         role = 0 if state == STATE_CUR else 1
         assert pair[role] is None, "allocate over an existing image"
@@ -223,12 +263,67 @@ class WriteCache:
         """Copy ``data`` into the image at ``byte_in_track`` (sector aligned), then
         write its directory entry. The write is durable when this returns."""
         n = data.nbytes
+        s = byte_in_track // SECTOR_BYTES
+        e = s + (n + SECTOR_BYTES - 1) // SECTOR_BYTES
+        if entry.valid.count(1, s, e):  # acknowledged data is overwritten in place
+            if entry.dirty:
+                self._journal(entry, s, e)
+            else:
+                # Clean: A holds these sectors, flushed. Let reads (and a
+                # recovery) fall through to A while they are rewritten.
+                entry.valid[s:e] = 0
+                self._write_entry(entry)
         at = self.plan.slots_offset + entry.slot * self.track_bytes + byte_in_track
         self.view[at : at + n] = data
         self.nvram.persist(at, n)
-        s = byte_in_track // SECTOR_BYTES
-        entry.valid[s : s + (n + SECTOR_BYTES - 1) // SECTOR_BYTES] = 1
-        self._touch(entry)
+        entry.valid[s:e] = 1
+        self._touch(entry)  # a newer generation than the journal: the overwrite stands
+
+    def _journal(self, entry: CacheEntry, s0: int, s1: int) -> None:
+        """Save the held sectors of [s0, s1) of ``entry`` to a free slot and
+        seal a journal entry naming them; the slot stays free (the journal
+        is void once ``entry``'s own entry is rewritten, a moment later)."""
+        slot = self._borrow_slot(entry)
+        if slot is None:  # every slot holds a dirty image or one this landing may still apply to
+            self.counters.unjournaled += 1
+            return
+        saved = bitarray(self.sectors, endian="little")
+        saved.setall(0)
+        saved[s0:s1] = entry.valid[s0:s1]
+        src, dst = self.slot_view(entry), self._slot_bytes(slot)
+        lo, hi = saved.find(1), s1
+        while not saved[hi - 1]:
+            hi -= 1
+        for a, b in valid_runs(saved, lo, hi):
+            dst[a * SECTOR_BYTES : b * SECTOR_BYTES] = src[a * SECTOR_BYTES : b * SECTOR_BYTES]
+        self.nvram.persist(self.plan.slots_offset + slot * self.track_bytes + lo * SECTOR_BYTES,
+                           (hi - lo) * SECTOR_BYTES)
+        role = 0 if entry.state == STATE_CUR else 1
+        self._write_slot_entry(slot, pack_entry(self._next_gen(), STATE_JOURNAL, role, entry.volume, entry.track,
+                                                saved.tobytes()))
+        self._free.append(slot)
+        self.counters.journaled += 1
+
+    def _borrow_slot(self, entry: CacheEntry) -> int | None:
+        """A slot to journal in: a free one, else the slot of an evicted
+        clean image that is not ``entry``'s track and not a later track of
+        its volume (a landing applies to its tracks in order, and those
+        images must stay)."""
+        if self._free:
+            return self._free.pop()
+        for key, victim in self._clean.items():  # LRU first
+            if key[0] == entry.volume and key[1] >= entry.track:
+                continue
+            del self._clean[key]
+            self._drop(victim)
+            self._write_free(victim)
+            self.counters.evictions += 1
+            return victim.slot
+        return None
+
+    def _slot_bytes(self, slot: int) -> memoryview:
+        at = self.plan.slots_offset + slot * self.track_bytes
+        return self.view[at : at + self.track_bytes]
 
     def _touch(self, entry: CacheEntry) -> None:
         entry.dirty = True
@@ -376,27 +471,36 @@ class WriteCache:
     def _entry_offset(self, slot: int, copy: int) -> int:
         return self.plan.dir_offset + (slot * 2 + copy) * self.entry_bytes
 
-    def _write_entry(self, entry: CacheEntry) -> None:
-        entry.gen = self._gen
-        self._gen += 1
-        raw = pack_entry(entry.gen, entry.state, int(entry.dirty), entry.volume, entry.track,
-                         entry.valid.tobytes())
-        copy = 1 - entry.copy if entry.copy >= 0 else 0
-        at = self._entry_offset(entry.slot, copy)
-        self.view[at : at + len(raw)] = raw
-        self.nvram.persist(at, len(raw))
-        entry.copy = copy
-
-    def _write_free(self, entry: CacheEntry) -> None:
+    def _next_gen(self) -> int:
         gen = self._gen
         self._gen += 1
-        raw = pack_entry(gen, STATE_FREE, 0, 0, 0, bytes(self.valid_bytes))
-        copy = 1 - entry.copy if entry.copy >= 0 else 0
-        at = self._entry_offset(entry.slot, copy)
+        return gen
+
+    def _write_slot_entry(self, slot: int, raw: bytes) -> int:
+        """Write one directory entry of ``slot`` over its older copy (so a torn
+        write leaves the slot's last entry standing). Returns the copy written."""
+        last = self._slot_copy[slot]
+        copy = 1 - last if last >= 0 else 0
+        at = self._entry_offset(slot, copy)
         self.view[at : at + len(raw)] = raw
         self.nvram.persist(at, len(raw))
-        entry.copy = copy
+        self._slot_copy[slot] = copy
+        return copy
+
+    def _write_entry(self, entry: CacheEntry) -> None:
+        entry.gen = self._next_gen()
+        raw = pack_entry(entry.gen, entry.state, int(entry.dirty), entry.volume, entry.track,
+                         entry.valid.tobytes())
+        entry.copy = self._write_slot_entry(entry.slot, raw)
+
+    def _write_free(self, entry: CacheEntry) -> None:
+        entry.copy = self._write_free_slot(entry.slot)
+
+    def _write_free_slot(self, slot: int) -> int:
+        copy = self._write_slot_entry(slot, pack_entry(self._next_gen(), STATE_FREE, 0, 0, 0,
+                                                       bytes(self.valid_bytes)))
         self._wake(self._space_waiters)
+        return copy
 
     def _drop(self, entry: CacheEntry) -> None:
         pair = self._index.get(entry.key)

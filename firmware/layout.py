@@ -133,9 +133,15 @@ class EntryState(enum.IntEnum):
     FREE = 0  # nothing
     CUR = 1  # the old (or only) image of its track
     NEW = 2  # the image written while change recording was on
+    # An undo journal, in a free slot: the old contents of the sectors (its
+    # ``valid`` bits) of the image of (volume, track) whose role ``dirty``
+    # names (0 cur, 1 new), saved before they are overwritten in place. Undone
+    # at recovery unless that image's entry was rewritten after it (firmware/cache.py).
+    JOURNAL = 3
 
 
 STATE_FREE, STATE_CUR, STATE_NEW = EntryState.FREE, EntryState.CUR, EntryState.NEW
+STATE_JOURNAL = EntryState.JOURNAL
 _STATE_OF = {s.value: s for s in EntryState}
 
 # The fixed head of a directory entry copy; ``valid`` and the CRC follow.
