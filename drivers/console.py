@@ -22,7 +22,15 @@ calls ``handle_session(port)`` (a coroutine) once per session with a hal
 host means 127.0.0.1. Input lines end with CR, LF, CRLF (or telnet's CR NUL);
 a line longer than ``max_line_chars`` is cut to ``max_line_chars + 1``
 characters and its rest discarded, so the command layer sees it is too long
-without the driver holding unbounded input.
+without the driver holding unbounded input. A TCP client that sends more
+than ``DROP_AFTER_CHARS`` with no line end is disconnected, and every chunk
+read yields to the event loop: two clients streaming bytes without a newline
+once raised host write latency from 11 ms to half a second.
+
+``?token_file=PATH`` (TCP schemes; harness/config.py adds it from
+``[console] token_file``): the first line of every connection must be
+``auth TOKEN``, anything else is refused and the connection closed. A TCP
+console on a host other than loopback is refused without a token.
 """
 
 from __future__ import annotations
@@ -30,8 +38,12 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import hmac
+import ipaddress
 import logging
 import os
+import re
+import stat
 import termios
 import tty
 from collections import deque
@@ -48,6 +60,10 @@ MAX_LINE_CHARS = 4096
 READ_CHUNK_BYTES = 4096
 PTY_STALL_S = 1.0  # a pty nobody reads: wait this long for room, then drop stale output
 SCHEMES = ("pty", "socket", "rfc2217")
+DROP_AFTER_CHARS = 16 * MAX_LINE_CHARS  # a TCP client past this with no line end is cut off
+TOKEN_MAX_BYTES = 4096
+AUTH_TIMEOUT_S = 30.0  # a connection that never says `auth` does not hold a session forever
+_LINE_EVENT = re.compile(r"[\r\n\b\x7f\x15\x03]")  # what ends or edits a line
 
 SessionHandler = Callable[[ConsolePort], Awaitable[None]]
 
@@ -68,11 +84,26 @@ class LineAssembler:
         self._max = max_line_chars
         self._echo = echo
         self._after_cr = False
+        self.pending_chars = 0  # characters of the unfinished line, counting those dropped
 
     def feed(self, data: bytes) -> list[str]:
         lines: list[str] = []
         echoed: list[str] = []
-        for ch in self._decoder.decode(data):
+        text = self._decoder.decode(data)
+        i, n = 0, len(text)
+        while i < n:
+            if len(self._chars) > self._max and not self._after_cr:
+                # Over the limit: skip to what ends or edits the line in one
+                # step, not character by character (a flood must stay cheap).
+                m = _LINE_EVENT.search(text, i)
+                end = m.start() if m else n
+                self.pending_chars += end - i
+                i = end
+                if i >= n:
+                    break
+            ch = text[i]
+            i += 1
+            self.pending_chars += 1
             if self._after_cr and ch in "\n\0":
                 self._after_cr = False
                 continue
@@ -80,6 +111,7 @@ class LineAssembler:
             if ch in "\r\n":
                 lines.append("".join(self._chars))
                 self._chars.clear()
+                self.pending_chars = 0
                 echoed.append("\r\n")
             elif ch in "\b\x7f":
                 if self._chars:
@@ -88,8 +120,10 @@ class LineAssembler:
             elif ch == "\x15":  # Ctrl-U
                 echoed.append("\b \b" * min(len(self._chars), self._max))
                 self._chars.clear()
+                self.pending_chars = 0
             elif ch == "\x03":  # Ctrl-C
                 self._chars.clear()
+                self.pending_chars = 0
                 lines.append("")
                 echoed.append("^C\r\n")
             elif len(self._chars) <= self._max:
@@ -194,6 +228,17 @@ class StreamConsolePort(ConsolePort):
             if self._telnet is not None:
                 data = b"".join(self._telnet.filter(data))
             self._lines.extend(self._assembler.feed(data))
+            if not self._lines and self._assembler.pending_chars > DROP_AFTER_CHARS:
+                log.warning("console %s: %d characters without a line end; disconnecting",
+                            self.peer, self._assembler.pending_chars)
+                await self.write(f"error: more than {DROP_AFTER_CHARS} characters without a line end; "
+                                 "disconnecting\n")
+                self._closed = True
+                return None
+            # read() returns at once while bytes are buffered: without this a
+            # flood of input never lets the host path, the CG loop or the
+            # other sessions run.
+            await asyncio.sleep(0)
         return self._lines.popleft()
 
     async def write(self, text: str) -> None:
@@ -372,7 +417,7 @@ async def serve_console(url: str, handle_session: SessionHandler, *,
     u = parse_url(url)
     if u.scheme not in SCHEMES:
         raise UrlError(f"{url}: unknown console scheme {u.scheme!r}; known: {', '.join(SCHEMES)}")
-    u.check_keys({"echo"})
+    u.check_keys({"echo"} if u.scheme == "pty" else {"echo", "token_file"})
     if u.scheme == "pty":
         if u.host or not u.path.startswith("/"):
             raise UrlError(f"{url}: expected pty:///absolute/path/link")
@@ -387,6 +432,10 @@ async def serve_console(url: str, handle_session: SessionHandler, *,
     host = u.host or DEFAULT_HOST
     telnet = u.scheme == "rfc2217"
     echo = _echo_option(url, u.query, telnet)
+    token = _read_token(url, u.query["token_file"]) if "token_file" in u.query else None
+    if token is None and not _is_loopback(host):
+        raise UrlError(f"{url}: a console on {host} (beyond loopback) needs a token: add "
+                       "?token_file=PATH ([console] token_file in the config)")
     server = ConsoleServer(url="", scheme=u.scheme, host=host)
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -395,6 +444,8 @@ async def serve_console(url: str, handle_session: SessionHandler, *,
         server._tasks.add(task)
         log.info("console session from %s", port.peer)
         try:
+            if token is not None and not await _authenticate(port, token):
+                return
             await handle_session(port)
         except Exception:  # noqa: BLE001 - one session's bug must not take the console down
             log.exception("console session from %s failed", port.peer)
@@ -409,6 +460,57 @@ async def serve_console(url: str, handle_session: SessionHandler, *,
     server.url = f"{u.scheme}://{shown}:{sock_port}"
     log.info("console on %s", server.url)
     return server
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_token(url: str, path: str) -> bytes:
+    """The token: a regular file of at most TOKEN_MAX_BYTES, not empty."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UrlError(f"{url}: token_file {path}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UrlError(f"{url}: token_file {path} is not a regular file")
+        data = os.read(fd, TOKEN_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > TOKEN_MAX_BYTES:
+        raise UrlError(f"{url}: token_file {path} is longer than {TOKEN_MAX_BYTES} bytes")
+    if not data.strip():
+        raise UrlError(f"{url}: token_file {path} is empty")
+    return data.strip()
+
+
+async def _authenticate(port: StreamConsolePort, token: bytes) -> bool:
+    """The first line that is not blank must be ``auth TOKEN`` (blank lines
+    are a client's sync). Nothing else is read or run before it."""
+    try:
+        async with asyncio.timeout(AUTH_TIMEOUT_S):
+            line = ""
+            while not line.strip():
+                got = await port.readline()
+                if got is None:
+                    return False
+                line = got
+    except TimeoutError:
+        await port.write("error: no auth within the time allowed; disconnecting\n")
+        return False
+    word, _, given = line.strip().partition(" ")
+    if word == "auth" and hmac.compare_digest(given.strip().encode("utf-8", "replace"), token):
+        return True
+    log.warning("console %s: refused (%s)", port.peer, "bad token" if word == "auth" else "no auth line")
+    await port.write("error: this console needs a token: send 'auth TOKEN' first "
+                     "(mirrorfw console --token-file FILE)\n")
+    return False
 
 
 def _spawn(server: ConsoleServer, coro) -> None:

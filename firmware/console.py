@@ -105,6 +105,10 @@ class CommandSet:
         return (
             Command("help", self._help, "list commands, or show one command's usage",
                     (Arg("COMMAND", "text", optional=True),), roles=BOTH),
+            Command("auth", self._auth,
+                    "a TCP console with a token: the first line must be this (the transport checks it); "
+                    "afterwards it changes nothing",
+                    (Arg("TOKEN", "text"),), roles=BOTH),
             Command("status", self._status,
                     "session state: copy state, CG counters, exposure, bitmaps, cache, link", roles=BOTH),
             Command("cg start", self._cg_start, "start forming consistency groups"),
@@ -215,6 +219,11 @@ class CommandSet:
         entries = [{"name": c.name, "usage": c.usage(), "help": c.help,
                     **({"requires": "allow_faults"} if c.faults else {})} for c in shown]
         return {"commands": entries}, fmt.help_text(entries, listing_all=not topic), None
+
+    # ---- auth (checked by the transport, drivers/console.py) -----------------
+
+    async def _auth(self, args, flags, as_json):
+        return {"authorized": True}, "auth: this session is already authorized", None
 
     # ---- status -------------------------------------------------------------
 
