@@ -1,7 +1,17 @@
 """Secondary: receives each CG into B and keeps C, the consistent copy, as a
 no-copy FlashCopy of B (firmware/flashcopy.py). ``LocalRemote`` lets a
 Primary in the same process call it directly (the link helper's LinkRemote
-carries the same calls over frames)."""
+carries the same calls over frames).
+
+A secondary of a multi-controller session (``session_member=True``) keeps a
+prepared CG across a restart as a revertible state with its sequence (the
+DS8000 procedure behind ``commitflash``/``revertflash``): session recovery
+commits it (``commit_flash``: B is durable since prepare, so it is the
+FlashCopy record flip) or drops it (``revert_flash``), the same on every
+member. While a CG is prepared and in doubt, a session member refuses
+tracks and other prepares, which would overwrite the B it would commit.
+Alone (the default), a restart between prepare and commit keeps the
+previous C."""
 
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ from firmware.layout import (
     RegionPlan,
     region_is_blank,
 )
+from firmware.member import RecoveryState
 from firmware.pins import DEFAULT_MAX_PINNED_BYTES, SNAPSHOT_SEP, PinnedVolume, Snapshots
 from firmware.region import format_region, read_region
 from firmware.remote import RemoteError, RemotePort, RemoteState, VolumeGeometry
@@ -39,7 +50,7 @@ class Secondary:
     def __init__(self, volumes: dict[str, tuple[BlockDevice, BlockDevice]], nvram: NvramRegion, clock: Clock,
                  *, session_id: str = "default", events: EventBus | None = None,
                  crashpoints: CrashPoints | None = None, grain_bytes: int = 65536,
-                 max_pinned_bytes: int = DEFAULT_MAX_PINNED_BYTES) -> None:
+                 max_pinned_bytes: int = DEFAULT_MAX_PINNED_BYTES, session_member: bool = False) -> None:
         if not volumes:
             raise RemoteError("a secondary needs at least one volume")
         self.names = list(volumes)
@@ -60,6 +71,7 @@ class Secondary:
         self.events = events if events is not None else EventBus()
         self.crashpoints = crashpoints if crashpoints is not None else CrashPoints()
         self.grain_bytes = grain_bytes
+        self.session_member = session_member  # a prepared CG survives a restart, for session recovery
         self.fc: FlashCopy | None = None
         self.max_pinned_bytes = max_pinned_bytes  # what pinned reads of C may keep in memory
         self.snapshots: Snapshots | None = None
@@ -93,12 +105,15 @@ class Secondary:
             record = store.read()
             if record is None:
                 raise NvramError("secondary FlashCopy record is unreadable (both copies damaged)")
-            rolled_back = record["phase"] == FC_PREPARED
+            prepared = record["phase"] == FC_PREPARED
+            rolled_back = prepared and not self.session_member
             if rolled_back:  # crash between prepare and commit: the previous C stands
                 record["phase"] = 0
                 store.write(record)
             self.recovered = {"formatted": False, "rolled_back_prepare": rolled_back,
                               "committed_seq": record["committed_seq"]}
+            if prepared and self.session_member:  # in doubt: session recovery commits or reverts it
+                self.recovered["in_doubt_seq"] = record["prepared_seq"]
         self.fc = FlashCopy(nvram, plan, store, record, self.b, self.c, fresh=fresh,
                             max_pinned_bytes=self.max_pinned_bytes)
         self.snapshots = Snapshots(self.fc.pins)
@@ -154,6 +169,7 @@ class Secondary:
             raise RemoteError("receive_track before hello")
         if cg_seq <= self.committed_cg:
             raise RemoteError(f"CG {cg_seq} is not newer than the committed CG {self.committed_cg}")
+        self._refuse_in_doubt(f"a track of CG {cg_seq}", None)
         b = self.b[vi]
         offset = track * tb
         n = len(data)
@@ -182,6 +198,7 @@ class Secondary:
     async def prepare(self, cg_seq: int) -> None:
         if cg_seq <= self.committed_cg:
             raise RemoteError(f"prepare of CG {cg_seq}: CG {self.committed_cg} is already committed")
+        self._refuse_in_doubt(f"prepare of CG {cg_seq}", cg_seq)
         for b in self.b:
             await b.flush()  # B durable for this CG before it can become C
         self.fc.prepare(cg_seq)
@@ -203,6 +220,44 @@ class Secondary:
         if self.fc.record["prepared_seq"] == cg_seq:
             self.fc.abort()
         self.events.emit("destroy", "cg", seq=cg_seq, result="failed", role="secondary")
+
+    # -- session recovery: every member's C to one CG -----------------------------------------
+    def _in_doubt(self) -> int | None:
+        rec = self.fc.record
+        return rec["prepared_seq"] if rec["phase"] == FC_PREPARED else None
+
+    def _refuse_in_doubt(self, what: str, same_seq: int | None) -> None:
+        doubt = self._in_doubt() if self.session_member else None
+        if doubt is not None and doubt != same_seq:
+            raise RemoteError(f"{what} refused: CG {doubt} is prepared and in doubt; "
+                              "commit or revert it first (session recover)")
+
+    async def recovery_state(self) -> RecoveryState:
+        return RecoveryState(committed_seq=self.committed_cg, prepared_seq=self._in_doubt())
+
+    async def commit_flash(self, seq: int) -> None:
+        """Commit the prepared CG ``seq`` (after a restart too): B holds it,
+        durable since prepare, so C becomes B by the FlashCopy record flip."""
+        if self.committed_cg == seq:
+            return
+        if self._in_doubt() != seq:
+            raise RemoteError(f"commit_flash of CG {seq}: not prepared (committed {self.committed_cg}, "
+                              f"prepared {self._in_doubt()})")
+        # After a restart no hello has said the primary's generation: keep the recorded one
+        # (a reformatted primary then gets a full copy, the safe side).
+        generation = self._primary_generation or self.fc.record["primary_generation"]
+        for c in self.c:
+            await c.flush()  # copied grains durable before the bits that point at them are dropped
+        self.fc.commit(seq, self.clock.wall(), generation)
+        self.events.emit("change", "session", action="commit_flash", seq=seq)
+
+    async def revert_flash(self, seq: int) -> None:
+        """Drop the prepared CG ``seq``: C stays the last committed CG."""
+        if self._in_doubt() == seq:
+            self.fc.abort()
+            self.events.emit("change", "session", action="revert_flash", seq=seq)
+        elif self.committed_cg >= seq:
+            raise RemoteError(f"revert_flash of CG {seq}: CG {self.committed_cg} is committed")
 
     # -- C --------------------------------------------------------------------------------
     async def read_c(self, volume: str, offset: int, length: int) -> bytes:
