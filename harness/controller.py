@@ -7,6 +7,15 @@ replication link (the primary connects to ``[link] peer`` with backoff; the
 secondary listens), the NBD host port and the console, then prints one
 ``ready key=value ...`` line on stdout for supervisors.
 
+In a multi-controller session (issue 13) a primary is the master or a
+subordinate (harness/config.py): a subordinate serves ``ControlService``
+on ``[control] listen`` in front of a ``LocalMember`` of its Primary and
+forms no CGs of its own; the master connects a ``ControlRemote`` per
+``[session] subordinates`` entry (in the background, with backoff) and
+hands them, with its own LocalMember, to a ``SessionMaster`` that forms
+every CG. Both come from firmware/session.py through ``local_member`` and
+``session_master`` below, the only two places this module depends on it.
+
 SIGTERM/SIGINT stop cleanly: the current CG finishes or fails, NVRAM is
 persisted and marked clean, exit status 0. Crash points armed from
 ``MIRRORFW_CRASHPOINTS="name[:after],..."`` (or the console's ``fault arm``)
@@ -60,6 +69,30 @@ async def listen_replication_links(host: str, port: int, on_link) -> asyncio.Ser
     return await listen_links(host, port, on_link, framing=LINK_FRAMING)
 
 
+# -- a session's members (firmware/session.py) ---------------------------------------
+# The control link carries MemberPort calls; what answers them in process is
+# session.py's. These two are the whole of the harness's dependence on it.
+
+
+def local_member(primary, name: str):
+    """This controller's Primary as a MemberPort (session.py's LocalMember)."""
+    try:
+        from firmware.session import LocalMember
+    except ImportError as e:
+        raise ControllerError(f"a session member needs firmware/session.py: {e}") from None
+    return LocalMember(primary, name=name)
+
+
+def session_master(members: list, *, clock, params, events):
+    """The SessionMaster that forms every CG across ``members`` (session.py's);
+    it has ``start()`` (begin forming CGs) and ``stop()``."""
+    try:
+        from firmware.session import SessionMaster
+    except ImportError as e:
+        raise ControllerError(f"a session master needs firmware/session.py: {e}") from None
+    return SessionMaster(members, clock=clock, params=params, events=events)
+
+
 # -- crash points ---------------------------------------------------------------
 
 
@@ -69,6 +102,15 @@ def sigkill_self(name: str) -> None:
     with contextlib.suppress(Exception):
         os.write(2, f"mirrorfw: crash point {name} hit: SIGKILL\n".encode())
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def cut_power(seed: int | None) -> None:
+    """What the console's ``power cut`` does in a controller process: cut
+    the power domain of its volatile+ devices and NVRAM (drivers/powerloss.py)
+    and end at once, as a power cut to the controller would."""
+    from drivers.powerloss import cut_power_and_exit
+
+    cut_power_and_exit(seed)
 
 
 def parse_crashpoints(text: str) -> list[tuple[str, int]]:
@@ -184,6 +226,22 @@ class Controller:
         """From MIRRORFW_CRASHPOINTS; after the firmware import has declared the points."""
         self.crashpoints.armed.update(make_crashpoints().armed)
 
+    async def _listen_with_retry(self, host: str, port: int, serve, what: str,
+                                 wait_s: float = 15.0) -> asyncio.Server:
+        """Bind a link port. Right after a crash of the previous process the
+        port may still be held by its closing connections (FIN_WAIT, which
+        SO_REUSEADDR does not override): retry for a while instead of failing."""
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
+            try:
+                return await listen_replication_links(host, port, serve)
+            except OSError as e:
+                log.debug("%s: binding the %s port: %r (errno %s)", self.role, what, e, e.errno)
+                if e.errno != errno.EADDRINUSE or asyncio.get_running_loop().time() > deadline:
+                    raise
+                log.info("%s: %s port %s:%d still busy; retrying", self.role, what, host, port)
+                await asyncio.sleep(0.2)
+
     def _open_device(self, url: str):
         from drivers import open_device
 
@@ -221,7 +279,7 @@ class Controller:
 
         server = await start_console(
             self.cfg.console_url, controller, role=self.role, allow_faults=self.cfg.console_allow_faults,
-            crashpoints=self.crashpoints, events=self.events,
+            crashpoints=self.crashpoints, events=self.events, power_cut=cut_power,
         )
         self._close_on_exit(server.close)
         self.addresses["console"] = server.url
@@ -252,23 +310,68 @@ class PrimaryController(Controller):
                                events=self.events, crashpoints=self.crashpoints)
         await self._open_firmware(self.primary)
         self.addresses["link_peer"] = f"{host}:{port}"
+        self.session_master = None
+        if cfg.session_role:
+            self.addresses["session"] = cfg.session_role
+        if cfg.session_role == "subordinate":
+            await self._serve_control()
         await self._start_host_port(self.primary.host_target(), read_only=False)
         await self._start_console(self.primary)
-        self._starter = asyncio.ensure_future(self._start_replication())
+        if cfg.session_role == "master":
+            self._start_session(params)
+        # In a session the master forms every CG; a primary on its own forms its own.
+        self._starter = asyncio.ensure_future(self._start_replication(form_cgs=not cfg.session_role))
         self._close_on_exit(self._cancel_starter)
 
-    async def _start_replication(self) -> None:
+    async def _serve_control(self) -> None:
+        """A subordinate: answer the master's MemberPort calls on [control] listen."""
+        from firmware.control_service import ControlService
+
+        cfg = self.cfg
+        host, port = cfg.control_listen
+        self.member = local_member(self.primary, name=f"{host}:{port}")
+        self.control = ControlService(self.member, cfg.secret, cfg.session_id, random_bytes=os.urandom,
+                                      clock=self.clock, events=self.events)
+        self._close_on_exit(self.control.close)
+        server = await self._listen_with_retry(host, port, self.control.serve, "control")
+        self._close_on_exit(server.close)
+        bound = server.sockets[0].getsockname()[:2]
+        self.addresses["control"] = f"{bound[0]}:{bound[1]}"
+
+    def _start_session(self, params) -> None:
+        """The master: a ControlRemote per subordinate, connecting in the
+        background; with this Primary's own member, the SessionMaster's."""
+        from firmware.control_remote import ControlRemote
+
+        cfg = self.cfg
+        self.members = [local_member(self.primary, name="master")]
+        for host, port in cfg.session_subordinates:
+            async def dial(host=host, port=port) -> TcpLink:
+                return await connect_replication_link(host, port)
+
+            remote = ControlRemote(f"{host}:{port}", dial, cfg.secret, session_id=cfg.session_id,
+                                   random_bytes=os.urandom, clock=self.clock, events=self.events)
+            self._close_on_exit(remote.close)
+            remote.start_connecting()
+            self.members.append(remote)
+        self.session_master = session_master(self.members, clock=self.clock, params=params, events=self.events)
+        self.addresses["members"] = ",".join(m.name for m in self.members)
+
+    async def _start_replication(self, form_cgs: bool = True) -> None:
         """Primary.start() connects the remote; while the secondary is away,
-        try again with backoff (host I/O goes on meanwhile)."""
+        try again with backoff (host I/O goes on meanwhile). Then a master's
+        SessionMaster begins forming CGs."""
         delay = 0.1
         while True:
             try:
-                await self.primary.start()
-                return
+                await self.primary.start(form_cgs=form_cgs)
+                break
             except (ConnectionError, TimeoutError) as e:
                 log.warning("primary: secondary not reachable yet (%s); retrying in %.1f s", e, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+        if self.session_master is not None:
+            await self.session_master.start()
 
     async def _cancel_starter(self) -> None:
         if not self._starter.done():
@@ -278,6 +381,8 @@ class PrimaryController(Controller):
 
     async def stop(self) -> None:
         await self._cancel_starter()
+        if self.session_master is not None:
+            await self.session_master.stop()
         await self.primary.stop(clean=True)
 
 
@@ -299,27 +404,12 @@ class SecondaryController(Controller):
         await self._open_firmware(self.secondary)
         self.service = ReplicationService(self.secondary, cfg.secret, cfg.session_id, random_bytes=os.urandom,
                                           clock=self.clock, events=self.events)
-        server = await self._listen_with_retry(*cfg.link_listen)
+        server = await self._listen_with_retry(*cfg.link_listen, self.service.serve, "link")
         self._close_on_exit(server.close)
         host, port = server.sockets[0].getsockname()[:2]
         self.addresses["link"] = f"{host}:{port}"
         await self._start_host_port(self.secondary.host_target(), read_only=True)
         await self._start_console(self.secondary)
-
-    async def _listen_with_retry(self, host: str, port: int, wait_s: float = 15.0) -> asyncio.Server:
-        """Bind the link port. Right after a crash of the previous process the
-        port may still be held by its closing connections (FIN_WAIT, which
-        SO_REUSEADDR does not override): retry for a while instead of failing."""
-        deadline = asyncio.get_running_loop().time() + wait_s
-        while True:
-            try:
-                return await listen_replication_links(host, port, self.service.serve)
-            except OSError as e:
-                log.debug("secondary: binding the link port: %r (errno %s)", e, e.errno)
-                if e.errno != errno.EADDRINUSE or asyncio.get_running_loop().time() > deadline:
-                    raise
-                log.info("secondary: link port %s:%d still busy; retrying", host, port)
-                await asyncio.sleep(0.2)
 
     async def stop(self) -> None:
         await self.secondary.close()
