@@ -28,7 +28,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,12 +81,16 @@ class Reply:
 
 class CommandSet:
     def __init__(self, controller: Any, *, role: str = "primary", allow_faults: bool = False,
-                 crashpoints: Any = None, events: EventBus | None = None) -> None:
+                 crashpoints: Any = None, events: EventBus | None = None,
+                 power_cut: Callable[[int | None], None] | None = None) -> None:
         if role not in ("primary", "secondary"):
             raise ValueError(f"role {role!r}: expected primary or secondary")
         self.controller = controller
         self.role = role
         self.allow_faults = allow_faults
+        # `power cut`: what the harness gives (it cuts the volatile devices'
+        # power domain and ends the process); the firmware cannot do it itself.
+        self.power_cut = power_cut
         self.crashpoints = crashpoints if crashpoints is not None else getattr(controller, "crashpoints", None)
         self.events = events if events is not None else getattr(controller, "events", None)
         every = self._table()
@@ -150,6 +154,10 @@ class CommandSet:
                     roles=BOTH, faults=True),
             Command("fault list", self._fault_list, "declared crash points and which are armed", roles=BOTH,
                     faults=True),
+            Command("power cut", self._power_cut,
+                    "cut this controller's power (tests only): its volatile+ devices and NVRAM drop, keep or "
+                    "tear what is not yet durable, drawn from SEED, and the process ends (no reply)",
+                    (Arg("SEED", "int", optional=True),), roles=BOTH, faults=True),
             Command("log level", self._log_level, "show or set the log level (of LOGGER, default all)",
                     (Arg("LEVEL", "choice", tuple(LOG_LEVELS), optional=True), Arg("LOGGER", optional=True)),
                     roles=BOTH),
@@ -425,6 +433,14 @@ class CommandSet:
         if not points:
             return {"crashpoints": []}, "no crash points declared", None
         return {"crashpoints": points}, fmt.crashpoint_lines(points), None
+
+    async def _power_cut(self, args, flags, as_json):
+        if self.power_cut is None:
+            raise CommandError("this controller has no power switch (started without a harness)")
+        seed = args.get("SEED")
+        log.warning("console: power cut (seed %s)", seed)
+        self.power_cut(seed)  # a controller's switch does not return; a test's may
+        return {"seed": seed}, f"power cut (seed {seed})", None
 
     async def _log_level(self, args, flags, as_json):
         name = args.get("LOGGER", "")

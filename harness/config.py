@@ -294,7 +294,7 @@ def load_config(path: str | Path, *, role: str | None = None) -> ControllerConfi
         raise top.error("nvram", "missing (required table with url)")
     nvram_url = nvram.take("url", str, required=True)
     nvram_url = _resolve_url(nvram, "url", nvram_url)
-    if parse_url(nvram_url).scheme != "nvram":
+    if parse_url(nvram_url).scheme not in ("nvram", "volatile+nvram"):  # volatile+: power-cut tests
         raise nvram.error("url", f"{nvram_url}: expected an nvram:// URL")
     nvram.done()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from drivers.console import ConsoleServer, serve_console
@@ -59,9 +60,10 @@ async def stream_events(port: ConsolePort, stream: EventStream) -> bool:
 
 
 async def start_console(url: str, controller: Any, *, role: str = "primary", allow_faults: bool = False,
-                        crashpoints: Any = None, events: EventBus | None = None) -> ConsoleServer:
+                        crashpoints: Any = None, events: EventBus | None = None,
+                        power_cut: Callable[[int | None], None] | None = None) -> ConsoleServer:
     commands = CommandSet(controller, role=role, allow_faults=allow_faults, crashpoints=crashpoints,
-                          events=events)
+                          events=events, power_cut=power_cut)
 
     async def handle(port: ConsolePort) -> None:
         await run_session(port, commands)
