@@ -277,3 +277,54 @@ def test_a_sync_completes_only_after_the_writes_issued_before_it(dio):
 
     for _ in range(20):
         _run(go())
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_submit_fails_only_the_ops_the_kernel_never_got(monkeypatch):
+    """io_uring_enter failing (ENOMEM, say) gives the kernel none of the new
+    SQEs, but ops submitted before are still the kernel's: failing those too
+    handed their buffers back to the pool (and let the descriptor close)
+    while the kernel could still fill them. A read on a socket stays in
+    flight until its peer sends, so it is still the kernel's here."""
+    _want_uring(monkeypatch)
+    monkeypatch.setenv(uring.ENGINE_ENV, "uring-all")  # a socket is not O_DIRECT
+    if uring.ring_module() is None:
+        pytest.skip("io_uring (liburing 2024.5.3) is not available here")
+    import socket
+
+    mine, peer = socket.socketpair()
+    dio = deviceio.DeviceIo(os.dup(mine.fileno()), direct=False)
+    dio._nowait_reads = dio._nowait_writes = False
+
+    async def go():
+        read = asyncio.ensure_future(dio.read(0, 8))
+        for _ in range(3):
+            await asyncio.sleep(0)  # the read is submitted and waits for data
+        ring = dio._ring
+        assert ring is not None and len(ring.ops) == 1 and not ring.unsubmitted
+
+        class Failing:
+            def __getattr__(self, name):
+                return getattr(ring.u.__dict__.get("_u", ring.u), name)
+
+            def io_uring_submit(self, _ring):
+                raise OSError(errno.ENOMEM, "no memory")
+
+        real, failing = ring.u, Failing()
+        failing.__dict__["_u"] = real
+        ring.u = failing
+        with pytest.raises(OSError) as e:
+            await dio.write(b"abcd", 4096)  # queued (no overlap with the read), then its submit fails
+        assert e.value.errno == errno.ENOMEM
+        assert not read.done()  # still the kernel's
+        ring.u = real
+        peer.sendall(b"12345678")
+        assert await read == b"12345678"
+        assert dio.inflight == 0
+
+    try:
+        _run(go())
+    finally:
+        dio.close()
+        mine.close()
+        peer.close()

@@ -123,7 +123,7 @@ class Ring:
         self.cqe = u.io_uring_cqe()
         self.ops: dict[int, Op] = {}
         self.next_id = 1
-        self.unsubmitted = 0
+        self.unsubmitted: list[int] = []  # user_data of the SQEs not yet given to the kernel
         self.submit_scheduled = False
         self.dead = False
         try:
@@ -168,14 +168,14 @@ class Ring:
             # to the pool.
             u.io_uring_prep_nop(sqe)
             u.io_uring_sqe_set_data64(sqe, 0)
-            self._count_queued()
+            self._count_queued(0)
             raise
         self.next_id = ud + 1
         self.ops[ud] = op
-        self._count_queued()
+        self._count_queued(ud)
 
-    def _count_queued(self) -> None:
-        self.unsubmitted += 1
+    def _count_queued(self, ud: int) -> None:
+        self.unsubmitted.append(ud)
         if not self.submit_scheduled:
             self.submit_scheduled = True
             self.loop.call_soon(self.submit)
@@ -185,7 +185,7 @@ class Ring:
         if self.unsubmitted and not self.dead:
             try:
                 self.u.io_uring_submit(self.ring)
-                self.unsubmitted = 0
+                self.unsubmitted = []
             except OSError as e:
                 if e.errno in (errno.EAGAIN, errno.EBUSY, errno.EINTR):
                     self.submit_scheduled = True  # completions first, then try again
@@ -196,8 +196,8 @@ class Ring:
         self.reap()  # page-cache I/O often completes inside the submit
 
     def reap(self) -> None:
-        if self.dead:
-            return
+        if self.efd < 0:
+            return  # closed
         try:
             os.eventfd_read(self.efd)
         except BlockingIOError:
@@ -216,14 +216,18 @@ class Ring:
             owner.completed(op, res)
 
     def _fail_all(self, e: OSError) -> None:
-        """io_uring_enter itself failed: nothing queued can be trusted to run;
-        fail it all and stop taking ops (the device's next op sets up a new
-        ring, or goes to the pool if that fails too)."""
-        log.warning("io_uring submit failed (%s); failing the ops queued on this ring", e)
+        """io_uring_enter itself failed (it gives no SQE to the kernel then):
+        fail the ops not yet submitted and take no more. Ops submitted earlier
+        are still the kernel's, buffers and all: their completions are reaped
+        as usual, and only then does the device set up a new ring (or use
+        the pool, if that fails too)."""
+        log.warning("io_uring submit failed (%s); failing the ops not yet submitted on this ring", e)
         self.dead = True
-        ops, self.ops = list(self.ops.values()), {}
-        for op in ops:
-            self.owner.failed(op, OSError(e.errno or errno.EIO, f"io_uring submit: {e}"))
+        ids, self.unsubmitted = self.unsubmitted, []
+        for ud in ids:
+            op = self.ops.pop(ud, None)
+            if op is not None:
+                self.owner.failed(op, OSError(e.errno or errno.EIO, f"io_uring submit: {e}"))
 
     def close(self) -> None:
         self.dead = True
