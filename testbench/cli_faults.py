@@ -4,7 +4,9 @@ counter is 0.
 
 Parts (``--only`` picks some): crash (SIGKILL at every declared crash point),
 link (LinkProxy faults and an outage), device (FaultyDevice EIO/latency under
-A and B), fuzz (nbd, link, console, trace, config), load (8 clients x QD32).
+A and B), fuzz (nbd, link, console, trace, config), load (8 clients x QD32),
+power (a power cut at every persist point of small workloads in virtual time,
+then ``power cut`` to real controllers on volatile+ devices and NVRAM).
 Default about 5 minutes in all; ``--quick`` about 1 minute.
 """
 
@@ -17,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PARTS = ("fuzz", "device", "link", "load", "crash")
+PARTS = ("fuzz", "device", "link", "load", "crash", "power")
 
 
 def add_arguments(p) -> None:
@@ -42,6 +44,8 @@ def empty_results(seed: int) -> dict:
         "device": {"faults": 0, "silent_losses": 0},
         "fuzz": {k: {"cases": 0, "crashes": 0} for k in ("nbd", "link", "console", "trace", "config")},
         "load": {"clients": 8, "queue_depth": 32, "seconds": 0, "writes": 0, "lost": 0, "peak_rss_mib": 0},
+        "power": {"cut_points": 0, "states_checked": 0, "acked_writes_lost": 0, "inconsistent_copies": 0,
+                  "full_resyncs": 0, "process_cuts": 0},
         "skipped": {},
         "errors": {},
     }
@@ -51,7 +55,8 @@ def failures(res: dict) -> list[str]:
     """Every counter that must be 0 and is not (or a part that broke)."""
     bad = []
     for part, key in (("crash", "acked_writes_lost"), ("crash", "inconsistent_copies"), ("link", "corrupt_applied"),
-                      ("device", "silent_losses"), ("load", "lost")):
+                      ("device", "silent_losses"), ("load", "lost"), ("power", "acked_writes_lost"),
+                      ("power", "inconsistent_copies"), ("power", "full_resyncs")):
         if res[part].get(key):
             bad.append(f"{part}.{key} = {res[part][key]}")
     for name, f in res["fuzz"].items():
@@ -63,6 +68,7 @@ def failures(res: dict) -> list[str]:
         bad.append("load: C is not a consistent cut")
     bad += [f"{part}: {err}" for part, err in res["errors"].items()]
     bad += [f"crash: {e}" for e in res["crash"].get("errors", [])]
+    bad += [f"power: {e}" for e in res["power"].get("errors", [])]
     return bad
 
 
@@ -117,7 +123,12 @@ def run(args) -> int:
         res["crash"] = run_crash(work / "crash", seed=seed, seconds_per_point=2 if quick else 6, points=chosen,
                                  progress=_progress)
 
-    runners = {"fuzz": fuzz, "device": device, "link": link, "load": load, "crash": crash}
+    def power():
+        from testbench.faults.power import run_power
+
+        res["power"] = run_power(work / "power", seed=seed, quick=quick, progress=_progress)
+
+    runners = {"fuzz": fuzz, "device": device, "link": link, "load": load, "crash": crash, "power": power}
     t_all = time.monotonic()
     for name in PARTS:
         if name not in parts:
@@ -149,7 +160,7 @@ def run(args) -> int:
 
 
 def summary(res: dict) -> str:
-    c, lk, d, ld = res["crash"], res["link"], res["device"], res["load"]
+    c, lk, d, ld, pw = res["crash"], res["link"], res["device"], res["load"], res["power"]
     lines = [
         f"fault campaign  seed {res['seed']}  {res['seconds']} s  {'PASS' if res['passed'] else 'FAIL'}",
         f"crash   injected {c['injected']}  acked_writes_lost {c['acked_writes_lost']}  "
@@ -162,6 +173,9 @@ def summary(res: dict) -> str:
         + "  (cases/crashes)",
         f"load    {ld['clients']} clients x QD{ld['queue_depth']}  {ld['seconds']} s  writes {ld['writes']}  "
         f"lost {ld['lost']}  peak_rss_mib {ld['peak_rss_mib']}",
+        f"power   cut_points {pw['cut_points']} ({pw['process_cuts']} in processes)  states_checked "
+        f"{pw['states_checked']}  acked_writes_lost {pw['acked_writes_lost']}  inconsistent_copies "
+        f"{pw['inconsistent_copies']}  full_resyncs {pw['full_resyncs']}",
     ]
     lines += [f"FAIL: {b}" for b in res["failures"]]
     lines += [f"skipped {k}: {v}" for k, v in res["skipped"].items()]
