@@ -57,6 +57,7 @@ class Primary:
         self.cycle.before_switch = self.host.landed_whole
         self.destager: Destager | None = None
         self.recovered: dict = {}
+        self.session_master = None  # firmware/session.py SessionMaster, when this primary is a session's master
         self._start_wall = 0.0
         self._opened = False
 
@@ -161,10 +162,12 @@ class Primary:
         if destage:
             self.host.destaging_bg = True
             self.destager.start(self.clock.sleep)
-        if form_cgs:
+        if form_cgs and not self.cycle.driven:  # a session member's CGs are formed by its master
             self.cycle.start_loop()
 
     async def stop(self, clean: bool = True) -> None:
+        if self.session_master is not None:
+            await self.session_master.stop_loop()
         await self.cycle.stop_loop()
         if self.destager is not None:
             await self.destager.stop()
@@ -222,6 +225,14 @@ class Primary:
 
     async def cg_start(self) -> None:
         cycle = self.cycle
+        if cycle.driven:
+            if self.session_master is None:
+                raise CgFailed("this primary is a session member: its master forms the CGs")
+            if self.copy_state in (CopyState.PAUSED, CopyState.PAUSING):
+                self.session.to(CopyState.RUNNING)
+            self.session_master.start_loop()
+            self.session_master.kick.set()
+            return
         if cycle.loop_task is None:
             if cycle.kick is None:
                 await self.start()
@@ -331,7 +342,7 @@ class Primary:
             "drain_bytes": self.drain_bytes,
             "link": "up" if self.link_up else "down",
             "fallbacks": self.fallbacks,
-        }
+        } | ({"members": self.session_master.members_status()} if self.session_master is not None else {})
 
     def volumes_info(self) -> list[dict]:
         out = []
