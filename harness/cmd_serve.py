@@ -1,4 +1,5 @@
-"""``mirrorfw serve URL [URL...] [--listen HOST:PORT] [--socket PATH] [--name NAME...] [--read-only]``
+"""``mirrorfw serve URL [URL...] [--listen HOST:PORT] [--socket PATH] [--name NAME...] [--read-only]
+[--limit KEY=VALUE...]``
 
 Serve plain devices over NBD, replication off (benchmarks call this
 "mirrorfw_local"). Prints one line ``ready nbd://HOST:PORT/NAME ...`` once
@@ -25,6 +26,19 @@ def add_arguments(p) -> None:
     p.add_argument("--name", action="append", default=[], metavar="NAME",
                    help="export name for each URL in order (default vol0, vol1, ...)")
     p.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
+    p.add_argument("--limit", action="append", default=[], metavar="KEY=VALUE",
+                   help="an NBD budget or timeout, as in a controller's [host] table: max_connections, "
+                        "max_request_bytes, max_inflight, server_max_inflight, connection_buffer_bytes, "
+                        "server_buffer_bytes, handshake_timeout_s, idle_timeout_s, stall_timeout_s")
+
+
+def parse_limits(texts: list[str]):
+    from drivers.nbd.limits import NbdLimits, parse_limit_items
+
+    try:
+        return NbdLimits.from_items(parse_limit_items(texts))
+    except ValueError as e:
+        raise ConfigError(f"--limit {e}") from None
 
 
 def parse_listen(text: str) -> tuple[str, int] | None:
@@ -54,12 +68,13 @@ async def serve(args) -> int:
     if listen is None and not args.socket:
         raise ConfigError("nothing to listen on: give --listen HOST:PORT or --socket PATH")
     names = export_names(args.urls, args.name)
+    limits = parse_limits(args.limit)
     devices = {}
     try:
         for name, url in zip(names, args.urls, strict=True):
             devices[name] = open_device(url, read_only=args.read_only)
         target = DeviceTarget(devices, read_only=args.read_only)
-        server = NbdServer(target, read_only=args.read_only)
+        server = NbdServer(target, read_only=args.read_only, limits=limits)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

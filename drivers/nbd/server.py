@@ -13,6 +13,15 @@ payload buffer of a large write; request headers are unpacked with a struct
 derived from the construct declaration; replies are queued and written with
 one ``writelines`` per event-loop wakeup. All bounds and alignment checks
 happen here, before a volume sees the request.
+
+What a client may hold is bounded (``NbdLimits``, issue 16): a payload
+buffer grows as its bytes arrive (never the declared length up front); a
+connection over its byte or request budget, or any connection while the
+server is over its own, or one whose replies wait for the client to read
+them, stops parsing requests until that clears; a request that takes longer
+than ``stall_timeout_s`` to arrive, replies not taken for as long, an idle
+connection and a slow handshake are dropped; connections past
+``max_connections`` are closed at once.
 """
 
 from __future__ import annotations
@@ -23,11 +32,13 @@ import logging
 import os
 import socket
 import stat
+import time
 
 from construct import ConstructError
 
 from hal.host import HostTarget, HostVolume
 
+from .limits import NbdLimits
 from .protocol import (
     CLIENT_FLAGS,
     EXPORT_NAME_ZEROES,
@@ -66,14 +77,15 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-MAX_BLOCK_BYTES = 32 << 20  # largest READ/WRITE payload we accept (advertised maximum)
+__all__ = ["NbdLimits", "NbdServer"]
+
 MAX_OPTION_BYTES = 64 << 10  # option data beyond this is hostile: disconnect
 DISCARD_LIMIT_BYTES = 256 << 20  # oversized WRITE payloads up to this are drained, then EINVAL
 RING_BYTES = 256 << 10
-DIRECT_PAYLOAD_BYTES = 64 << 10  # payloads at least this big are received straight into their buffer
-MAX_INFLIGHT = 256  # per connection; past it we stop reading until replies go out
-HANDSHAKE_TIMEOUT_S = 60.0
+FIRST_PAYLOAD_BYTES = 1 << 20  # a payload buffer starts at most this big, then doubles as bytes arrive
 CLOSE_WAIT_S = 10.0
+REFUSED_LOG_EVERY_S = 10.0
+_ZEROS = memoryview(bytes(1 << 20))  # what a growing payload buffer is extended with
 
 _UNKNOWN_CMD_FLAGS = 0xFFFF & ~int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF)
 # Plain ints on the per-request path: IntFlag's & is a Python-level call.
@@ -139,7 +151,7 @@ class _Export:
     as an unadvertised command and a write to a read-only export always got:
     EINVAL and EPERM)."""
 
-    def __init__(self, volume: HostVolume, read_only: bool) -> None:
+    def __init__(self, volume: HostVolume, read_only: bool, max_request: int) -> None:
         self.volume = volume
         self.name = volume.name
         self.size = int(volume.size_bytes)
@@ -153,7 +165,7 @@ class _Export:
         self.min_block = max(1, int(volume.block_size or 1))
         preferred = int(volume.preferred_block_size or max(4096, self.min_block))
         self.preferred = max(preferred, self.min_block)
-        self.max_block = max(self.min_block, MAX_BLOCK_BYTES - MAX_BLOCK_BYTES % self.min_block)
+        self.max_block = max(self.min_block, max_request - max_request % self.min_block)
         flags = TF.HAS_FLAGS
         if not can_write:
             flags |= TF.READ_ONLY
@@ -184,27 +196,87 @@ class _Export:
 
 
 class NbdServer:
-    """Serves every volume of ``target`` as an export named after it."""
+    """Serves every volume of ``target`` as an export named after it, within ``limits``."""
 
-    def __init__(self, target: HostTarget, *, read_only: bool = False) -> None:
+    def __init__(self, target: HostTarget, *, read_only: bool = False, limits: NbdLimits | None = None) -> None:
         self.target = target
         self.read_only = read_only
+        self.limits = limits if limits is not None else NbdLimits()
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[str] = []
         self._connections: set[_Connection] = set()
         self.closing = False
+        # The server-wide budgets: bytes held and requests in flight over all connections.
+        self.buffered = 0
+        self.inflight = 0
+        self._waiting: set[_Connection] = set()  # stopped on the server's budgets
+        self._wake_scheduled = False
+        # Over the byte budget, one connection at a time may still grow the payload it is
+        # receiving (it was taken while under budget; its bytes are on the way): no deadlock.
+        self._overdraft: _Connection | None = None
+        self.dropped = dict(refused=0, handshake=0, idle=0, slow_sender=0, slow_reader=0)
+        self._refused_logged_at = -REFUSED_LOG_EVERY_S
+
+    def status(self) -> dict:
+        """What the clients hold now, what was dropped and why, and the limits."""
+        return dict(connections=len(self._connections), buffered_bytes=self.buffered, inflight=self.inflight,
+                    waiting=len(self._waiting), dropped=dict(self.dropped), limits=self.limits.as_dict())
+
+    # -- the server-wide budgets ------------------------------------------------
+    def _over(self) -> bool:
+        lim = self.limits
+        return self.buffered >= lim.server_buffer_bytes or self.inflight >= lim.server_max_inflight
+
+    def _room_for(self, conn: _Connection, nbytes: int) -> bool:
+        """May ``conn`` take ``nbytes`` more for the payload it is receiving?"""
+        if self.buffered + nbytes <= self.limits.server_buffer_bytes:
+            return True
+        if self._overdraft is None:
+            self._overdraft = conn
+        return self._overdraft is conn
+
+    def _end_overdraft(self, conn: _Connection) -> None:
+        if self._overdraft is conn:
+            self._overdraft = None
+            self._wake()
+
+    def _wake(self) -> None:
+        """Connections stopped on the server's budgets look again (soon, not from inside a caller)."""
+        if self._waiting and not self._wake_scheduled:
+            self._wake_scheduled = True
+            asyncio.get_running_loop().call_soon(self._wake_waiting)
+
+    def _wake_waiting(self) -> None:
+        self._wake_scheduled = False
+        for conn in list(self._waiting):
+            conn._update_reading()
+
+    def _admit(self) -> bool:
+        """A new connection: False (and it is closed) past max_connections."""
+        if len(self._connections) < self.limits.max_connections:
+            return True
+        self.dropped["refused"] += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= REFUSED_LOG_EVERY_S:
+            self._refused_logged_at = now
+            log.warning("nbd: %d connections open (max_connections); refusing more (%d so far)",
+                        len(self._connections), self.dropped["refused"])
+        return False
 
     # -- exports --------------------------------------------------------------
+    def _export(self, vol: HostVolume) -> _Export:
+        return _Export(vol, self.read_only, self.limits.max_request_bytes)
+
     def exports(self) -> dict[str, _Export]:
-        return {name: _Export(vol, self.read_only) for name, vol in self.target.volumes().items()}
+        return {name: self._export(vol) for name, vol in self.target.volumes().items()}
 
     def find_export(self, name: str) -> _Export | None:
         volumes = self.target.volumes()
         if name == "" and len(volumes) == 1:
             (vol,) = volumes.values()
-            return _Export(vol, self.read_only)
+            return self._export(vol)
         vol = volumes.get(name)
-        return _Export(vol, self.read_only) if vol is not None else None
+        return self._export(vol) if vol is not None else None
 
     def open_export(self, name: str) -> _Export | None:
         """The export one connection transmits on, over its own volume from
@@ -214,7 +286,7 @@ class NbdServer:
             if len(volumes) == 1:
                 (name,) = volumes
         vol = self.target.open(name)
-        return _Export(vol, self.read_only) if vol is not None else None
+        return self._export(vol) if vol is not None else None
 
     # -- listening ------------------------------------------------------------
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
@@ -258,17 +330,22 @@ class NbdServer:
 class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer) -> None:
         self.server = server
+        self.limits = server.limits
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self.ring = bytearray(RING_BYTES)
+        # Allocated once the connection is admitted (a refused one costs no ring).
+        self.ring = bytearray()
         self.ring_view = memoryview(self.ring)
         self.start = 0  # unread bytes are ring[start:end]
         self.end = 0
-        # A large WRITE being received straight into its own buffer.
+        # A large WRITE being received straight into its own buffer, which grows
+        # as the bytes arrive (up to payload_len, the request's length).
         self.payload: bytearray | None = None
         self.payload_view: memoryview | None = None
         self.payload_filled = 0
+        self.payload_len = 0
+        self.grow_by = 0  # bytes of budget taken for the payload buffer, added by the next get_buffer
         self.payload_req: tuple = ()
         self.into_payload = False
         self.discard_left = 0  # bytes of a refused WRITE's payload still to skip
@@ -285,33 +362,71 @@ class _Connection(asyncio.BufferedProtocol):
         self.out: list = []
         self.flush_scheduled = False
         self.waiter: asyncio.Future | None = None
+        self.drained: asyncio.Future | None = None
         self.negotiation: asyncio.Task | None = None
         self.idle = asyncio.Event()
         self.idle.set()
+        # Budgets. ``held`` is every byte this connection holds (also counted in
+        # server.buffered): payload being received, WRITE data at the volume, READ data
+        # from the request on; of the READ data, ``out_held`` is queued in ``out`` and
+        # ``tx_held`` is in the transport's buffer (released as the client takes it).
+        self.held = 0
+        self.out_held = 0
+        self.tx_held = 0
+        self.blocked = False  # stopped parsing (and reading) on a budget; _update_reading resumes
+        self.resume_scheduled = False
+        # Watchdog (after GO): progress counters, looked at every tick, cost nothing per request.
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.rx_total = 0
+        self.rx_seen = 0
+        self.rx_at = 0.0
+        self.parsed = 0
+        self.partial_mark: int | None = None
+        self.partial_at = 0.0
+        self.write_paused_at = 0.0
 
     # -- transport callbacks --------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        if self.server.closing or not self.server._admit():
+            transport.abort()
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.server.closing:
-            transport.abort()
-            return
+        self.ring = bytearray(RING_BYTES)
+        self.ring_view = memoryview(self.ring)
         self.server._connections.add(self)
         self.negotiation = self.loop.create_task(self._negotiate())
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        self.server._connections.discard(self)
+        server = self.server
+        server._connections.discard(self)
+        server._waiting.discard(self)
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+        # What is not at the volume is let go now; requests still there let go of theirs when done.
+        if self.payload is not None:
+            self.payload_view.release()
+            self._unhold(len(self.payload) + self.grow_by)
+            self.payload = self.payload_view = None
+            self.grow_by = 0
+            server._end_overdraft(self)
+        self._unhold(self.out_held + self.tx_held)
+        self.out_held = self.tx_held = 0
         if self.inflight:
             log.info("nbd %s: client went away with %d requests in flight", self.peer, self.inflight)
         else:
             self._release()
         self._wake()
+        d = self.drained
+        if d is not None and not d.done():
+            d.set_result(None)
         self.out.clear()
 
     def eof_received(self):
@@ -319,16 +434,29 @@ class _Connection(asyncio.BufferedProtocol):
         return False  # close the transport
 
     def pause_writing(self) -> None:
+        # The client is not taking replies as fast as they come: take no new
+        # requests (checked per request in _parse) until it has.
         self.writing_paused = True
-        self._update_reading()
+        self.write_paused_at = self.loop.time()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        self._update_reading()
+        self._observe_tx()
+        d = self.drained
+        if d is not None and not d.done():
+            d.set_result(None)
+        if self.blocked:
+            self._update_reading()
 
     def get_buffer(self, sizehint: int):
         if self.payload is not None:
             self.into_payload = True
+            if not self.grow_by and self.payload_filled == len(self.payload):
+                # Reading goes on only with room in the buffer; should it not, make room
+                # rather than hand the transport an empty buffer.
+                self._grow_payload(force=True)
+            if self.grow_by:
+                self._apply_growth()
             return self.payload_view[self.payload_filled :]
         self.into_payload = False
         if self.start == self.end:
@@ -340,14 +468,19 @@ class _Connection(asyncio.BufferedProtocol):
         return self.ring_view[self.end :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.rx_total += nbytes
         if self.into_payload:
             self.payload_filled += nbytes
-            if self.payload_filled == len(self.payload):
+            if self.payload_filled == self.payload_len:
                 data, req = self.payload, self.payload_req
+                self.payload_view.release()
                 self.payload = self.payload_view = None
+                self.server._end_overdraft(self)
                 self._dispatch(*req, data)
                 if self.end > self.start:
                     self._parse()
+            elif self.payload_filled == len(self.payload) and not self._grow_payload():
+                self._block()  # the server is over budget: wait for room before reading on
             return
         self.end += nbytes
         if self.transmitting:
@@ -371,19 +504,24 @@ class _Connection(asyncio.BufferedProtocol):
         self.start += n
         return data
 
+    async def _drain(self) -> None:
+        while self.writing_paused and not self.closed:
+            self.drained = self.loop.create_future()
+            await self.drained
+
     def _send(self, data: bytes) -> None:
         if not self.closed:
             self.transport.write(data)
 
     async def _negotiate(self) -> None:
+        timeout_s = self.limits.handshake_timeout_s
         try:
-            await asyncio.wait_for(self._haggle(), HANDSHAKE_TIMEOUT_S)
+            await asyncio.wait_for(self._haggle(), timeout_s)
         except _Disconnect as e:
             log.info("nbd %s: negotiation ended: %s", self.peer, e)
             self._abort()
         except TimeoutError:
-            log.warning("nbd %s: negotiation timed out after %.0f s", self.peer, HANDSHAKE_TIMEOUT_S)
-            self._abort()
+            self._drop(f"negotiation not done after {timeout_s:g} s (handshake_timeout_s)", "handshake")
         except asyncio.CancelledError:
             self._abort()
             raise
@@ -395,6 +533,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self.transmitting = True
                 log.info("nbd %s: serving export %r (%d bytes%s)", self.peer, self.export.name,
                          self.export.size, ", read-only" if self.export.read_only else "")
+                self._arm_watchdog()
                 self._parse()
 
     async def _haggle(self) -> None:
@@ -404,6 +543,8 @@ class _Connection(asyncio.BufferedProtocol):
             raise _Disconnect(f"unknown client flags {cflags:#x}")
         no_zeroes = bool(cflags & ClientFlag.C_NO_ZEROES)
         while True:
+            if self.writing_paused:
+                await self._drain()  # a client that asks and never reads the answers gets no more
             magic, option, length = OPTION_HEADER.unpack(await self._recv(OPTION_HEADER.size))
             if magic != IHAVEOPT:
                 raise _Disconnect(f"bad option magic {magic:#x}")
@@ -495,9 +636,16 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- transmission ---------------------------------------------------------
     def _parse(self) -> None:
-        """Take every complete request out of the ring buffer."""
+        """Take complete requests out of the ring buffer while the budgets allow."""
+        if self.blocked:
+            return
         ring, start, end = self.ring, self.start, self.end
         export = self.export
+        server = self.server
+        lim = self.limits
+        max_inflight, conn_bytes = lim.max_inflight, lim.connection_buffer_bytes
+        server_inflight, server_bytes = lim.server_max_inflight, lim.server_buffer_bytes
+        parsed = self.parsed
         while not self.closed:
             if self.discard_left:
                 skip = min(self.discard_left, end - start)
@@ -507,10 +655,17 @@ class _Connection(asyncio.BufferedProtocol):
                     break
             if end - start < REQUEST_SIZE:
                 break
+            if (self.inflight >= max_inflight or self.held >= conn_bytes or self.writing_paused
+                    or server.inflight >= server_inflight or server.buffered >= server_bytes):
+                self.start, self.end, self.parsed = start, end, parsed
+                if self._block():
+                    return
+                continue  # room after all (replies had left): go on
             magic, flags, cmd, handle, offset, length = REQUEST.unpack_from(ring, start)
             start += REQUEST_SIZE
+            parsed += 1
             if magic != REQUEST_MAGIC:
-                self.start, self.end = start, end
+                self.start, self.end, self.parsed = start, end, parsed
                 log.warning("nbd %s: bad request magic %#010x; disconnecting", self.peer, magic)
                 self._abort()
                 return
@@ -518,6 +673,7 @@ class _Connection(asyncio.BufferedProtocol):
             if cmd == Cmd.WRITE:
                 if err:
                     if length > DISCARD_LIMIT_BYTES:
+                        self.start, self.end, self.parsed = start, end, parsed
                         log.warning("nbd %s: write of %d bytes refused; disconnecting", self.peer, length)
                         self._abort()
                         return
@@ -528,25 +684,142 @@ class _Connection(asyncio.BufferedProtocol):
                 if avail >= length:
                     data = ring[start : start + length]
                     start += length
+                    self._hold(length)
                     self._dispatch(flags, cmd, handle, offset, length, data)
                     continue
-                # Payload not all here: receive the rest straight into its buffer.
-                payload = bytearray(length)
-                payload[:avail] = self.ring_view[start:end]
-                self.payload, self.payload_view = payload, memoryview(payload)
-                self.payload_filled = avail
-                self.payload_req = (flags, cmd, handle, offset, length)
-                start = end
-                break
+                # Payload not all here: receive the rest straight into its buffer,
+                # which holds what has arrived and grows as more does.
+                self.start, self.end, self.parsed = end, end, parsed
+                self._start_payload(start, end, (flags, cmd, handle, offset, length))
+                return
             if err:
                 self._reply_error(cmd, handle, err)
             elif cmd == Cmd.DISC:
-                self.start, self.end = start, end
+                self.start, self.end, self.parsed = start, end, parsed
                 self._disc()
                 return
             else:
+                if cmd == Cmd.READ:
+                    self._hold(length)  # the reply's data, until the client has taken it
                 self._dispatch(flags, cmd, handle, offset, length, None)
-        self.start, self.end = start, end
+        self.start, self.end, self.parsed = start, end, parsed
+
+    def _start_payload(self, start: int, end: int, req: tuple) -> None:
+        avail, length = end - start, req[4]
+        want = min(length, max(avail, FIRST_PAYLOAD_BYTES))
+        room = self.server._room_for(self, want)
+        if not room:
+            want = avail  # only what is already here; the rest waits for room
+        payload = bytearray(want)
+        payload[:avail] = self.ring_view[start:end]
+        self._hold(want)
+        self.payload, self.payload_view = payload, memoryview(payload)
+        self.payload_filled = avail
+        self.payload_len = length
+        self.payload_req = req
+        if not room:
+            self._block()
+
+    def _grow_payload(self, *, force: bool = False) -> bool:
+        """Room for more of the payload being received (taken from the budget now,
+        made by get_buffer): False when the server is over budget."""
+        cap = len(self.payload)
+        step = min(self.payload_len, max(2 * cap, FIRST_PAYLOAD_BYTES)) - cap
+        if not self.server._room_for(self, step) and not force:
+            return False
+        self.grow_by = step
+        self._hold(step)
+        return True
+
+    def _apply_growth(self) -> None:
+        # Only here: the transport has let go of the last buffer it was given (a
+        # bytearray with a view on it cannot be resized).
+        self.payload_view.release()
+        payload = self.payload
+        left, self.grow_by = self.grow_by, 0
+        while left:
+            n = min(left, len(_ZEROS))
+            payload += _ZEROS[:n]
+            left -= n
+        self.payload_view = memoryview(payload)
+
+    def _hold(self, n: int) -> None:
+        self.held += n
+        self.server.buffered += n
+
+    def _unhold(self, n: int) -> None:
+        if n:
+            self.held -= n
+            server = self.server
+            server.buffered -= n
+            if server._waiting and server.buffered < server.limits.server_buffer_bytes:
+                server._wake()
+
+    def _observe_tx(self) -> None:
+        """Let go of the READ data the client has taken off the transport's buffer."""
+        if self.tx_held and self.transport is not None:
+            buffered = self.transport.get_write_buffer_size()
+            if buffered < self.tx_held:
+                n = self.tx_held - buffered
+                self.tx_held = buffered
+                self._unhold(n)
+
+    def _over(self) -> int:
+        """0 if the connection may take another request; 1 if its own limits (or a
+        client not reading its replies) say no; 2 if the server's do."""
+        lim = self.limits
+        if self.writing_paused or self.inflight >= lim.max_inflight or self.held >= lim.connection_buffer_bytes:
+            return 1
+        return 2 if self.server._over() else 0
+
+    def _block(self) -> bool:
+        """Stop parsing and reading until a budget frees up; False if one already has."""
+        if self.payload is None:
+            self._observe_tx()
+            over = self._over()
+            if not over:
+                return False
+            if over == 2:
+                self.server._waiting.add(self)
+        else:
+            self.server._waiting.add(self)  # waiting for room to grow the payload
+        self.blocked = True
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        return True
+
+    def _update_reading(self) -> None:
+        """A budget may have freed up: a blocked connection looks again."""
+        if self.closed or self.transport is None or not self.blocked:
+            self.server._waiting.discard(self)
+            return
+        if self.payload is not None:
+            if not self._grow_payload():
+                self.server._waiting.add(self)
+                return
+        else:
+            self._observe_tx()
+            over = self._over()
+            if over == 2:
+                self.server._waiting.add(self)
+            if over:
+                return
+        self.server._waiting.discard(self)
+        self.blocked = False
+        if self.reading_paused and self.transmitting:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        if self.payload is None and not self.resume_scheduled:
+            # Parse what is waiting in the ring soon, not from inside this caller (which
+            # may be a request finishing inline in the middle of _parse).
+            self.resume_scheduled = True
+            self.loop.call_soon(self._resume_parse)
+
+    def _resume_parse(self) -> None:
+        self.resume_scheduled = False
+        if self.transmitting and not self.closed and not self.blocked:
+            self._parse()
 
     def _check(self, export: _Export, flags: int, cmd: int, offset: int, length: int) -> int:
         """0 if the request may go to the volume, else the NBD errno to reply."""
@@ -572,8 +845,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _dispatch(self, flags, cmd, handle, offset, length, data) -> None:
         self.inflight += 1
-        if self.inflight >= MAX_INFLIGHT:
-            self._update_reading()
+        self.server.inflight += 1
         if self.inflight == 1:
             self.idle.clear()
         coro = self._serve(flags, cmd, handle, offset, length, data)
@@ -613,21 +885,29 @@ class _Connection(asyncio.BufferedProtocol):
             log.info("nbd %s: %s %s at %d+%d failed: %s", self.peer, Cmd(cmd).name, volume.name,
                      offset, length, e)
         except asyncio.CancelledError:
+            err = -1
             raise
         except Exception:  # noqa: BLE001 - one bad request must not end the server
             log.exception("nbd %s: %s %s at %d+%d failed", self.peer, Cmd(cmd).name, volume.name, offset, length)
             err = NbdErrno.EIO
         finally:
             self.inflight -= 1
+            server = self.server
+            server.inflight -= 1
+            if cmd == Cmd.WRITE or (cmd == Cmd.READ and (err or self.closed)):
+                self._unhold(length)  # a READ's data stays held until the client takes it
+            if server._waiting and not server._over():
+                server._wake()
             if self.inflight == 0:
                 self.idle.set()
                 if self.closed:
                     self._release()
-            if self.reading_paused:
+            if self.blocked:
                 self._update_reading()
         if err:
             self._reply_error(cmd, handle, err)
         elif payload is not None:
+            self.out_held += length
             if self.structured:
                 self._queue(
                     STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.OFFSET_DATA,
@@ -662,19 +942,14 @@ class _Connection(asyncio.BufferedProtocol):
     def _flush_out(self) -> None:
         self.flush_scheduled = False
         out, self.out = self.out, []
-        if out and not self.closed:
-            self.transport.writelines(out)
-
-    def _update_reading(self) -> None:
-        if self.closed or self.transport is None:
+        held, self.out_held = self.out_held, 0
+        if self.closed:
+            self._unhold(held)
             return
-        want_pause = self.writing_paused or self.inflight >= MAX_INFLIGHT
-        if want_pause and not self.reading_paused:
-            self.reading_paused = True
-            self.transport.pause_reading()
-        elif not want_pause and self.reading_paused:
-            self.reading_paused = False
-            self.transport.resume_reading()
+        if out:
+            self.tx_held += held
+            self.transport.writelines(out)
+            self._observe_tx()
 
     def _disc(self) -> None:
         """NBD_CMD_DISC: finish what is in flight, then close."""
@@ -686,14 +961,74 @@ class _Connection(asyncio.BufferedProtocol):
                 self.transport.pause_reading()
         if self.inflight == 0 and not self.closed:
             self._flush_out()
-            self.transport.close()
+            self._close_transport()
 
     def _abort(self) -> None:
         if not self.closed and self.transport is not None:
             self._flush_out()
-            self.transport.close()
+            self._close_transport()
         self.closed = True
         self._wake()
+
+    def _close_transport(self) -> None:
+        """Close after the replies queued so far are sent, but wait no longer
+        than stall_timeout_s for a client that does not read them."""
+        transport = self.transport
+        transport.close()
+        if transport.get_write_buffer_size():
+            self.loop.call_later(self.limits.stall_timeout_s, transport.abort)
+
+    def _drop(self, why: str, counter: str) -> None:
+        """A client over one of its timeouts: the connection ends now, queued replies and all."""
+        log.warning("nbd %s: %s; disconnecting", self.peer, why)
+        self.server.dropped[counter] += 1
+        self.closed = True
+        self._wake()
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- timeouts ---------------------------------------------------------------
+    def _arm_watchdog(self) -> None:
+        lim = self.limits
+        self.tick_s = min(1.0, max(0.05, min(lim.idle_timeout_s, lim.stall_timeout_s) / 4))
+        self.rx_seen = self.rx_total
+        self.rx_at = self.loop.time()
+        self.watchdog = self.loop.call_later(self.tick_s, self._tick)
+
+    def _tick(self) -> None:
+        """Looks at the connection's progress every tick_s: a request whose bytes
+        arrive too slowly, replies the client does not take, or nothing at all
+        for idle_timeout_s ends it."""
+        self.watchdog = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        lim = self.limits
+        if self.rx_total != self.rx_seen:
+            self.rx_seen, self.rx_at = self.rx_total, now
+        if self.tx_held:
+            self._observe_tx()
+        if self.blocked:
+            self._update_reading()
+        # A request part here (not held back by a budget) must be whole within stall_timeout_s.
+        partial = not self.blocked and (self.payload is not None or self.discard_left > 0 or self.end > self.start)
+        if partial:
+            if self.partial_mark != self.parsed:
+                self.partial_mark, self.partial_at = self.parsed, now
+            elif now - self.partial_at >= lim.stall_timeout_s:
+                self._drop(f"a request still incomplete after {lim.stall_timeout_s:g} s (stall_timeout_s)",
+                           "slow_sender")
+                return
+        else:
+            self.partial_mark = None
+        if self.writing_paused and now - self.write_paused_at >= lim.stall_timeout_s:
+            self._drop(f"replies not taken for {lim.stall_timeout_s:g} s (stall_timeout_s)", "slow_reader")
+            return
+        if (not partial and self.inflight == 0 and self.end == self.start and not self.writing_paused
+                and self.transmitting and now - self.rx_at >= lim.idle_timeout_s):
+            self._drop(f"idle for {lim.idle_timeout_s:g} s (idle_timeout_s)", "idle")
+            return
+        self.watchdog = self.loop.call_later(self.tick_s, self._tick)
 
     async def shutdown(self) -> None:
         """Server closing: finish in-flight requests, flush replies, close."""
