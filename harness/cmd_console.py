@@ -1,7 +1,9 @@
 """``mirrorfw console URL [COMMAND...]``: talk to a controller's console.
 
 With a command: run it, print the reply, exit 0 (ok), 1 (error reply) or
-2 (the console cannot be reached or stopped answering). ``events`` without
+2 (the console cannot be reached, refused us, stopped answering, or is a
+pty another program is attached to: one line, ``busy: ... attached by ...``).
+``--token-file`` sends ``auth TOKEN`` first (a TCP console with a token). ``events`` without
 ``--now`` streams until interrupted. Without a command: interactive, lines
 from stdin go to the console and everything it says goes to stdout.
 """
@@ -20,6 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="seconds to wait for a reply (default 30)")
     p.add_argument("--log", metavar="FILE", help="append everything the console says to FILE")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="a TCP console with a token: send 'auth TOKEN' (read from FILE) first")
     p.add_argument("url", help="console URL: socket://127.0.0.1:4001, rfc2217://127.0.0.1:4002, "
                                "pty:///path/link (or a device path)")
     p.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND",
@@ -30,7 +34,7 @@ def run(args) -> int:
     from harness.console_client import ConsoleClient, ConsoleError
 
     try:
-        client = ConsoleClient(args.url, timeout_s=args.timeout, log_path=args.log)
+        client = ConsoleClient(args.url, timeout_s=args.timeout, log_path=args.log, token_file=args.token_file)
     except ConsoleError as exc:
         print(f"mirrorfw console: {exc}", file=sys.stderr)
         return EXIT_CONNECTION

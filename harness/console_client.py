@@ -5,14 +5,26 @@ It talks through pyserial: ``serial_for_url`` for ``socket://`` and
 ``rfc2217://``, ``serial.Serial(path)`` for ``pty:///path`` (or a plain
 device path such as /dev/ttyUSB0). Every byte received (and every line
 sent) goes to the console log when ``log_path`` is given.
+
+``token`` (or ``token_file``): sent as ``auth TOKEN`` before anything else,
+for a TCP console that has a token (drivers/console.py).
+
+A pty is one line: a terminal program attached to it (picocom, screen) and
+this client would each read part of the other's replies. So a pty this
+client opens is refused with one line, ``busy: ... attached by NAME (pid
+N)``, when another process holds it open (``attached_by``; the controller
+that serves it is recognised by holding its master), and while the client
+runs it holds the pty's exclusive lock, which picocom honours.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import secrets
+import stat
 import time
 from pathlib import Path
 from typing import IO
@@ -32,6 +44,10 @@ class ConsoleError(Exception):
 
 class ConsoleConnectionError(ConsoleError):
     """The console cannot be reached, or went away."""
+
+
+class ConsoleBusy(ConsoleConnectionError):
+    """Another program is attached to the console's pty."""
 
 
 class ConsoleTimeout(ConsoleError):
@@ -54,21 +70,78 @@ class ConsoleCommandError(ConsoleError):
 Pattern = str | bytes | re.Pattern
 
 
-def open_serial(url: str, timeout_s: float = POLL_S) -> serial.SerialBase:
-    """A pyserial port for a console URL (pty:///path, socket://, rfc2217://, or a device path)."""
+def attached_by(tty_path: str) -> list[tuple[int, str]]:
+    """(pid, name) of every process but this one holding the pty slave
+    ``tty_path`` (a /dev/pts/N or a symlink to one) open, except the one
+    holding its master (the controller serving it). Only what /proc shows
+    (every process of this user; all of them as root)."""
     try:
-        if url.startswith("pty://"):
-            return serial.Serial(url[len("pty://"):], timeout=timeout_s)
-        if url.startswith("/"):
-            return serial.Serial(url, timeout=timeout_s)
+        slave = os.path.realpath(tty_path)
+        index = slave.rsplit("/", 1)[1] if slave.startswith("/dev/pts/") else None
+    except OSError:
+        return []
+    if index is None:
+        return []
+    me, found = os.getpid(), []
+    for pid_text in os.listdir("/proc"):
+        if not pid_text.isdigit() or int(pid_text) == me:
+            continue
+        holds_slave = holds_master = False
+        try:
+            fd_dir = f"/proc/{pid_text}/fd"
+            for fd in os.listdir(fd_dir):
+                target = os.readlink(f"{fd_dir}/{fd}")
+                if target == slave:
+                    holds_slave = True
+                elif target == "/dev/ptmx":
+                    with open(f"/proc/{pid_text}/fdinfo/{fd}") as info:
+                        holds_master |= f"tty-index:\t{index}\n" in info.read()
+        except OSError:  # gone, or not ours to look at
+            continue
+        if holds_slave and not holds_master:
+            try:
+                with open(f"/proc/{pid_text}/comm") as f:
+                    name = f.read().strip()
+            except OSError:
+                name = "?"
+            found.append((int(pid_text), name))
+    return found
+
+
+def open_serial(url: str, timeout_s: float = POLL_S) -> serial.SerialBase:
+    """A pyserial port for a console URL (pty:///path, socket://, rfc2217://, or a device path).
+    A pty another program is attached to raises ConsoleBusy."""
+    try:
+        if url.startswith(("pty://", "/")):
+            path = url[len("pty://"):] if url.startswith("pty://") else url
+            _refuse_if_attached(url, path)
+            try:
+                return serial.Serial(path, timeout=timeout_s, exclusive=True)
+            except serial.SerialException as exc:
+                if "lock" in str(exc).lower():  # picocom (or another client) holds the lock
+                    raise ConsoleBusy(f"busy: console {url} is locked by another program "
+                                      f"({_holders(path) or 'unknown'}); detach it first") from None
+                raise
         return serial.serial_for_url(url, timeout=timeout_s)
     except (serial.SerialException, OSError, ValueError) as exc:
         raise ConsoleConnectionError(f"cannot open console {url}: {exc}") from None
 
 
+def _holders(path: str) -> str:
+    return ", ".join(f"{name} (pid {pid})" for pid, name in attached_by(path))
+
+
+def _refuse_if_attached(url: str, path: str) -> None:
+    holders = _holders(path)
+    if holders:
+        raise ConsoleBusy(f"busy: console {url} is attached by {holders}; detach it first "
+                          "(a pty is one line: two readers would each get half the replies)")
+
+
 class ConsoleClient:
     def __init__(self, url: str, *, timeout_s: float = 10.0, log_path: str | Path | None = None,
-                 prompt: re.Pattern = PROMPT, sync: bool = True) -> None:
+                 prompt: re.Pattern = PROMPT, sync: bool = True, token: str | None = None,
+                 token_file: str | Path | None = None) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self.prompt = prompt
@@ -77,13 +150,17 @@ class ConsoleClient:
         self.after = b""
         self.match: re.Match | None = None
         self._log: IO[bytes] | None = open(log_path, "ab") if log_path else None  # noqa: SIM115
+        if token is None and token_file is not None:
+            token = read_token(token_file)
         self.serial = open_serial(url)
-        if sync:
-            try:
+        try:
+            if token is not None:
+                self.send(f"auth {token}\n".encode())
+            if sync:
                 self.sync()
-            except ConsoleError:
-                self.close()
-                raise
+        except ConsoleError:
+            self.close()
+            raise
 
     # ---- pexpect-shaped primitives ------------------------------------------
 
@@ -95,7 +172,7 @@ class ConsoleClient:
         except (serial.SerialException, OSError) as exc:
             raise ConsoleConnectionError(f"console {self.url}: write failed: {exc}") from None
         if self._log:
-            self._log.write(raw)
+            self._log.write(b"auth ***\n" if raw.startswith(b"auth ") else raw)  # never the token
             self._log.flush()
 
     def sendline(self, text: str = "") -> None:
@@ -140,7 +217,15 @@ class ConsoleClient:
                 raise ConsoleTimeout(f"console {self.url}: no {shown!r} within "
                                      f"{self.timeout_s if timeout is None else timeout} s; "
                                      f"seen: {seen[-400:]!r}", seen)
-            self._buf += self.read_nonblocking()
+            try:
+                self._buf += self.read_nonblocking()
+            except ConsoleConnectionError as exc:
+                # A console that refuses (a wrong or missing token) says why, then hangs up.
+                said = bytes(self._buf).decode("utf-8", errors="replace").splitlines()
+                refusal = next((line.strip() for line in said if line.startswith("error: ")), None)
+                if refusal is None:
+                    raise
+                raise ConsoleConnectionError(f"console {self.url} hung up: {refusal}") from exc
 
     def read_available(self) -> bytes:
         """Whatever has arrived and was not consumed by expect."""
@@ -158,8 +243,16 @@ class ConsoleClient:
         self.sendline("")
         self.sendline(f"help {marker}")
         # The marker followed by a quote is only in the error reply, never in an echo.
-        self.expect(re.escape(marker) + r"'[^\n]*\n", timeout)
-        self.expect(self.prompt, timeout)
+        try:
+            self.expect(re.escape(marker) + r"'[^\n]*\n", timeout)
+            self.expect(self.prompt, timeout)
+        except ConsoleTimeout as exc:
+            said = exc.seen.decode("utf-8", errors="replace").strip().splitlines()
+            refusal = next((line for line in said if line.startswith("error: ")), None)
+            wait = self.timeout_s if timeout is None else timeout
+            raise ConsoleTimeout(f"console {self.url}: " + (refusal or (
+                f"no answer within {wait} s (is the controller running, or another program reading "
+                "its line?)")), exc.seen) from None
 
     # ---- labgrid-shaped commands --------------------------------------------
 
@@ -213,6 +306,24 @@ class ConsoleClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_token(path: str | Path) -> str:
+    """A console token file: regular, at most 4 KiB, not empty (ConsoleError if not)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConsoleError(f"token file {path} is not a regular file")
+            data = os.read(fd, 4097)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ConsoleError(f"token file {path}: {exc.strerror or exc}") from None
+    token = data.decode("utf-8", errors="replace").strip()
+    if len(data) > 4096 or not token or "\n" in token or "\r" in token:
+        raise ConsoleError(f"token file {path}: expected one line of at most 4096 bytes")
+    return token
 
 
 def _compile(p: Pattern) -> re.Pattern:
