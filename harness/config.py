@@ -20,6 +20,10 @@ peer = "127.0.0.1:7700"               # primary;  secondary: listen = "127.0.0.1
 [host]                                # optional
 listen = "127.0.0.1:10809"
 socket = "nbd.sock"
+# NBD budgets and timeouts (drivers/nbd/limits.py; these are the defaults):
+# max_connections = 64, max_request_bytes = "32MiB", max_inflight = 256, server_max_inflight = 4096,
+# connection_buffer_bytes = "64MiB", server_buffer_bytes = "512MiB",
+# handshake_timeout_s = 10, idle_timeout_s = 300, stall_timeout_s = 30
 [console]                             # optional
 url = "socket://127.0.0.1:4001"
 token_file = "console.token"          # optional; required to bind a TCP console beyond loopback
@@ -55,6 +59,7 @@ from typing import Any
 from urllib.parse import quote
 
 from drivers.link import split_address
+from drivers.nbd.limits import NbdLimits
 from hal.url import UrlError, parse_url
 from harness.errors import ConfigError
 
@@ -125,6 +130,7 @@ class ControllerConfig:
     link_listen: tuple[str, int] | None = None  # secondary
     host_listen: tuple[str, int] | None = None
     host_socket: Path | None = None
+    host_limits: NbdLimits = field(default_factory=NbdLimits)  # [host] budgets and timeouts of the NBD port
     console_url: str | None = None  # with ?token_file=... when the console needs a token
     console_allow_faults: bool = False
     console_token_file: Path | None = None
@@ -331,12 +337,14 @@ def load_config(path: str | Path, *, role: str | None = None) -> ControllerConfi
     link.done()
 
     host_listen = host_socket = None
+    host_limits = NbdLimits()
     host = top.table_of("host")
     if host is not None:
         host_listen = _address(host, "listen")
         sock = host.take("socket", str)
         if sock is not None:
             host_socket = (path.parent / Path(sock).expanduser()).resolve()
+        host_limits = _nbd_limits(host)
         host.done()
 
     console_url, allow_faults, token_file = None, False, None
@@ -368,7 +376,7 @@ def load_config(path: str | Path, *, role: str | None = None) -> ControllerConfi
     return ControllerConfig(
         path=path, role=cfg_role, session_id=session_id, secret=secret, secret_file=secret_file,
         params=params, nvram_url=nvram_url, volumes=volumes, link_peer=link_peer, link_listen=link_listen,
-        host_listen=host_listen, host_socket=host_socket, console_url=console_url,
+        host_listen=host_listen, host_socket=host_socket, host_limits=host_limits, console_url=console_url,
         console_allow_faults=allow_faults, console_token_file=token_file,
         session_master=master, session_subordinates=subordinates, session_master_addr=master_addr,
         control_listen=control_listen,
@@ -400,6 +408,20 @@ def _session_role(session: _Reader, cfg_role: str) -> tuple[bool, list[tuple[str
             raise session.error(f"subordinates[{i}]", f"{text!r} is listed twice")
         subordinates.append(address)
     return master, subordinates, master_addr
+
+
+def _nbd_limits(r: _Reader) -> NbdLimits:
+    """The NBD budget and timeout keys of [host]; each is checked, an error names it."""
+    items = {}
+    for name in [f.name for f in dataclasses.fields(NbdLimits)]:
+        value = r.take(name, (int, float, str))
+        if value is not None:
+            items[name] = value
+    try:
+        return NbdLimits.from_items(items)
+    except ValueError as e:  # "key: what is wrong"
+        name, _, message = str(e).partition(": ")
+        raise r.error(name, message) from None
 
 
 def is_loopback(host: str) -> bool:

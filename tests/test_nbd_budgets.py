@@ -334,3 +334,27 @@ def test_server_accounting_stays_under_its_budgets():
         dev.close()
 
     asyncio.run(main())
+
+
+# -- the [host] keys of a controller config -------------------------------------------
+def test_config_host_table_sets_the_nbd_limits(tmp_path):
+    from test_config import PRIMARY, write
+
+    from drivers.nbd.server import NbdLimits
+    from harness.config import load_config
+    from harness.errors import ConfigError
+
+    assert load_config(write(tmp_path, PRIMARY)).host_limits == NbdLimits()
+    text = PRIMARY.replace('socket = "nbd.sock"\n', 'socket = "nbd.sock"\nmax_connections = 8\n'
+                           'server_buffer_bytes = "1GiB"\nconnection_buffer_bytes = 16777216\n'
+                           'idle_timeout_s = 60\nstall_timeout_s = 2.5\n')
+    lim = load_config(write(tmp_path, text)).host_limits
+    assert (lim.max_connections, lim.server_buffer_bytes, lim.connection_buffer_bytes) == (8, 1 << 30, 16 * MiB)
+    assert (lim.idle_timeout_s, lim.stall_timeout_s, lim.handshake_timeout_s) == (60.0, 2.5, 10.0)
+    for bad, key in (("idle_timeout_s = 0", "idle_timeout_s"), ("max_connections = 1.5", "max_connections"),
+                     ('max_request_bytes = "lots"', "max_request_bytes"), ("stall_timeout_s = inf", "stall_timeout_s"),
+                     ("max_inflight = true", "max_inflight"), ("idle_timeout = 5", "idle_timeout")):
+        text = PRIMARY.replace('socket = "nbd.sock"\n', f'socket = "nbd.sock"\n{bad}\n')
+        with pytest.raises(ConfigError) as e:
+            load_config(write(tmp_path, text))
+        assert f"host.{key}" in str(e.value), str(e.value)
