@@ -1,5 +1,9 @@
-"""``file:///path/img?size=1GiB[&block_size=512][&direct=auto|on|off]``: a
-regular file as a block device.
+"""``file:///path/img?size=1GiB[&block_size=512][&direct=auto|on|off][&mode=0600]``:
+a regular file as a block device.
+
+A file it creates gets ``mode`` (octal, default 0600: volumes hold the
+host's data, so others may not read them unless asked; the umask still
+applies); an existing file keeps its mode.
 
 The file is created sparse on demand (``size`` is required then); an existing
 file's size is used when ``size`` is omitted, a larger ``size`` grows it
@@ -153,12 +157,13 @@ def open_error(url: str, path: str, e: OSError, doing: str) -> DeviceError:
 
 
 DIRECT_CHOICES = ("auto", "on", "off")
+DEFAULT_MODE = 0o600
 
 
 def open(url: str, *, read_only: bool = False) -> FileDevice:  # noqa: A001 - the driver door
     example = "file:///tmp/a.img?size=1GiB"
     u = parse_url(url)
-    u.check_keys({"size", "block_size", "direct"})
+    u.check_keys({"size", "block_size", "direct", "mode"})
     path = local_path(u, example)
     want_size = url_size(u)
     bs = u.int_param("block_size", 512)
@@ -167,6 +172,12 @@ def open(url: str, *, read_only: bool = False) -> FileDevice:  # noqa: A001 - th
     direct_choice = u.query.get("direct", "auto")
     if direct_choice not in DIRECT_CHOICES:
         raise UrlError(f"{url}: direct={direct_choice!r}; choose one of {', '.join(DIRECT_CHOICES)}")
+    try:
+        mode = int(u.query.get("mode", f"{DEFAULT_MODE:o}"), 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise UrlError(f"{url}: mode={u.query['mode']!r}: expected octal permissions such as 0600 or 0640")
     if want_size is not None and (want_size <= 0 or want_size % bs):
         raise UrlError(f"{url}: size {want_size} must be a positive multiple of block_size {bs}")
 
@@ -187,9 +198,9 @@ def open(url: str, *, read_only: bool = False) -> FileDevice:  # noqa: A001 - th
     flags = (os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT) | os.O_CLOEXEC
     try:
         if direct_choice == "off":
-            fd, direct = os.open(path, flags, 0o644), False
+            fd, direct = os.open(path, flags, mode), False
         else:
-            fd, direct = open_direct(path, flags)
+            fd, direct = open_direct(path, flags, mode)
     except OSError as e:
         raise open_error(url, path, e, "create" if not exists else "open") from None
 

@@ -16,6 +16,7 @@ Used by the process tests and by ``mirrorfw demo``::
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -174,6 +175,16 @@ class PairConfigs:
         self.primary.write_text(text[:start] + f'peer = "{address}"' + text[end:])
 
 
+def write_secret(path: Path, secret: bytes) -> None:
+    """Write a secret readable by its owner only (0600 even if the file was there)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, secret)
+    finally:
+        os.close(fd)
+
+
 def write_pair_configs(
     workdir: str | Path,
     *,
@@ -181,12 +192,18 @@ def write_pair_configs(
     size: str = "8MiB",
     nvram_size: str = "16MiB",
     session: dict[str, object] | None = None,
-    secret: bytes = b"mirrorfw-test-secret\n",
+    secret: bytes | None = None,
     console: bool = False,
+    allow_faults: bool = True,
     nbd_socket: bool = False,
     link_port: int | None = None,
 ) -> PairConfigs:
     """Configs for a primary and a secondary on file:// volumes in ``workdir``.
+
+    The link secret is ``secret``, or a new random one (never a string
+    anyone can read in this file); either way the secret file is mode 0600.
+    ``allow_faults`` turns on the consoles' fault commands (the fault
+    tools arm crash points through them; the demo does not).
 
     The link port is a free one below the ephemeral range (so a primary
     reconnecting while the secondary is down cannot take it by a TCP
@@ -194,7 +211,7 @@ def write_pair_configs(
     the ready line)."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "secret").write_bytes(secret)
+    write_secret(workdir / "secret", secret if secret is not None else secrets.token_hex(32).encode() + b"\n")
     session_lines = "\n".join(f"{k} = {_toml(v)}" for k, v in (session or {}).items())
 
     def head(role: str) -> str:
@@ -213,8 +230,9 @@ def write_pair_configs(
     if nbd_socket:
         p += f'socket = "{workdir}/primary-nbd.sock"\n'
     if console:
-        p += '[console]\nurl = "socket://127.0.0.1:0"\nallow_faults = true\n'
-        s += '[console]\nurl = "socket://127.0.0.1:0"\nallow_faults = true\n'
+        faults = "true" if allow_faults else "false"
+        p += f'[console]\nurl = "socket://127.0.0.1:0"\nallow_faults = {faults}\n'
+        s += f'[console]\nurl = "socket://127.0.0.1:0"\nallow_faults = {faults}\n'
     primary = workdir / "primary.toml"
     secondary = workdir / "secondary.toml"
     primary.write_text(p)

@@ -173,7 +173,7 @@ def run(args) -> int:
     for leftover in workdir.glob("*.img"):  # every run starts from empty volumes
         leftover.unlink()
     pair = write_pair_configs(workdir, volumes=names, size=args.size, nvram_size=args.nvram_size, session=session,
-                              console=True)
+                              console=True, allow_faults=False)  # a random 0600 secret; no fault commands
     say = lambda text: print(f"demo: {text}", file=sys.stderr, flush=True)  # noqa: E731
     say(f"work folder {workdir}; trace {trace}; {args.volumes} volume(s) of {args.size}")
     secondary = start_controller(pair.secondary, format=True, log_path=workdir / "secondary.log")
