@@ -20,6 +20,8 @@ shadow model of the host writes:
 (d) no full copy was made (the primary's ``full_copy`` session event),
     unless an NVRAM had to be formatted again.
 
+The domain is the primary's, the secondary's, or ``both``: the primary's
+n-th persist point cuts the whole site (both restart, the secondary first).
 A cut point is (scenario, domain, n, tear): the tear names how the cut
 decides the unflushed state (``random`` draws per write and per NVRAM line
 from a seed; write events get a few more seeds, since a torn write is where
@@ -65,6 +67,7 @@ PRIMARY_NVRAM = 160 << 10  # room for ~24 cache slots of 4 KiB
 SMALL_NVRAM = 100 << 10  # 16 slots: as many as the two volumes have tracks
 SECONDARY_NVRAM = 64 << 10
 DOMAINS = ("primary", "secondary")
+SITE = "both"  # a cut at the primary's n-th persist point takes the secondary's power too
 CONVERGE_ROUNDS = 8
 WRITE_TEARS = 3  # extra seeds for a cut with a device write in flight
 
@@ -405,10 +408,22 @@ class CutPoint:
                 f"--domain {self.domain} --n {self.n} --tear {self.tear}")
 
 
-def _domain_for(tear: str, seed_base: int) -> PowerDomain:
+class SiteDomain(PowerDomain):
+    """A power domain whose cut also cuts ``partner`` (one site, one feed)."""
+
+    partner: PowerDomain | None = None
+
+    def cut(self, seed: int | None = None, *, mode: str | None = None):
+        stats = super().cut(seed, mode=mode)
+        if self.partner is not None and not self.partner.dead:
+            self.partner.cut()
+        return stats
+
+
+def _domain_for(tear: str, seed_base: int, cls: type[PowerDomain] = PowerDomain) -> PowerDomain:
     if tear in ("drop", "keep"):
-        return PowerDomain(seed_base, mode=tear)
-    return PowerDomain(int(tear.split(":", 1)[1]), mode="random")
+        return cls(seed_base, mode=tear)
+    return cls(int(tear.split(":", 1)[1]) * 2 + seed_base, mode="random")
 
 
 async def _run_steps(pair: PowerPair, model: Model, scenario: Scenario) -> str | None:
@@ -460,8 +475,12 @@ async def run_point(scenario: Scenario, domain: str | None, n: int, tear: str = 
     """One run: establish, arm ``domain`` at its n-th persist point after
     the setup (none: record only), run the scenario, recover, converge,
     check. Returns the findings."""
-    pdom = _domain_for(tear, 1) if domain == "primary" else PowerDomain(1, mode="drop", record=record)
-    sdom = _domain_for(tear, 2) if domain == "secondary" else PowerDomain(2, mode="drop", record=record)
+    if domain == SITE:
+        pdom = _domain_for(tear, 1, SiteDomain)
+        sdom = pdom.partner = _domain_for(tear, 2)
+    else:
+        pdom = _domain_for(tear, 1) if domain == "primary" else PowerDomain(1, mode="drop", record=record)
+        sdom = _domain_for(tear, 2) if domain == "secondary" else PowerDomain(2, mode="drop", record=record)
     if record:
         pdom.history, sdom.history = [], []
     pair = PowerPair(pdom=pdom, sdom=sdom, policy=scenario.policy, primary_nvram=scenario.primary_nvram)
@@ -472,7 +491,7 @@ async def run_point(scenario: Scenario, domain: str | None, n: int, tear: str = 
     pair.pevents.subscribe(lambda e: full_copies.append(e) if e.fields.get("full_copy") else None)
     start = {"primary": pair.pdom.stats.events, "secondary": pair.sdom.stats.events}
     if domain is not None:
-        pair.domain(domain).arm(n)
+        pair.domain("primary" if domain == SITE else domain).arm(n)
     cut = await _run_steps(pair, model, scenario)
     out: dict = {"cut": cut, "events": {r: pair.domain(r).stats.events - start[r] for r in DOMAINS},
                  "violations": [], "states": 0}
@@ -484,7 +503,9 @@ async def run_point(scenario: Scenario, domain: str | None, n: int, tear: str = 
     v = out["violations"]
     if cut is not None:
         out["survived"] = _durable_digest(pair)
-        await pair.restart(cut)
+        for role in ("secondary", "primary"):  # both, after a site cut: the secondary first, as it listens
+            if pair.domain(role).dead:
+                await pair.restart(role)
     p, s = pair.primary, pair.secondary
     # (a) right after recovery, (b) C is the CG the secondary names.
     a = await _read_all(p.read, pair.names)
@@ -559,7 +580,8 @@ def enumerate_cuts(*, seed: int = 1, count: int = 12, tears: int = WRITE_TEARS, 
         lg.setLevel(logging.CRITICAL)  # a dead controller's orphaned tasks, the CG failures it causes
     res = {"seed": seed, "scenarios": 0, "cut_points": 0, "states_checked": 0, "distinct_states": 0,
            "acked_writes_lost": 0, "inconsistent_copies": 0, "full_resyncs": 0, "reformats": 0,
-           "not_reached": 0, "violations": [], "by_domain": {r: 0 for r in DOMAINS}, "persist_points": {}}
+           "not_reached": 0, "violations": [], "by_domain": {r: 0 for r in (*DOMAINS, SITE)},
+           "persist_points": {}}
     digests: set[str] = set()
     try:
         for sc in scenarios(seed, count):
@@ -570,10 +592,10 @@ def enumerate_cuts(*, seed: int = 1, count: int = 12, tears: int = WRITE_TEARS, 
             if rec["violations"]:
                 raise RuntimeError(f"{sc.describe()}: violations without a cut: {rec['violations']}")
             res["persist_points"][sc.name] = rec["events"]
-            for role in DOMAINS:
-                kinds = rec["history"][role]
+            for role in (*DOMAINS, SITE):
+                kinds = rec["history"]["primary" if role == SITE else role]
                 for n in range(1, len(kinds) + 1):
-                    for tear in _tears(kinds[n - 1], tears):
+                    for tear in _tears(kinds[n - 1], tears) if role != SITE else ["random:0"]:
                         point = CutPoint(sc.name, role, n, tear)
                         try:
                             r = asyncio.run(run_point(sc, role, n, tear))
@@ -613,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", type=int, default=12, help="how many scenarios to draw besides the fixed ones")
     ap.add_argument("--tears", type=int, default=WRITE_TEARS, help="extra seeds per cut with a device write in flight")
     ap.add_argument("--scenario", help="one scenario (by name)")
-    ap.add_argument("--domain", choices=DOMAINS, help="with --scenario and --n: replay one cut point")
+    ap.add_argument("--domain", choices=(*DOMAINS, SITE), help="with --scenario and --n: replay one cut point "
+                    f"({SITE}: the primary's n-th persist point cuts both)")
     ap.add_argument("--n", type=int)
     ap.add_argument("--tear", default="random:0", help="random:SEED, drop or keep")
     ap.add_argument("--json", action="store_true")

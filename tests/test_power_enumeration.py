@@ -14,6 +14,7 @@ from firmware.layout import PRIMARY_MAGIC, STATE_CUR, plan_region
 from testbench.powercut import (
     DOMAINS,
     SECTOR,
+    SITE,
     MemRegion,
     Scenario,
     enumerate_cuts,
@@ -26,9 +27,9 @@ T = 4096
 
 
 def test_every_cut_point_of_the_default_run_recovers_without_a_violation():
-    res = enumerate_cuts(seed=1, count=12)
+    res = enumerate_cuts(seed=1, count=8, tears=2)
     assert res["cut_points"] >= 200, res["cut_points"]
-    assert all(res["by_domain"][d] for d in DOMAINS), res["by_domain"]
+    assert all(res["by_domain"][d] for d in (*DOMAINS, SITE)), res["by_domain"]
     assert res["states_checked"] >= 2 * res["cut_points"]
     assert res["violations"] == [], "\n".join(v["repro"] + "\n    " + "\n    ".join(v["found"])
                                              for v in res["violations"][:5])
@@ -48,6 +49,21 @@ def test_a_cut_point_replays_the_same_way():
     one = asyncio.run(run_point(sc, "secondary", 5, "random:1"))
     two = asyncio.run(run_point(sc, "secondary", 5, "random:1"))
     assert one["survived"] == two["survived"] and one["violations"] == two["violations"] == []
+    site = asyncio.run(run_point(sc, SITE, 7, "random:0"))
+    assert site["cut"] == "primary" and site["violations"] == [] and site["states"] == 2
+
+
+def test_the_faults_campaign_fails_on_a_power_loss():
+    from testbench.cli_faults import empty_results, failures, summary
+
+    res = empty_results(1)
+    res.update(passed=True, failures=[], seconds=0)
+    assert failures(res) == []
+    assert "power   cut_points 0" in summary(res)
+    for key in ("acked_writes_lost", "inconsistent_copies", "full_resyncs"):
+        res["power"][key] = 1
+        assert f"power.{key} = 1" in failures(res)
+        res["power"][key] = 0
 
 
 def test_an_overwrite_of_cached_sectors_cut_mid_store_leaves_each_sector_old_or_new():
