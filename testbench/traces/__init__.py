@@ -55,8 +55,12 @@ def detect_format(path: str | os.PathLike) -> TraceFormat:
     """The one format whose sniffer accepts the file's head; an error naming the
     candidates when none or several fit."""
     size = os.path.getsize(path) if os.path.exists(path) else None
-    if size is None and blktrace.cpu_files(path):  # a per-CPU prefix
-        return FORMATS["blktrace"]
+    if size is None:
+        try:
+            if blktrace.cpu_files(path):  # a per-CPU prefix
+                return FORMATS["blktrace"]
+        except FileNotFoundError:  # nothing says it was meant to be blktrace
+            raise FileNotFoundError(f"{path}: no such file") from None
     head = head_bytes(path)
     complete = size is not None and len(head) < 8192
     fits = [f for f in FORMATS.values() if f.sniff is not None and f.sniff(head, complete)]

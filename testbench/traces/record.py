@@ -53,12 +53,38 @@ def head_bytes(path: str | os.PathLike, n: int = 8192) -> bytes:
             return b""
 
 
+MAX_LINE_BYTES = 1 << 20  # no trace format has lines near this; a longer one is not a text trace
+READ_CHUNK_BYTES = 1 << 20
+
+
 def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     """(line_no from 1, line without its newline); undecodable bytes become U+FFFD
-    so a stray byte is reported by the parser with its line number."""
-    with open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=None) as f:
-        for n, line in enumerate(f, 1):
-            yield n, line.rstrip("\r\n")
+    so a stray byte is reported by the parser with its line number. Lines end
+    with LF, CRLF or CR. A line longer than ``MAX_LINE_BYTES`` is a
+    TraceError as soon as that much of it is read: a 1 GB file of one line
+    once grew the reader to 2.1 GB before any error."""
+    n = 0
+    with open_binary(path) as raw:
+        rest = b""
+        while True:
+            chunk = raw.read(READ_CHUNK_BYTES)
+            if chunk:
+                parts = (rest + chunk).split(b"\n")
+                rest = parts.pop()
+            else:
+                parts, rest = ([rest] if rest else []), b""
+            for part in parts:
+                if part.endswith(b"\r"):
+                    part = part[:-1]
+                for line in part.split(b"\r") if b"\r" in part else (part,):
+                    n += 1
+                    if len(line) > MAX_LINE_BYTES:
+                        raise TraceError(str(path), n, f"line longer than {MAX_LINE_BYTES} bytes; not a text trace?")
+                    yield n, line.decode("utf-8", "replace")
+            if len(rest) > MAX_LINE_BYTES:
+                raise TraceError(str(path), n + 1, f"line longer than {MAX_LINE_BYTES} bytes; not a text trace?")
+            if not chunk:
+                return
 
 
 def parse_int(path, line_no: int, text: str, what: str) -> int:
