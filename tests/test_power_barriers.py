@@ -12,14 +12,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from firmware_doubles import MemNvram
 
-from drivers.mem import open as open_mem
-from drivers.powerloss import PowerDomain, VolatileDevice
-from firmware.params import SessionParams
 from firmware.primary import Primary
-from firmware.secondary import LocalRemote, Secondary
-from hal.clock import VirtualClock
+from testbench.powercut import PowerPair
 
 pytestmark = pytest.mark.timeout(60)
 T = 65536
@@ -30,52 +25,16 @@ def blk(ch: str, n: int = T) -> bytes:
     return ch.encode() * n
 
 
-class Pair:
-    """A primary and a secondary in one process; A, B and C behind volatile
-    caches in the primary's and the secondary's power domains."""
-
-    def __init__(self, nvram_bytes: int = 4 << 20) -> None:
-        self.clock = VirtualClock()
-        self.params = SessionParams(track_bytes=T)
-        self.pdom, self.sdom = PowerDomain(1, mode="drop"), PowerDomain(2, mode="drop")
-        self.a_inner = open_mem(f"mem://?size={SIZE}")
-        self.bc_inner = (open_mem(f"mem://?size={SIZE}"), open_mem(f"mem://?size={SIZE}"))
-        self.pnv, self.snv = MemNvram(nvram_bytes), MemNvram(1 << 20)
-
-    async def open_secondary(self) -> Secondary:
-        b, c = (VolatileDevice(d, self.sdom) for d in self.bc_inner)
-        self.secondary = Secondary({"vol0": (b, c)}, self.snv, self.clock, grain_bytes=T)
-        await self.secondary.open()
-        return self.secondary
-
-    async def open_primary(self) -> Primary:
-        a = VolatileDevice(self.a_inner, self.pdom)
-        self.primary = Primary({"vol0": a}, self.pnv, self.clock, self.params, LocalRemote(self.secondary))
-        await self.primary.open()
-        await self.primary.start(form_cgs=False, destage=False)
-        return self.primary
-
-    async def cut_secondary(self) -> Secondary:
-        """Power cut at the secondary, then power back on: a new Secondary on
-        what survived; the primary's remote points at it."""
-        self.sdom.cut()
-        self.sdom = self.sdom.power_on()
-        self.bc_inner = tuple(d.inner for d in self.sdom.devices)
-        await self.open_secondary()
-        self.primary.remote = LocalRemote(self.secondary)
-        return self.secondary
-
-    async def cut_primary(self) -> Primary:
-        self.pdom.cut()
-        self.pdom = self.pdom.power_on()
-        return await self.open_primary()
+def make_pair(nvram_bytes: int = 4 << 20) -> PowerPair:
+    """One volume; A, B, C and both NVRAM regions behind volatile filters in
+    the primary's and the secondary's power domains (testbench/powercut.py)."""
+    return PowerPair(volumes=("vol0",), volume_bytes=SIZE, track_bytes=T, primary_nvram=nvram_bytes,
+                     secondary_nvram=1 << 20)
 
 
-async def steady() -> Pair:
-    pair = Pair()
-    await pair.open_secondary()
-    p = await pair.open_primary()
-    assert await p.form_cg()  # the initial copy: C established
+async def steady() -> PowerPair:
+    pair = make_pair()
+    await pair.establish()  # the initial copy: C established
     return pair
 
 
@@ -87,7 +46,8 @@ def test_hole_1_a_track_is_resent_unless_b_was_durable_when_its_oos_bit_cleared(
         await p.quiesce()
         await p.run()
         assert await p.drain()  # track 3 in B; its OOS bit clear
-        s = await pair.cut_secondary()  # before prepare: what B did not flush is gone
+        await pair.cut("secondary")  # before prepare: what B did not flush is gone
+        s = pair.secondary
         await p.cg_fail("the secondary lost power")
         await p.cycle.connect()
         assert await p.form_cg()
@@ -106,7 +66,8 @@ def test_hole_2_a_copied_grain_of_c_survives_a_power_cut_before_commit():
         await p.quiesce()
         await p.run()
         assert await p.drain()  # track 0 copied B -> C ("1"), then B = "2"
-        s = await pair.cut_secondary()
+        await pair.cut("secondary")
+        s = pair.secondary
         assert s.committed_cg == p.status()["committed_seq"]
         assert await s.read_c("vol0", 0, T) == blk("1"), "C lost the last committed CG"
     asyncio.run(main())
@@ -114,7 +75,7 @@ def test_hole_2_a_copied_grain_of_c_survives_a_power_cut_before_commit():
 
 def test_hole_3_an_evicted_clean_image_was_durable_on_a():
     async def main():
-        pair = Pair(nvram_bytes=2 << 20)  # a small cache: images get evicted
+        pair = make_pair(nvram_bytes=2 << 20)  # a small cache: images get evicted
         await pair.open_secondary()
         p = await pair.open_primary()
         assert await p.form_cg()
@@ -125,7 +86,8 @@ def test_hole_3_an_evicted_clean_image_was_durable_on_a():
             await p.write("vol0", t * T, blk("o"))
             await p.destager.destage()
         assert not p.cache.has(0, 2), "track 2 was not evicted; the test proves nothing"
-        p = await pair.cut_primary()
+        await pair.cut("primary")
+        p = pair.primary
         assert await p.read("vol0", 2 * T, T) == blk("X"), "an acknowledged write was lost from A"
     asyncio.run(main())
 
@@ -140,8 +102,7 @@ def test_hole_4_a_reformatted_primary_gets_a_full_copy_and_c_converges_to_a():
         await p.destager.destage()
         await p.stop()
         # The NVRAM is formatted again (or replaced): its OOS bit for track 2 is gone.
-        pair.primary = Primary({"vol0": p.devices[0]}, pair.pnv, pair.clock, pair.params,
-                               LocalRemote(pair.secondary))
+        pair.primary = Primary({"vol0": p.devices[0]}, pair.pdom.regions[0], pair.clock, pair.params, pair.remote)
         await pair.primary.open(format=True)
         assert pair.primary.oos_tracks() == 0
         await pair.primary.start(form_cgs=False, destage=False)
