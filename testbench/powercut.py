@@ -342,6 +342,11 @@ FIXED = (
     Scenario("full-cache", "dual-image", (("write", 0, 0, TRACKS * S_PER_T), ("write", 1, 0, TRACKS * S_PER_T),
                                           ("destage",), ("begin",), ("write", 1, 2, 2), ("drain",), ("commit",)),
              primary_nvram=SMALL_NVRAM),
+    # No free slot and the overwritten image dirty: its journal takes the
+    # slot of a clean image of the other volume.
+    Scenario("journal-evict", "dual-image", (("write", 0, 0, TRACKS * S_PER_T), ("destage",),
+                                             ("write", 1, 0, TRACKS * S_PER_T), ("write", 1, 2 * S_PER_T + 1, 3),
+                                             ("form_cg",)), primary_nvram=SMALL_NVRAM),
     Scenario("multi-track", "dual-image", (("write", 1, 2 * S_PER_T - 2, 2 * S_PER_T + 4), ("destage",),
                                            ("begin",), ("write", 1, 3 * S_PER_T, 1), ("drain",),
                                            ("commit",))),
