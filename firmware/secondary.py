@@ -249,13 +249,13 @@ class Secondary:
         for c in self.c:
             await c.flush()  # copied grains durable before the bits that point at them are dropped
         self.fc.commit(seq, self.clock.wall(), generation)
-        self.events.emit("change", "session", action="commit_flash", seq=seq)
+        self.events.emit("change", "session", recovery="commit_flash", seq=seq)
 
     async def revert_flash(self, seq: int) -> None:
         """Drop the prepared CG ``seq``: C stays the last committed CG."""
         if self._in_doubt() == seq:
             self.fc.abort()
-            self.events.emit("change", "session", action="revert_flash", seq=seq)
+            self.events.emit("change", "session", recovery="revert_flash", seq=seq)
         elif self.committed_cg >= seq:
             raise RemoteError(f"revert_flash of CG {seq}: CG {self.committed_cg} is committed")
 
@@ -288,7 +288,7 @@ class Secondary:
     async def fast_reverse_restore(self) -> int:
         """C -> B: B becomes the last committed CG (failover). Returns grains copied."""
         n = await self.fc.reverse_restore()
-        self.events.emit("change", "session", action="fast_reverse_restore", grains=n)
+        self.events.emit("change", "session", recovery="fast_reverse_restore", grains=n)
         return n
 
     def status(self) -> dict:
