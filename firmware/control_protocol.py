@@ -150,7 +150,7 @@ class _StateAdapter(cs.Adapter):
             name=obj.name, session_id=obj.session_id, copy_state=obj.copy_state, phase=obj.phase,
             link=obj.link, committed_seq=obj.committed_seq, oos_tracks=obj.oos_tracks,
             cr_tracks=obj.cr_tracks, held_ack_ms={e.key: e.value for e in obj.held_ack_ms},
-            last_cg_time=last,
+            last_cg_time=last, cg_seq=obj.cg_seq, in_doubt_seq=obj.in_doubt_seq,
         )
 
     def _encode(self, obj, context, path):
@@ -160,6 +160,7 @@ class _StateAdapter(cs.Adapter):
             cr_tracks=obj.cr_tracks,
             held_ack_ms=[dict(key=str(k), value=float(v)) for k, v in obj.held_ack_ms.items()],
             last_cg_time=math.nan if obj.last_cg_time is None else float(obj.last_cg_time),
+            cg_seq=obj.cg_seq, in_doubt_seq=obj.in_doubt_seq,
         )
 
 
@@ -174,6 +175,8 @@ WireState = _StateAdapter(cs.Struct(
     "cr_tracks" / cs.Int64ub,
     "held_ack_ms" / cs.PrefixedArray(cs.Int16ub, cs.Struct("key" / p.Text, "value" / cs.Float64b)),
     "last_cg_time" / cs.Float64b,
+    "cg_seq" / cs.Int64ub,
+    "in_doubt_seq" / cs.Int64ub,
 ))
 
 

@@ -10,9 +10,11 @@ kind the table does not know, is refused with a log line, an ERROR frame,
 and the connection closed, before it reaches the member.
 
 One master at a time: a newly paired link replaces the old one. When the
-master's link goes down while a CG it started is still before prepare,
-the service fails that CG here, since a master that is gone cannot release
-the held acks; from prepare on the CG is left for ``session recover``,
+master's link goes down, a master that is gone cannot release held acks or
+end the CG: the service calls ``on_master_lost`` (LocalMember.master_lost:
+the member fails its CG in flight, in doubt from prepare on). Without one,
+it fails a CG the master started and left before prepare through the
+MemberPort itself; from prepare on that CG is left for ``session recover``,
 which alone knows whether another member committed it.
 
 ``ControlService`` owns the subordinate's view of its master's link: it
@@ -51,6 +53,7 @@ class ControlService:
         clock: Clock | None = None,
         inflight: int = 16,
         events: EventBus | None = None,
+        on_master_lost: Callable[[str], None] | None = None,
     ) -> None:
         if not secret:
             raise ValueError("the control link needs a non-empty shared secret")
@@ -74,6 +77,7 @@ class ControlService:
         self._slots = asyncio.Semaphore(inflight)
         self._tasks: set[asyncio.Task] = set()
         self._active: SealedChannel | None = None
+        self._on_master_lost = on_master_lost
         self._open_cg: int | None = None  # started by the master, not yet prepared, committed or failed
         self.events = events
         self.rejected: list[str] = []  # one line per refused peer or frame, for status and tests
@@ -191,7 +195,12 @@ class ControlService:
             await channel.send(cp.MemberAck(acked=frame.seq, status=p.AckStatus.FAILED, message=str(e)))
 
     async def _master_gone(self) -> None:
-        """Wait for the calls still running; fail a CG the master left before prepare."""
+        """The member's own word when it has one; else wait for the calls
+        still running and fail a CG the master left before prepare."""
+        if self._on_master_lost is not None:
+            self._open_cg = None
+            self._on_master_lost(MASTER_GONE)
+            return
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         seq, self._open_cg = self._open_cg, None

@@ -12,8 +12,8 @@ subordinate (harness/config.py): a subordinate serves ``ControlService``
 on ``[control] listen`` in front of a ``LocalMember`` of its Primary and
 forms no CGs of its own; the master connects a ``ControlRemote`` per
 ``[session] subordinates`` entry (in the background, with backoff) and
-hands them, with its own LocalMember, to a ``SessionMaster`` that forms
-every CG. Both come from firmware/session.py through ``local_member`` and
+hands them to a ``SessionMaster`` over its own Primary, which forms every
+CG. Both come from firmware/session.py through ``local_member`` and
 ``session_master`` below, the only two places this module depends on it.
 
 SIGTERM/SIGINT stop cleanly: the current CG finishes or fails, NVRAM is
@@ -83,14 +83,14 @@ def local_member(primary, name: str):
     return LocalMember(primary, name=name)
 
 
-def session_master(members: list, *, clock, params, events):
-    """The SessionMaster that forms every CG across ``members`` (session.py's);
-    it has ``start()`` (begin forming CGs) and ``stop()``."""
+def session_master(primary, subordinates: list, *, name: str = "master"):
+    """The SessionMaster over this Primary (a member itself) and the
+    subordinates; ``start_loop()`` begins forming CGs, Primary.stop() ends it."""
     try:
         from firmware.session import SessionMaster
     except ImportError as e:
         raise ControllerError(f"a session master needs firmware/session.py: {e}") from None
-    return SessionMaster(members, clock=clock, params=params, events=events)
+    return SessionMaster(primary, subordinates, name=name)
 
 
 # -- crash points ---------------------------------------------------------------
@@ -318,7 +318,7 @@ class PrimaryController(Controller):
         await self._start_host_port(self.primary.host_target(), read_only=False)
         await self._start_console(self.primary)
         if cfg.session_role == "master":
-            self._start_session(params)
+            self._start_session()
         # In a session the master forms every CG; a primary on its own forms its own.
         self._starter = asyncio.ensure_future(self._start_replication(form_cgs=not cfg.session_role))
         self._close_on_exit(self._cancel_starter)
@@ -331,20 +331,21 @@ class PrimaryController(Controller):
         host, port = cfg.control_listen
         self.member = local_member(self.primary, name=f"{host}:{port}")
         self.control = ControlService(self.member, cfg.secret, cfg.session_id, random_bytes=os.urandom,
-                                      clock=self.clock, events=self.events)
+                                      clock=self.clock, events=self.events,
+                                      on_master_lost=self.member.master_lost)
         self._close_on_exit(self.control.close)
         server = await self._listen_with_retry(host, port, self.control.serve, "control")
         self._close_on_exit(server.close)
         bound = server.sockets[0].getsockname()[:2]
         self.addresses["control"] = f"{bound[0]}:{bound[1]}"
 
-    def _start_session(self, params) -> None:
+    def _start_session(self) -> None:
         """The master: a ControlRemote per subordinate, connecting in the
-        background; with this Primary's own member, the SessionMaster's."""
+        background; the SessionMaster over them and this Primary."""
         from firmware.control_remote import ControlRemote
 
         cfg = self.cfg
-        self.members = [local_member(self.primary, name="master")]
+        remotes = []
         for host, port in cfg.session_subordinates:
             async def dial(host=host, port=port) -> TcpLink:
                 return await connect_replication_link(host, port)
@@ -353,9 +354,9 @@ class PrimaryController(Controller):
                                    random_bytes=os.urandom, clock=self.clock, events=self.events)
             self._close_on_exit(remote.close)
             remote.start_connecting()
-            self.members.append(remote)
-        self.session_master = session_master(self.members, clock=self.clock, params=params, events=self.events)
-        self.addresses["members"] = ",".join(m.name for m in self.members)
+            remotes.append(remote)
+        self.session_master = session_master(self.primary, remotes, name="master")
+        self.addresses["members"] = ",".join(m.name for m in self.session_master.members)
 
     async def _start_replication(self, form_cgs: bool = True) -> None:
         """Primary.start() connects the remote; while the secondary is away,
@@ -371,7 +372,7 @@ class PrimaryController(Controller):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
         if self.session_master is not None:
-            await self.session_master.start()
+            self.session_master.start_loop()
 
     async def _cancel_starter(self) -> None:
         if not self._starter.done():
@@ -381,9 +382,7 @@ class PrimaryController(Controller):
 
     async def stop(self) -> None:
         await self._cancel_starter()
-        if self.session_master is not None:
-            await self.session_master.stop()
-        await self.primary.stop(clean=True)
+        await self.primary.stop(clean=True)  # stops a master's session loop first
 
 
 class SecondaryController(Controller):

@@ -24,19 +24,28 @@ from tests.test_control_link import FakeMember, until
 pytestmark = pytest.mark.timeout(60)
 
 
+class Member(FakeMember):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.lost: list[str] = []
+
+    def master_lost(self, reason: str) -> None:
+        self.lost.append(reason)
+
+
 class FakeSessionMaster:
     made: list[FakeSessionMaster] = []
 
-    def __init__(self, members, *, clock, params, events) -> None:
-        self.members = members
-        self.params = params
+    def __init__(self, primary, subordinates, *, name) -> None:
+        self.members = [Member(name), *subordinates]
         self.started = self.stopped = False
+        primary.session_master = self  # as SessionMaster does: Primary.stop() stops its loop
         FakeSessionMaster.made.append(self)
 
-    async def start(self) -> None:
+    def start_loop(self) -> None:
         self.started = True
 
-    async def stop(self) -> None:
+    async def stop_loop(self) -> None:
         self.stopped = True
 
 
@@ -45,7 +54,7 @@ def fakes(monkeypatch):
     members: dict[str, FakeMember] = {}
 
     def local_member(primary, name):
-        members[name] = FakeMember(name)
+        members[name] = Member(name)
         members[name].primary = primary
         return members[name]
 
@@ -86,9 +95,10 @@ def test_a_subordinate_serves_its_member_on_the_control_port_and_forms_no_cgs(tm
         assert (await remote.hello(cfg.session_id)).name == member.name
         await remote.start(1)
         assert member.calls == [("hello", "test"), ("start", 1)]
+        await remote.close()
+        await until(lambda: member.lost == ["the master's control link went down"])
         await asyncio.wait_for(ctl._starter, 10)  # Primary.start returned, without a CG loop
         assert ctl.primary.cycle.loop_task is None
-        await remote.close()
         await stopped(ctl)
 
     asyncio.run(main())
@@ -109,7 +119,6 @@ def test_a_master_connects_every_subordinate_and_hands_them_to_the_session_maste
         (master,) = FakeSessionMaster.made
         names = [m.name for m in master.members]
         assert names == ["master"] + [f"127.0.0.1:{p}" for p in session.control_ports[1:]]
-        assert master.members[0] is fakes["master"]
         remotes = master.members[1:]
         assert all(isinstance(r, ControlRemote) for r in remotes)
         await until(lambda: all(r.link_up for r in remotes), 10)
@@ -141,7 +150,7 @@ def test_without_session_py_a_session_config_fails_with_one_line(tmp_path, monke
     with pytest.raises(ctl_mod.ControllerError, match="needs firmware/session.py"):
         ctl_mod.local_member(None, name="x")
     with pytest.raises(ctl_mod.ControllerError, match="needs firmware/session.py"):
-        ctl_mod.session_master([], clock=None, params=None, events=None)
+        ctl_mod.session_master(None, [])
 
 
 def test_a_session_config_for_a_secondary_is_refused(tmp_path):

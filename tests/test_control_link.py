@@ -93,7 +93,7 @@ class FakeMember(MemberPort):
     def state(self) -> MemberState:
         return MemberState(name=self.name, session_id="test", copy_state="duplex", phase="idle", link="up",
                            committed_seq=7, oos_tracks=3, cr_tracks=1, held_ack_ms={"p50": 0.5, "max": 2.0},
-                           last_cg_time=12.5)
+                           last_cg_time=12.5, cg_seq=8, in_doubt_seq=8)
 
     async def hello(self, session_id):
         await self._note("hello", session_id)
@@ -584,5 +584,23 @@ def test_the_handshake_is_mutual_by_hand():
         assert got == cp.MemberStart(seq=1, cg_seq=8)
         # A data link response does not pass for a control one (the roles differ).
         assert auth_mac(SECRET, "primary", b"n" * 32, "test") != auth_mac(SECRET, cp.MASTER, b"n" * 32, "test")
+
+    asyncio.run(main())
+
+
+def test_the_members_own_master_lost_is_called_when_the_master_goes():
+    async def main():
+        s = Session()
+        lost: list[str] = []
+        s.service = ControlService(s.member, SECRET, "test", random_bytes=random.Random(7).randbytes,
+                                   on_master_lost=lost.append)
+        remote, _ = s.remote(backoff_s=(60.0, 60.0))
+        await remote.hello("test")
+        await remote.start(4)
+        await s.links[-1].close()
+        await asyncio.gather(*s.serving)
+        assert lost == [MASTER_GONE] and ("fail", 4, MASTER_GONE) not in s.member.calls
+        await remote.close()
+        await s.close()
 
     asyncio.run(main())
