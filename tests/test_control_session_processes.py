@@ -3,16 +3,11 @@ subordinate primaries, each with its own secondary. Writes through every
 primary's NBD port reach every C at a CG; with a subordinate SIGKILLed no C
 moves past what it held (the CG fails everywhere), and after the
 subordinate restarts from its NVRAM every C catches up, each a prefix of its
-controller's writes.
-
-Needs firmware/session.py (LocalMember, SessionMaster); while that module is
-absent the controllers refuse a session config with one line, and this test
-is expected to fail (xfail on that condition only)."""
+controller's writes."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import time
 
 import pytest
@@ -20,12 +15,7 @@ import pytest
 from harness.supervise import start_controller, write_session_configs
 from tests.test_controllers import cut_prefix, read_c, wait_for, write_ids
 
-SESSION_PY = importlib.util.find_spec("firmware.session") is not None
-
-pytestmark = [
-    pytest.mark.timeout(240),
-    pytest.mark.xfail(not SESSION_PY, reason="firmware/session.py has not landed", strict=True),
-]
+pytestmark = pytest.mark.timeout(240)
 
 
 def write(primaries, first: int, last: int) -> list[list[int]]:
