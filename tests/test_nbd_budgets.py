@@ -398,3 +398,49 @@ def test_large_writes_from_many_clients_finish_under_a_small_server_budget():
         dev.close()
 
     asyncio.run(main())
+
+
+def test_a_client_gone_with_requests_at_a_slow_volume_leaves_nothing_held():
+    """Reads and writes still at the volume when the client vanishes let go of
+    their bytes when they finish; queued replies go with the connection."""
+    from drivers import open_device
+    from drivers.nbd.server import NbdServer
+    from harness.hostport import DeviceTarget, DeviceVolume
+
+    class Slow(DeviceTarget):
+        def __init__(self, dev):
+            super().__init__({"vol0": dev})
+
+            class SlowVolume(DeviceVolume):
+                async def read(self, offset, length):
+                    await asyncio.sleep(0.3)
+                    return await super().read(offset, length)
+
+                async def write(self, offset, data, *, fua=False):
+                    await asyncio.sleep(0.3)
+                    await super().write(offset, data, fua=fua)
+
+            self._volumes = {"vol0": SlowVolume(dev, "vol0")}
+
+    async def main():
+        dev = open_device("mem://?size=16MiB")
+        server = NbdServer(Slow(dev))
+        _host, port = await server.start_tcp("127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+        sock = await loop.run_in_executor(None, attach, port)
+        burst = b"".join(header(p.Cmd.READ, i * MiB, MiB, handle=i) for i in range(8))
+        burst += b"".join(header(p.Cmd.WRITE, i * MiB, MiB, handle=100 + i) + bytes(MiB) for i in range(4))
+        await loop.run_in_executor(None, sock.sendall, burst)
+        await asyncio.sleep(0.1)
+        assert server.buffered >= 8 * MiB and server.inflight >= 8
+        sock.close()
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            assert server.buffered >= 0
+            if server.inflight == 0 and server.buffered == 0 and not server._connections:
+                break
+        assert (server.inflight, server.buffered, len(server._connections)) == (0, 0, 0)
+        await server.close()
+        dev.close()
+
+    asyncio.run(main())

@@ -803,6 +803,8 @@ class _Connection(asyncio.BufferedProtocol):
             over = self._over()
             if over == 2:
                 self.server._waiting.add(self)
+            elif over:
+                self.server._waiting.discard(self)  # its own limits: it is woken by its own requests
             if over:
                 return
         self.server._waiting.discard(self)
@@ -904,6 +906,8 @@ class _Connection(asyncio.BufferedProtocol):
                     self._release()
             if self.blocked:
                 self._update_reading()
+        if self.closed:
+            return  # nothing goes out (and a READ's data was let go above)
         if err:
             self._reply_error(cmd, handle, err)
         elif payload is not None:
