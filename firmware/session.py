@@ -126,6 +126,8 @@ class LocalMember(MemberPort):
                 await c.connect()
             except RemoteError as e:
                 raise MemberError(f"{self.name}: the secondary refused the pairing: {e}") from e
+            except LINK_ERRORS as e:  # the member answers; its own secondary does not
+                raise MemberError(f"{self.name}: its secondary is not reachable: {e}") from e
         await self._step(seq, "start", lambda: self._start(seq))
 
     async def _start(self, seq: int) -> None:
