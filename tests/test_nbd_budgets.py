@@ -7,6 +7,7 @@ in its own process; what it costs is the server's VmRSS, and a good client
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
@@ -442,5 +443,50 @@ def test_a_client_gone_with_requests_at_a_slow_volume_leaves_nothing_held():
         assert (server.inflight, server.buffered, len(server._connections)) == (0, 0, 0)
         await server.close()
         dev.close()
+
+    asyncio.run(main())
+
+
+def test_option_spam_without_reading_the_answers_is_bounded_and_timed_out():
+    """NBD_OPT_LIST after NBD_OPT_LIST (each answered with 64 long export
+    names, 66 KB), no answer read: the server stops taking options while its
+    answers wait (not megabytes queued), and the handshake timeout ends it."""
+    from drivers import open_device
+    from drivers.nbd.server import NbdLimits, NbdServer
+    from harness.hostport import DeviceTarget
+
+    async def main():
+        devs = {f"{i:02d}" + "v" * 1000: open_device("mem://?size=64KiB") for i in range(64)}
+        server = NbdServer(DeviceTarget(devs), limits=NbdLimits(handshake_timeout_s=1.5))
+        _host, port = await server.start_tcp("127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+
+        def spam():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+            sock.connect(("127.0.0.1", port))
+            sock.settimeout(0.5)
+            sock.sendall(p.ClientFlags.build(dict(flags=3)))
+            one = p.OptionHeader.build(dict(option=p.Option.LIST, length=0))
+            with contextlib.suppress(OSError):
+                sock.sendall(one * 20_000)  # stops when the server stops reading
+            return sock
+
+        spammer = loop.run_in_executor(None, spam)
+        queued = 0
+        for _ in range(100):  # while it sends, what waits in the server's send buffer
+            if server.dropped["handshake"]:
+                break
+            for conn in server._connections:
+                queued = max(queued, conn.transport.get_write_buffer_size())
+            await asyncio.sleep(0.02)
+        sock = await spammer
+        print(f"\nLIST spam, answers not read: at most {queued / 1024:.0f} KiB queued")
+        assert queued < 1 * MiB, queued
+        assert server.dropped["handshake"] == 1 and not server._connections
+        sock.close()
+        await server.close()
+        for dev in devs.values():
+            dev.close()
 
     asyncio.run(main())

@@ -356,6 +356,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.closed = False
         self.disc_requested = False
         self.reading_paused = False
+        self.haggle_paused = False  # reading paused during negotiation: the ring is half full
         self.writing_paused = False
         self.inflight = 0
         self.tasks: set[asyncio.Task] = set()
@@ -485,8 +486,13 @@ class _Connection(asyncio.BufferedProtocol):
         self.end += nbytes
         if self.transmitting:
             self._parse()
-        else:
-            self._wake()
+            return
+        if self.end - self.start >= RING_BYTES // 2 and not self.haggle_paused and not self.closed:
+            # Negotiation takes bytes only as fast as it answers them: read no further
+            # ahead than half the ring (a whole option, at most 64 KiB, always fits).
+            self.haggle_paused = True
+            self.transport.pause_reading()
+        self._wake()
 
     # -- negotiation ----------------------------------------------------------
     def _wake(self) -> None:
@@ -502,7 +508,13 @@ class _Connection(asyncio.BufferedProtocol):
             await self.waiter
         data = bytes(self.ring[self.start : self.start + n])
         self.start += n
+        self._haggle_resume()
         return data
+
+    def _haggle_resume(self) -> None:
+        if self.haggle_paused and self.end - self.start < RING_BYTES // 2 and not self.closed:
+            self.haggle_paused = False
+            self.transport.resume_reading()
 
     async def _drain(self) -> None:
         while self.writing_paused and not self.closed:
@@ -534,6 +546,9 @@ class _Connection(asyncio.BufferedProtocol):
                 log.info("nbd %s: serving export %r (%d bytes%s)", self.peer, self.export.name,
                          self.export.size, ", read-only" if self.export.read_only else "")
                 self._arm_watchdog()
+                if self.haggle_paused:
+                    self.haggle_paused = False
+                    self.transport.resume_reading()
                 self._parse()
 
     async def _haggle(self) -> None:
