@@ -180,13 +180,15 @@ class ConsoleClient:
 
     def read_nonblocking(self) -> bytes:
         """What arrived within the poll interval (maybe nothing); logged, not buffered."""
+        data = b""
         try:
             data = self.serial.read(max(1, self.serial.in_waiting))  # waits up to POLL_S
             # Then whatever else is there (socket:// reports 1 for "some", so loop).
             while data and (waiting := self.serial.in_waiting) and len(data) < READ_BATCH_BYTES:
                 data += self.serial.read(waiting)
         except (serial.SerialException, OSError) as exc:
-            raise ConsoleConnectionError(f"console {self.url}: read failed: {exc}") from None
+            if not data:  # else hand over what came before the hang-up (a refusal); the next read raises
+                raise ConsoleConnectionError(f"console {self.url}: read failed: {exc}") from None
         if data and self._log:
             self._log.write(data)
             self._log.flush()
