@@ -267,18 +267,21 @@ def write_session_configs(
     session: dict[str, object] | None = None,
     secret: bytes = b"mirrorfw-test-secret\n",
     console: bool = False,
+    allow_faults: bool = True,
 ) -> SessionConfigs:
     """Configs for ``controllers`` primary+secondary pairs in one session, each
     pair in ``workdir/c<i>`` as ``write_pair_configs`` makes them: controller 0
     the master (``[session] master = true``, ``subordinates``), the others
     subordinates (``[control] listen`` on a free port below the ephemeral
     range, so a master reconnecting while one is down cannot take it). All
-    share the session id and the secret."""
+    share the session id and the secret; ``allow_faults`` as in
+    ``write_pair_configs``."""
     if controllers < 1:
         raise ValueError(f"controllers={controllers}: a session needs at least one")
     workdir = Path(workdir).resolve()
     pairs = [write_pair_configs(workdir / f"c{i}", volumes=volumes, size=size, nvram_size=nvram_size,
-                                session=session, secret=secret, console=console) for i in range(controllers)]
+                                session=session, secret=secret, console=console, allow_faults=allow_faults)
+             for i in range(controllers)]
     ports: list[int | None] = [None]
     while len(ports) < controllers:
         port = free_port()
