@@ -1,12 +1,22 @@
-"""The demo's core: replay a trace into the primary while checking the
-secondary's consistent copy again and again, then report.
+"""The demo's core: replay a trace into the primaries while checking the
+secondaries' consistent copies again and again, then report.
 
-``mirrorfw demo`` (harness side) starts the controllers and calls
+``mirrorfw demo`` (testbench/cli_demo.py) starts the controllers and calls
 ``replay_and_check`` with their NBD URLs. Checks run in a background task
-every ``check_every_s`` seconds while the replay keeps going; each check reads
-the copy (optionally between ``pause()`` and ``resume()`` callables, e.g.
-pausing CG formation so C is not replaced mid-read), then judges it against
-the replay history as of the end of the read.
+every ``check_every_s`` seconds while the replay keeps going. Each check asks
+``take_copy(n)`` for one copy of every volume at one CG (an async context
+manager yielding one URL per primary volume, e.g. ``nbd://…/vol0@check-3``
+of a snapshot on the secondary's console, dropped when the context exits),
+opens fresh devices on those URLs, judges them against the replay history
+as of the end of the read (one T* across all volumes), and closes them.
+Nothing pauses CG formation for the read: a snapshot is a point in time
+while CGs keep committing.
+
+A fixed ``copy_urls`` list instead of ``take_copy`` is read as is at every
+check (fresh devices each time): right for a copy nothing changes during
+the read (files after the replay, say). An NBD connection to a secondary's
+C reads the CG committed when it opened, so two volumes opened by two
+connections may be at two CGs; only a snapshot is one CG across volumes.
 """
 
 from __future__ import annotations
@@ -15,71 +25,141 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 
 from drivers import open_device
 from testbench.checker import check_copy
 from testbench.replay import Replayer, ReplayOptions
 from testbench.report import RunReport
-from testbench.traces import read_trace, scan
+from testbench.traces import IoRecord, read_trace, scan
 
 log = logging.getLogger(__name__)
 
 AsyncHook = Callable[[], Awaitable[None]]
+CopyHook = Callable[[int], AbstractAsyncContextManager[list[str]]]
+
+STRIPE_BYTES = 1 << 20
 
 
-async def replay_and_check(trace: str, primary_urls: list[str], copy_urls: list[str], *,
+class CopyUrls(list):
+    """What ``take_copy`` may yield: the URLs, and the CG they show (kept in
+    the check's report entry)."""
+
+    def __init__(self, urls, cg: int | None = None) -> None:
+        super().__init__(urls)
+        self.cg = cg
+
+
+def stripe_devices(records: Iterable[IoRecord], ways: int, stripe_bytes: int = STRIPE_BYTES) -> Iterator[IoRecord]:
+    """Each trace device split into ``ways`` devices ``DEV#00``, ``DEV#01``…
+    by offset stripe (``offset // stripe_bytes % ways``), every record kept
+    whole, in order and at its offset: how a trace of 2 devices spreads over
+    the volumes of 3 controllers. Sorted, a device's parts stay together, so
+    the replayer's round-robin deal (testbench.traces.VolumeMap) gives part k
+    of every device to the k-th volume of each group of ``ways``."""
+    if ways <= 1:
+        yield from records
+        return
+    for rec in records:
+        part = (rec.offset_bytes // stripe_bytes) % ways
+        yield replace(rec, device=f"{rec.device}#{part:02d}")
+
+
+async def _open_copies(urls: list[str]) -> list:
+    # open_device probes the export in a thread of its own; here off the
+    # loop so the replay keeps running meanwhile.
+    devices = []
+    try:
+        for url in urls:
+            devices.append(await asyncio.to_thread(open_device, url, read_only=True))
+    except BaseException:
+        for d in devices:
+            d.close()
+        raise
+    return devices
+
+
+async def replay_and_check(trace: str, primary_urls: list[str], copy_urls: list[str] | None = None, *,
+                           take_copy: CopyHook | None = None,
                            volume_names: list[str] | None = None, fmt: str | None = None, timing: str = "original",
                            queue_depth: int = 16, check_every_s: float = 5.0, log_path: str | None = None,
-                           pause: AsyncHook | None = None, resume: AsyncHook | None = None,
-                           settle: AsyncHook | None = None,
+                           stripe_ways: int = 1, settle: AsyncHook | None = None,
                            cg_source: Callable[[], Awaitable[list[dict]]] | None = None,
                            report_dir: str | None = None, progress: bool = True, max_violations: int = 10) -> dict:
     """Returns the report as a dict (``passed`` is True only when every check
     found a consistent cut); writes report.json/.txt and plots when
-    ``report_dir`` is given. ``settle`` is awaited after the replay, before
-    the final check (e.g. wait for one more CG to commit)."""
-    if len(primary_urls) != len(copy_urls):
+    ``report_dir`` is given. ``take_copy`` (or a fixed ``copy_urls``) gives
+    each check its copy, one URL per primary volume in the same order.
+    ``stripe_ways`` > 1 splits each trace device over that many volumes
+    (``stripe_devices``). ``settle`` is awaited after the replay, before the
+    final check (e.g. wait for one more CG to commit)."""
+    if (take_copy is None) == (copy_urls is None):
+        raise ValueError("give either copy_urls or take_copy")
+    if copy_urls is not None and len(primary_urls) != len(copy_urls):
         raise ValueError("one copy URL per primary volume")
-    stats = scan(read_trace(trace, fmt))
+    if take_copy is None:
+        fixed = list(copy_urls)
+
+        @contextlib.asynccontextmanager
+        async def take_copy(n: int):
+            yield fixed
+
+    def records():
+        return stripe_devices(read_trace(trace, fmt), stripe_ways)
+
+    stats = scan(records())
     primaries = [open_device(u) for u in primary_urls]
-    copies = [open_device(u, read_only=True) for u in copy_urls]
     names = volume_names or [f"vol{i}" for i in range(len(primaries))]
     opts = ReplayOptions(timing=timing, queue_depth=queue_depth, progress=progress,
                          total=stats.records - stats.by_op["T"], keep_history=True, trace_name=trace)
     rp = Replayer(primaries, log_path, opts, volume_names=names)
     report = RunReport()
+    checks = 0
 
     async def one_check() -> None:
-        if pause is not None:
-            await pause()
-        try:
-            check_ns = time.monotonic_ns()
-            result = await check_copy(copies, lambda: list(rp.history), names=names, check_ns=check_ns,
-                                      max_violations=max_violations)
-        finally:
-            if resume is not None:
-                await resume()
+        nonlocal checks
+        checks += 1
+        async with take_copy(checks) as urls:
+            if len(urls) != len(primaries):
+                raise ValueError(f"take_copy gave {len(urls)} URLs for {len(primaries)} volumes")
+            check_ns = time.monotonic_ns()  # the copy exists now (its CG committed before this)
+            copies = await _open_copies(urls)
+            try:
+                result = await check_copy(copies, lambda: list(rp.history), names=names, check_ns=check_ns,
+                                          max_violations=max_violations)
+            finally:
+                for d in copies:
+                    d.close()
         entry = result.as_dict() | {"time_s": (check_ns - rp.start_mono_ns) / 1e9}
+        if getattr(urls, "cg", None) is not None:
+            entry["cg"] = urls.cg
         report.checks.append(entry)
         log.info("check at %.1f s: %s", entry["time_s"], result.summary().splitlines()[0])
         if not result.consistent:
             log.error("%s", result.summary())
 
+    replay_done = asyncio.Event()
+
     async def checker_loop() -> None:
         while True:
-            await asyncio.sleep(check_every_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(replay_done.wait(), check_every_s)
+            if replay_done.is_set():
+                return  # a check under way when the replay ends finishes first (its snapshot dropped)
             await one_check()
 
     loop_task = None
     try:
-        replay_task = asyncio.ensure_future(rp.run(read_trace(trace, fmt), stats.devices))
+        replay_task = asyncio.ensure_future(rp.run(records(), stats.devices))
         await asyncio.sleep(0)
         loop_task = asyncio.ensure_future(checker_loop())
-        result = await replay_task
-        loop_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await loop_task
+        try:
+            result = await replay_task
+        finally:
+            replay_done.set()
+        await loop_task
         if settle is not None:
             await settle()
         await one_check()
@@ -90,7 +170,9 @@ async def replay_and_check(trace: str, primary_urls: list[str], copy_urls: list[
     finally:
         if loop_task is not None and not loop_task.done():
             loop_task.cancel()
-        for d in primaries + copies:
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
+        for d in primaries:
             d.close()
     out = report.as_dict()
     if report_dir:
