@@ -116,8 +116,11 @@ class CgCycle:
 
     # ================================================================ the pair
     async def connect(self) -> RemoteState:
-        """Hello: learn what the secondary holds; a new (or emptied) secondary
-        gets a full copy (every OOS bit set)."""
+        """Hello: learn what the secondary holds. A full copy (every OOS bit
+        set) goes to a secondary that is new or emptied, that last committed
+        for another NVRAM format (``new``), or that committed a CG this
+        primary never formed: some other peer with the secret wrote C, and
+        only a full copy makes it ours again (the next CG numbers above it)."""
         try:
             state = await self.remote.connect(self.session_id, self.volumes.geometry(),
                                               self.region.record["generation"])
@@ -130,7 +133,12 @@ class CgCycle:
             raise
         self.connected = True
         self.remote_committed = state.committed_cg
-        if state.new or state.committed_cg < self.region.record["committed_seq"]:
+        rec = self.region.record
+        foreign = state.committed_cg > max(rec["seq"], self.seq)
+        if foreign:
+            log.warning("the secondary committed CG %d, which this primary never formed (last %d): full copy",
+                        state.committed_cg, max(rec["seq"], self.seq))
+        if state.new or state.committed_cg < rec["committed_seq"] or foreign:
             if self.machine.phase is not Phase.IDLE:
                 self.fail_now("full copy requested by the secondary", Event.FAIL)
             for bm in self.region.oos:
@@ -225,8 +233,8 @@ class CgCycle:
             else:
                 exc = body.exception() if not body.cancelled() else CgFailed("cancelled")
                 reason, event = f"{type(exc).__name__}: {exc}", Event.FAIL
-                if isinstance(exc, LINK_ERRORS):
-                    self.link_lost()
+                if isinstance(exc, (*LINK_ERRORS, RemoteError)):
+                    self.link_lost()  # say hello again: it tells what the secondary holds now
             if self.machine.phase is not Phase.IDLE:
                 self.fail_now(reason, event)
             return False, reason

@@ -222,6 +222,8 @@ class Primary:
             await self.cg_resume()
         elif self.machine.phase is Phase.IDLE and self.cycle.loop_task is None:
             raise InvalidTransition(self.machine.phase, Event.RECORDING_ON)
+        elif self.cycle.kick is not None:
+            self.cycle.kick.set()  # Running: the next CG forms now, not after the interval
 
     async def cg_start(self) -> None:
         cycle = self.cycle

@@ -104,11 +104,9 @@ def test_pair_resume_wakes_a_long_wait():
     asyncio.run(main())
 
 
-# The fix is in CgCycle.form_cg (the lead's file): a RemoteError from a CG
-# must drop `connected` as a link error does, so the next turn says hello
-# and connect() takes the secondary's committed CG as the floor. Strict:
-# once that lands, this xfail fails and is to be removed.
-@pytest.mark.xfail(strict=True, reason="needs form_cg to re-hello after a refusal (issue 16; lead's cgcycle.py)")
+# A RemoteError from a CG drops `connected` as a link error does, so the next
+# turn says hello; connect() sees a CG this primary never formed, sends a full
+# copy and numbers the next CG above it (CgCycle.connect).
 def test_a_secondary_committed_ahead_is_adopted_not_a_silent_failing_loop():
     """A peer with the secret committed CG committed+1000 at the secondary:
     the primary's next CGs were refused ("CG N is already committed") for
