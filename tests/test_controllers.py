@@ -310,7 +310,10 @@ def test_primary_killed_at_crash_point_recovers_every_acked_write(pair, point):
     assert shown in (expected_after(last), expected_after(last + 1)), f"lost acked writes: {shown}, last acked {last}"
     final = cut_prefix(shown)
     cut_prefix(read_c(sec))
-    wait_for(lambda: c_reaches(sec, final), what="C to catch up after recovery")
+    try:
+        wait_for(lambda: c_reaches(sec, final), CATCH_UP_S, what="C to catch up after recovery")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nprimary status: {primary_status(pri)}\n{pri.tail()}{stacks(pri)}") from None
     assert pri.stop() == 0 and sec.stop() == 0
 
 
