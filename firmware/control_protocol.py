@@ -9,6 +9,11 @@ reuses the data link's ``AuthChallenge``, ``AuthResponse`` and ``Error``
 frames; the kinds below (``ControlKind``, numbered from 32 so they never
 meet a data link kind) are the control link's own.
 
+The ``FLASH_*`` kinds carry ``FlashPort`` (firmware/member.py) for session
+recovery: the master (or ``mirrorfw recover``) opens the same sealed
+channel straight to each member's secondary, on the secondary's replication
+port (firmware/control_service.py ``serve_link_or_control``).
+
 After the handshake every frame is sealed: its body ends with a MAC::
 
     header | fields | mac (32 bytes) | crc32c        length = len(fields) + 32
@@ -26,7 +31,6 @@ replayed or reordered frame even on the same connection.
 from __future__ import annotations
 
 import enum
-import hashlib
 import hmac
 import math
 from dataclasses import dataclass
@@ -35,11 +39,12 @@ import construct as cs
 import crc32c
 
 from firmware import protocol as p
+from firmware import seal
 from firmware.member import MemberState
 
 CONTROL_VERSION = 1
-MAC_BYTES = 32  # HMAC-SHA256
-KEY_BYTES = 32
+MAC_BYTES = seal.MAC_BYTES  # HMAC-SHA256
+KEY_BYTES = seal.KEY_BYTES
 MASTER = "master"  # the roles in the handshake's MACs and in every sealed frame's MAC
 SUBORDINATE = "subordinate"
 
@@ -56,19 +61,16 @@ class ControlKind(enum.IntEnum):
     MEMBER_FAIL = 47
     MEMBER_ACK = 48  # reply: done, refused or failed
     MEMBER_STATE = 49  # reply to MEMBER_HELLO and MEMBER_STATUS
+    FLASH_STATE = 56  # session recovery, master -> a member's secondary (FlashPort)
+    FLASH_COMMIT = 57
+    FLASH_REVERT = 58
+    FLASH_RESTORE = 59
+    FLASH_REPORT = 60  # reply to FLASH_STATE and FLASH_RESTORE
 
 
-class BadMac(p.ProtocolError):
-    """A sealed frame whose MAC does not match: rewritten, forged, or from
-    another connection."""
-
-    code = p.ErrorCode.AUTH
-
-
-class BadSequence(p.ProtocolError):
-    """A sealed frame out of sequence: replayed, reordered or dropped."""
-
-    code = p.ErrorCode.AUTH
+# Both links refuse a frame with the same errors (firmware/protocol.py).
+BadMac = p.BadMac
+BadSequence = p.BadSequence
 
 
 # -- frames --------------------------------------------------------------------
@@ -188,16 +190,55 @@ class MemberReport(p.Frame):
     BODY = cs.Struct("acked" / cs.Int64ub, "state" / WireState)
 
 
+@dataclass
+class FlashState(p.Frame):
+    """FlashPort.recovery_state: what the secondary's C holds."""
+
+    KIND = ControlKind.FLASH_STATE
+    BODY = cs.Struct()
+
+
+class FlashCommit(MemberStep):
+    KIND = ControlKind.FLASH_COMMIT
+
+
+class FlashRevert(MemberStep):
+    KIND = ControlKind.FLASH_REVERT
+
+
+@dataclass
+class FlashRestore(p.Frame):
+    """FlashPort.fast_reverse_restore: C -> B (failover)."""
+
+    KIND = ControlKind.FLASH_RESTORE
+    BODY = cs.Struct()
+
+
+@dataclass
+class FlashReport(p.Frame):
+    acked: int
+    committed_seq: int
+    prepared_seq: int = 0  # 0: no CG prepared (in doubt)
+    grains: int = 0  # FLASH_RESTORE: grains copied C -> B
+    KIND = ControlKind.FLASH_REPORT
+    BODY = cs.Struct("acked" / cs.Int64ub, "committed_seq" / cs.Int64ub, "prepared_seq" / cs.Int64ub,
+                     "grains" / cs.Int64ub)
+
+
 # Every frame the control link carries, by kind value: the data link's
 # handshake frames and ERROR, then the control link's own.
 FRAMES: dict[int, type[p.Frame]] = {cls.KIND.value: cls for cls in (
     p.AuthChallenge, p.AuthResponse, p.Error,
     ControlHello, MemberHello, MemberStatus, MemberStart, MemberRun, MemberDrain, MemberPrepare,
     MemberCommit, MemberFail, MemberAck, MemberReport,
+    FlashState, FlashCommit, FlashRevert, FlashRestore, FlashReport,
 )}
-REPLY_KINDS = {p.Kind.ERROR.value, ControlKind.MEMBER_ACK.value, ControlKind.MEMBER_STATE.value}
+REPLY_KINDS = {p.Kind.ERROR.value, ControlKind.MEMBER_ACK.value, ControlKind.MEMBER_STATE.value,
+               ControlKind.FLASH_REPORT.value}
 REQUESTS = (MemberHello, MemberStatus, MemberStart, MemberRun, MemberDrain, MemberPrepare, MemberCommit,
-            MemberFail)
+            MemberFail, FlashState, FlashCommit, FlashRevert, FlashRestore)
+# The requests a session's secondary answers (FlashPort, session recovery).
+FLASH_REQUESTS = (FlashState, FlashCommit, FlashRevert, FlashRestore)
 
 # The data link's body adapter (dataclass in Python, its BODY on the wire,
 # trailing bytes refused), one per control frame class.
@@ -210,17 +251,11 @@ _BODY_ERRORS = (cs.ConstructError, ValueError, TypeError, OverflowError, Unicode
 
 def session_key(secret: bytes, master_nonce: bytes, subordinate_nonce: bytes, session_id: str) -> bytes:
     """HKDF-SHA256 (RFC 5869, one block): extract with both nonces as the salt,
-    expand with the protocol and session as the info."""
-    prk = hmac.new(master_nonce + subordinate_nonce, secret, hashlib.sha256).digest()
-    info = b"mirrorfw-control-v1 session key\0" + session_id.encode()
-    return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()[:KEY_BYTES]
+    expand with the protocol and session as the info (firmware/seal.py)."""
+    return seal.session_key(secret, master_nonce, subordinate_nonce, b"mirrorfw-control-v1 session key", session_id)
 
 
-def seal_mac(key: bytes, role: str, seq: int, covered: bytes | memoryview) -> bytes:
-    """The MAC of a sealed frame: the sender's role, its seq, header and fields."""
-    mac = hmac.new(key, role.encode() + b"\0" + seq.to_bytes(8, "big"), hashlib.sha256)
-    mac.update(covered)
-    return mac.digest()
+seal_mac = seal.seal_mac  # the MAC of a sealed frame: the sender's role, its seq, header and fields
 
 
 # -- codec -----------------------------------------------------------------------
@@ -276,7 +311,8 @@ def decode(buf: bytes, *, key: bytes | None = None, role: str = "") -> p.Frame:
     if cls is None:
         raise p.BadKind(f"frame kind {kind_value} is not a control link frame")
     kind = cls.KIND
-    if flags & ~p.KNOWN_FLAGS or bool(flags & p.FLAG_REPLY) != (kind_value in REPLY_KINDS):
+    # The control link's only flag is REPLY (its sealed frames carry no FLAG_SEALED).
+    if flags & ~p.FLAG_REPLY or bool(flags & p.FLAG_REPLY) != (kind_value in REPLY_KINDS):
         raise p.BadBody(f"{kind.name}: flags {flags:#x} do not fit the kind")
     end = size - p.CRC_BYTES
     if key is not None:

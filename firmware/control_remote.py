@@ -10,6 +10,11 @@ task reconnects with exponential backoff. A frame that fails the channel's
 checks (MAC, sequence, CRC) drops the connection with a log line; the
 calls in flight on it raise LinkDown.
 
+The same class, pointed at a member's secondary (its replication port),
+is that secondary's ``FlashPort`` for session recovery: ``recovery_state``,
+``commit_flash``, ``revert_flash`` and ``fast_reverse_restore`` travel as
+the FLASH_* frames (firmware/control_service.py says why that path).
+
 ``ControlRemote`` alone owns this member's link state: it emits ``change
 member name:… link:up|down``, once per change.
 """
@@ -25,7 +30,7 @@ from firmware import protocol as p
 from firmware.control_channel import ControlRefused, SealedChannel, open_master
 from firmware.events import EventBus
 from firmware.link_handshake import HANDSHAKE_TIMEOUT_S, RandomBytes, with_deadline
-from firmware.member import MemberError, MemberPort, MemberState
+from firmware.member import MemberError, MemberPort, MemberState, RecoveryState
 from hal.clock import AsyncioClock, Clock
 from hal.link import Link, LinkDown
 
@@ -250,6 +255,26 @@ class ControlRemote(MemberPort):
 
     async def fail(self, seq: int, reason: str) -> None:
         await self._call(cp.MemberFail(cg_seq=seq, reason=reason))
+
+    # -- FlashPort: a member's secondary, for session recovery -----------------------
+    async def _flash(self, frame: p.Frame, timeout_s: float | None = None) -> cp.FlashReport:
+        reply = await self._call(frame, timeout_s)
+        if not isinstance(reply, cp.FlashReport):
+            raise MemberError(f"secondary {self.name} answered {frame.KIND.name} without its state")
+        return reply
+
+    async def recovery_state(self) -> RecoveryState:
+        reply = await self._flash(cp.FlashState())
+        return RecoveryState(committed_seq=reply.committed_seq, prepared_seq=reply.prepared_seq or None)
+
+    async def commit_flash(self, seq: int) -> None:
+        await self._call(cp.FlashCommit(cg_seq=seq))
+
+    async def revert_flash(self, seq: int) -> None:
+        await self._call(cp.FlashRevert(cg_seq=seq))
+
+    async def fast_reverse_restore(self) -> int:
+        return (await self._flash(cp.FlashRestore(), self.drain_timeout_s)).grains
 
     async def close(self) -> None:
         self._closed = True

@@ -1,21 +1,40 @@
-"""The subordinate's side of the control link: ``ControlService``.
+"""The answering side of the control link: ``ControlService``.
 
 It runs the handshake (firmware/control_channel.py), then answers each
-sealed request by calling the ``MemberPort`` it was given (a LocalMember
-wrapping this controller's Primary, or a test's fake), through one table
-of bound methods. Requests run concurrently (at most ``inflight``), so a
-``status`` is answered while a ``drain`` runs; each gets one reply. A frame
-that fails the channel's checks (MAC, sequence, CRC), or a request of a
-kind the table does not know, is refused with a log line, an ERROR frame,
-and the connection closed, before it reaches the member.
+sealed request by calling the object it was given, through one table of
+bound methods built once from what that object offers:
+
+- a ``MemberPort`` (a subordinate primary's LocalMember, or a test's fake):
+  the MEMBER_* frames, the master driving its CGs;
+- a ``FlashPort`` (a session member's Secondary): the FLASH_* frames,
+  session recovery (``recovery_state``, ``commit_flash``, ``revert_flash``,
+  ``fast_reverse_restore``).
+
+Requests run concurrently (at most ``inflight``), so a ``status`` is
+answered while a ``drain`` runs; each gets one reply. A frame that fails the
+channel's checks (MAC, sequence, CRC), or a request of a kind the table does
+not know, is refused with a log line, an ERROR frame, and the connection
+closed, before it reaches the member.
+
+How session recovery reaches the secondaries: straight from the master (or
+``mirrorfw recover``) to each member's secondary, on the secondary's own
+replication port, over this same sealed channel. ``serve_link_or_control``
+looks at a new connection's first frame: HELLO goes to the replication
+service (a primary), CONTROL_HELLO to a ControlService over the Secondary.
+That is the simpler of the two authenticated paths (the other, through each
+subordinate primary and new FlashPort requests on its data link, needs the
+primary alive): the channel is authenticated by the session secret every
+member already holds, replay-protected, needs no new port, and it works when
+every primary is gone, which is when failover needs it.
 
 One master at a time: a newly paired link replaces the old one. When the
 master's link goes down, a master that is gone cannot release held acks or
-end the CG: the service calls ``on_master_lost`` (LocalMember.master_lost:
-the member fails its CG in flight, in doubt from prepare on). Without one,
-it fails a CG the master started and left before prepare through the
-MemberPort itself; from prepare on that CG is left for ``session recover``,
-which alone knows whether another member committed it.
+end the CG: the service tells the member (``MemberPort.master_lost``;
+LocalMember fails its CG in flight, in doubt from prepare on), then fails
+through the MemberPort a CG the master started and left before prepare;
+from prepare on that CG is left for ``session recover``, which alone knows
+whether another member committed it. A new master's link is announced to
+the member (``MemberPort.master_joined``), for its status.
 
 ``ControlService`` owns the subordinate's view of its master's link: it
 emits ``change master link:up|down``, once per change.
@@ -33,7 +52,7 @@ from firmware import protocol as p
 from firmware.control_channel import ControlRefused, SealedChannel, accept_subordinate
 from firmware.events import EventBus
 from firmware.link_handshake import HANDSHAKE_TIMEOUT_S, RandomBytes, with_deadline
-from firmware.member import MemberError, MemberPort, MemberState
+from firmware.member import FlashPort, MemberError, MemberPort, MemberState, RecoveryState
 from hal.clock import AsyncioClock, Clock
 from hal.link import Link, LinkDown
 
@@ -45,7 +64,7 @@ MASTER_GONE = "the master's control link went down"
 class ControlService:
     def __init__(
         self,
-        member: MemberPort,
+        member: MemberPort | FlashPort,
         secret: bytes,
         session_id: str | None = None,
         *,
@@ -53,22 +72,21 @@ class ControlService:
         clock: Clock | None = None,
         inflight: int = 16,
         events: EventBus | None = None,
-        on_master_lost: Callable[[str], None] | None = None,
     ) -> None:
         if not secret:
             raise ValueError("the control link needs a non-empty shared secret")
         self.member = member
-        # What each request frame asks of the member, decided once here; the
-        # frame's body fields are the method's arguments, in order.
-        self._calls: dict[type[p.Frame], Callable[..., Awaitable[MemberState | None]]] = {
-            cp.MemberHello: member.hello,
-            cp.MemberStatus: member.status,
-            cp.MemberStart: member.start,
-            cp.MemberRun: member.run,
-            cp.MemberDrain: member.drain,
-            cp.MemberPrepare: member.prepare,
-            cp.MemberCommit: member.commit,
-            cp.MemberFail: member.fail,
+        # What each request frame asks of the member, decided once here from
+        # what it offers (a MemberPort, a FlashPort, or both); the frame's
+        # body fields are the method's arguments, in order.
+        methods = {
+            cp.MemberHello: "hello", cp.MemberStatus: "status", cp.MemberStart: "start", cp.MemberRun: "run",
+            cp.MemberDrain: "drain", cp.MemberPrepare: "prepare", cp.MemberCommit: "commit",
+            cp.MemberFail: "fail", cp.FlashState: "recovery_state", cp.FlashCommit: "commit_flash",
+            cp.FlashRevert: "revert_flash", cp.FlashRestore: "fast_reverse_restore",
+        }
+        self._calls: dict[type[p.Frame], Callable[..., Awaitable[object]]] = {
+            frame: getattr(member, name) for frame, name in methods.items() if callable(getattr(member, name, None))
         }
         self._secret = secret
         self.session_id = session_id
@@ -77,7 +95,6 @@ class ControlService:
         self._slots = asyncio.Semaphore(inflight)
         self._tasks: set[asyncio.Task] = set()
         self._active: SealedChannel | None = None
-        self._on_master_lost = on_master_lost
         self._open_cg: int | None = None  # started by the master, not yet prepared, committed or failed
         self.events = events
         self.rejected: list[str] = []  # one line per refused peer or frame, for status and tests
@@ -129,6 +146,9 @@ class ControlService:
         self.stats["links"] += 1
         log.info("control link up from master %s (%s)", channel.peer_name, channel.peer)
         self._emit("up", peer=channel.peer, name=channel.peer_name)
+        joined = getattr(self.member, "master_joined", None)
+        if joined is not None:
+            joined(self.master)
         try:
             await self._dispatch(channel)
         except LinkDown as e:
@@ -183,6 +203,11 @@ class ControlService:
         else:
             if isinstance(result, MemberState):
                 reply = cp.MemberReport(acked=frame.seq, state=result)
+            elif isinstance(result, RecoveryState):
+                reply = cp.FlashReport(acked=frame.seq, committed_seq=result.committed_seq,
+                                       prepared_seq=result.prepared_seq or 0)
+            elif isinstance(frame, cp.FlashRestore):
+                reply = cp.FlashReport(acked=frame.seq, committed_seq=0, grains=int(result or 0))
             else:
                 reply = cp.MemberAck(acked=frame.seq)
         if isinstance(frame, (cp.MemberPrepare, cp.MemberCommit, cp.MemberFail)) and self._open_cg == frame.cg_seq:
@@ -195,12 +220,11 @@ class ControlService:
             await channel.send(cp.MemberAck(acked=frame.seq, status=p.AckStatus.FAILED, message=str(e)))
 
     async def _master_gone(self) -> None:
-        """The member's own word when it has one; else wait for the calls
-        still running and fail a CG the master left before prepare."""
-        if self._on_master_lost is not None:
-            self._open_cg = None
-            self._on_master_lost(MASTER_GONE)
-            return
+        """The member's own word first (``master_lost``); then wait for the
+        calls still running and fail a CG the master left before prepare."""
+        lost = getattr(self.member, "master_lost", None)
+        if lost is not None:
+            lost(MASTER_GONE)
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         seq, self._open_cg = self._open_cg, None
@@ -209,6 +233,8 @@ class ControlService:
         log.warning("failing CG %d here: %s before its prepare", seq, MASTER_GONE)
         try:
             await self.member.fail(seq, MASTER_GONE)
+        except MemberError as e:  # it ended there already (master_lost failed it)
+            log.info("failing CG %d after the master left: %s", seq, e)
         except Exception as e:  # noqa: BLE001 - nothing more to do than say so
             log.warning("failing CG %d after the master left: %s", seq, e)
 
@@ -219,3 +245,55 @@ class ControlService:
             self._emit("down", peer=channel.peer, reason="closed")
         for task in list(self._tasks):
             task.cancel()
+
+
+# -- one port for the replication link and session recovery --------------------------
+
+
+class _Replayed(Link):
+    """A link whose first frame was read already: recv gives it back once."""
+
+    def __init__(self, link: Link, first: bytes) -> None:
+        self._link = link
+        self._first: bytes | None = first
+
+    async def send(self, frame: bytes) -> None:
+        await self._link.send(frame)
+
+    async def recv(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await self._link.recv()
+
+    async def close(self) -> None:
+        await self._link.close()
+
+    @property
+    def peer(self) -> str:
+        return self._link.peer
+
+
+async def serve_link_or_control(link: Link, replication: Callable[[Link], Awaitable[None]],
+                                control: Callable[[Link], Awaitable[None]] | None,
+                                clock: Clock | None = None) -> None:
+    """A session member's secondary port: a primary opens with HELLO (the
+    replication link), session recovery with CONTROL_HELLO (``control``, a
+    ControlService over the Secondary). Any other first frame, and a
+    CONTROL_HELLO without ``control``, go to the replication service, which
+    refuses them with its usual ERROR."""
+    try:
+        first = await with_deadline(clock or AsyncioClock(), link.recv(), HANDSHAKE_TIMEOUT_S, "first frame")
+    except (LinkDown, TimeoutError) as e:
+        log.info("link from %s: no first frame: %s", link.peer, e)
+        await link.close()
+        return
+    kind = _kind_of(first)
+    target = control if control is not None and kind == cp.ControlKind.CONTROL_HELLO else replication
+    await target(_Replayed(link, first))
+
+
+def _kind_of(frame: bytes) -> int | None:
+    if len(frame) < p.HEADER_BYTES:
+        return None  # too short to have a header: the replication service refuses it
+    return p.HEADER.unpack_from(frame)[2]

@@ -102,5 +102,14 @@ class MemberPort(abc.ABC):
     @abc.abstractmethod
     async def status(self) -> MemberState: ...
 
+    def master_lost(self, reason: str) -> None:
+        """The control link to the master broke (a subordinate's service says
+        so). A member in this process fails its CG in flight."""
+        return None
+
+    def master_joined(self, master: str) -> None:
+        """A master paired on the control link (``name@address``), for status."""
+        return None
+
     async def close(self) -> None:
         return None

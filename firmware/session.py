@@ -23,6 +23,16 @@ the master has heard every member's start answer and says run.
 - ``plan_recovery``/``recover`` bring every member's C to one CG after
   crashes (commit all when any member committed the highest prepared CG,
   revert all otherwise); ``failover`` then restores B from C on every member.
+- Session recovery by the master (``SessionMaster.recover_session``, the
+  console's ``session recover``): given each member's secondary as a
+  ``FlashPort`` (``secondaries``: a ControlRemote straight to that
+  secondary's replication port, firmware/control_service.py says why), it
+  applies ``recover`` between two CGs, then tells every member primary still
+  in doubt the outcome (commit or fail of that CG), so its next start is
+  not refused. The loop does this by itself (``auto_recover``) at its start
+  and after a failed CG, when some secondary holds a CG prepared (a master
+  or a member primary died between prepare and commit) and every secondary
+  answers; until then ``status()["recovery"]`` says what waits for what.
 
 The master itself is a member (a LocalMember over its own Primary): one way
 of forming a CG, whoever the members are.
@@ -65,6 +75,9 @@ class LocalMember(MemberPort):
         self.hold_acks = True
         self._drain_timer = None
         self._resolved = 0  # the last CG in doubt that a master resolved here
+        self.master = ""  # name@address of the master while its control link is up (a subordinate)
+        self.master_down_reason = ""
+        primary.session_member = self  # for status: a subordinate says who its master is
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -190,8 +203,12 @@ class LocalMember(MemberPort):
     def master_lost(self, reason: str = "master lost") -> None:
         """The control link to the master broke: fail the CG in flight here
         (before prepare it aborts at the secondary; after, it is in doubt)."""
+        self.master, self.master_down_reason = "", reason
         self._cancel_drain_timer()
         self.cycle.request_fail(reason)
+
+    def master_joined(self, master: str) -> None:
+        self.master, self.master_down_reason = master, ""
 
     async def status(self) -> MemberState:
         p, c = self.primary, self.cycle
@@ -236,7 +253,8 @@ class SessionMaster:
     """Forms CGs across ``primary`` (the master's own, driven as a member
     named ``name``) and ``subordinates``."""
 
-    def __init__(self, primary, subordinates: list[MemberPort], *, name: str = "master") -> None:
+    def __init__(self, primary, subordinates: list[MemberPort], *, name: str = "master",
+                 secondaries: Mapping[str, FlashPort] | None = None) -> None:
         self.primary = primary
         self.own = LocalMember(primary, name)
         self.members: list[MemberPort] = [self.own, *subordinates]
@@ -258,6 +276,15 @@ class SessionMaster:
         self.stopping = False
         self.loop_task: asyncio.Task | None = None
         self.kick: asyncio.Event | None = None
+        # Each member's secondary (session recovery); empty: recovery is the operator's.
+        self.secondaries: dict[str, FlashPort] = dict(secondaries or {})
+        unknown = sorted(set(self.secondaries) - set(names))
+        if unknown:
+            raise MemberError(f"secondaries of no member: {unknown}; members are {names}")
+        self.auto_recover = True
+        self.recovery: dict = {"needed": "", "last": None, "runs": 0}
+        self._last_check = float("-inf")
+        self._formation = asyncio.Lock()  # one CG, or one recovery, at a time
         primary.session_master = self
 
     @property
@@ -308,7 +335,9 @@ class SessionMaster:
         return {"seq": self.seq, "successful": self.successful, "failed": self.failed,
                 "consecutive": self.consecutive, "last_reason": self.last_reason,
                 "coord_ms": _stats(self.coord_ms), "unresolved": dict(self.unresolved),
-                "members": self.members_status()}
+                "members": self.members_status(),
+                "recovery": dict(self.recovery, secondaries=sorted(self.secondaries),
+                                 automatic=self.auto_recover and self._can_recover())}
 
     # ---------------------------------------------------------------- one CG
     def _next_seq(self) -> int:
@@ -451,6 +480,103 @@ class SessionMaster:
             self._set(name, "ok")
         return not self.unresolved
 
+    # ---------------------------------------------------------------- recovery
+    def _can_recover(self) -> bool:
+        return all(m.name in self.secondaries for m in self.members)
+
+    async def _states(self) -> dict[str, RecoveryState]:
+        """Every member's secondary's state; MemberError naming those that do not answer."""
+        timeout = max(1.0, self.params.max_coord_ms / 1000.0 * 20)
+        names = [m.name for m in self.members]
+        missing = [n for n in names if n not in self.secondaries]
+        if missing:
+            raise MemberError(f"session recover needs every member's secondary; not configured for "
+                              f"{', '.join(missing)} ([session] secondaries on the master)")
+        got = await asyncio.gather(*(self._bounded(self.secondaries[n].recovery_state(), timeout)
+                                     for n in names), return_exceptions=True)
+        silent = [f"{n} ({type(g).__name__}: {g})" for n, g in zip(names, got, strict=True)
+                  if isinstance(g, BaseException)]
+        if silent:
+            raise MemberError(f"secondaries not reachable: {'; '.join(silent)}")
+        return dict(zip(names, got, strict=True))
+
+    async def recover_session(self, reason: str = "operator") -> list[dict]:
+        """``session recover``: between two CGs, bring every member's C to one
+        CG (``recover``), then tell each member primary still in doubt what
+        became of its CG. One row per member (``recover_members``)."""
+        async with self._formation:
+            return await self._recover(await self._states(), reason)
+
+    async def _recover(self, states: Mapping[str, RecoveryState], reason: str) -> list[dict]:
+        rows = await recover_members({n: self.secondaries[n] for n in states}, states)
+        cg = rows[0]["committed"] if rows else 0
+        self.recovery["runs"] += 1
+        self.recovery["last"] = {"reason": reason, "cg": cg, "time": self.clock.wall(),
+                                 "actions": {r["name"]: r["action"] for r in rows}}
+        self.recovery["needed"] = ""
+        for r in rows:
+            if r["action"] != "none":
+                self.events.emit("change", f"member name:{r['name']}", recovery=r["action"], seq=r["prepared"],
+                                 committed=r["committed"])
+        self.events.emit("change", "session", recover=reason, cg=cg)
+        log.info("session recover (%s): %s -> every C at CG %d", reason,
+                 {r["name"]: r["action"] for r in rows}, cg)
+        # Each member primary in doubt learns the outcome from its own secondary's C.
+        committed = {r["name"]: r["committed"] for r in rows}
+        for m in self.members:
+            rec = self.records[m.name]
+            doubt = rec.in_doubt_seq or self.unresolved.get(m.name, (0, ""))[0]
+            if doubt:
+                self.unresolved[m.name] = (doubt, "commit" if committed[m.name] >= doubt else "revert")
+        if self.unresolved:
+            await self.resolve()
+        await self._refresh()
+        for r in rows:
+            r["member"] = self.records[r["name"]].state
+        return rows
+
+    async def _check_recovery(self, force: bool = False) -> None:
+        """The loop's automatic recovery: at most once a second, look at every
+        secondary; one holding a prepared CG (in doubt) means recover, once
+        every secondary answers."""
+        doubt = {n: r.in_doubt_seq for n, r in self.records.items() if r.in_doubt_seq}
+        if not self.auto_recover or not self._can_recover():
+            if doubt and not self.unresolved:
+                self.recovery["needed"] = (f"CG in doubt at {doubt}: run session recover (the master has no "
+                                           "[session] secondaries to do it by itself)")
+            return
+        now = self.clock.now()
+        if not force and now - self._last_check < 1.0:
+            return
+        self._last_check = now
+        try:
+            states = await self._states()
+        except MemberError as e:
+            if doubt:
+                self.recovery["needed"] = f"CG in doubt at {doubt}; recovery waits: {e}"
+            return
+        prepared = {n: s.prepared_seq for n, s in states.items() if s.prepared_seq is not None}
+        if not prepared and all(n in self.unresolved for n in doubt):
+            self.recovery["needed"] = ""  # nothing in doubt, or only what resolve() sends again
+            return
+        try:
+            async with self._formation:
+                await self._recover(states, "automatic")
+        except Exception as e:  # noqa: BLE001 - said in status; the next check tries again
+            self.recovery["needed"] = f"automatic recovery failed: {type(e).__name__}: {e}"
+            log.warning("session: automatic recovery failed: %s", e)
+
+    async def failover_session(self) -> dict[str, int]:
+        """``session failover``: fast reverse restore C -> B on every member's
+        secondary. Refused while CGs form (pause first) or a CG is in doubt."""
+        if self.primary.copy_state is CopyState.RUNNING:
+            raise MemberError("session failover: CGs are being formed; cg pause (or pair suspend) first")
+        async with self._formation:
+            await self._states()  # every secondary configured and answering
+            grains = await failover(self.secondaries)
+        self.events.emit("change", "session", failover="done", grains=sum(grains.values()))
+        return grains
+
     # ---------------------------------------------------------------- the loop
     def start_loop(self) -> None:
         if self.loop_task is None or self.loop_task.done():
@@ -469,19 +595,22 @@ class SessionMaster:
 
     async def _loop(self) -> None:
         await self.hello()
+        await self._check_recovery(force=True)
         while not self.stopping:
             if self.primary.copy_state is not CopyState.RUNNING:
                 self.kick.clear()
                 await self._wait(1.0)
                 continue
             try:
-                committed = await self.form_cg()
+                async with self._formation:
+                    committed = await self.form_cg()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the loop must outlive any one CG's bug
                 log.exception("session CG loop: unexpected error in CG %d", self.seq)
                 committed = False
             if not committed:
+                await self._check_recovery()
                 await self._wait(0.1)
             elif self.params.cg_interval_s > 0:
                 await self._wait(self.params.cg_interval_s)
@@ -492,7 +621,15 @@ class SessionMaster:
 
     async def _wait(self, seconds: float) -> None:
         self.kick.clear()
-        tasks = [asyncio.ensure_future(self.kick.wait()), asyncio.ensure_future(self.clock.sleep(seconds))]
+        # The Primary's own commands (cg resume, pair resume, set) kick its
+        # cycle's event; a driven cycle runs no loop of its own, so that kick
+        # is the master's to take (cleared here, or it would wake every wait).
+        kicks = [self.kick]
+        own = self.primary.cycle.kick
+        if own is not None:
+            own.clear()
+            kicks.append(own)
+        tasks = [*(asyncio.ensure_future(k.wait()) for k in kicks), asyncio.ensure_future(self.clock.sleep(seconds))]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -534,8 +671,20 @@ def plan_recovery(states: Mapping[str, RecoveryState]) -> dict[str, str]:
 async def recover(members: Mapping[str, FlashPort]) -> dict[str, str]:
     """``session recover``: read every member's secondary, apply
     ``plan_recovery``, and check that every C now shows the same CG."""
+    rows = await recover_members(members)
+    return {r["name"]: r["action"] for r in rows}
+
+
+async def recover_members(members: Mapping[str, FlashPort],
+                          states: Mapping[str, RecoveryState] | None = None) -> list[dict]:
+    """``recover`` with what each member did: one row per member with
+    ``name``, ``committed_before``, ``prepared`` (the CG in doubt, or None),
+    ``action`` (commit | revert | none) and ``committed`` (its C's CG after).
+    MemberError when the Cs still differ afterwards."""
     names = list(members)
-    states = dict(zip(names, await asyncio.gather(*(members[n].recovery_state() for n in names)), strict=True))
+    if states is None:
+        states = dict(zip(names, await asyncio.gather(*(members[n].recovery_state() for n in names)),
+                          strict=True))
     plan = plan_recovery(states)
 
     async def apply(name: str) -> None:
@@ -550,7 +699,8 @@ async def recover(members: Mapping[str, FlashPort]) -> dict[str, str]:
     if len(set(seqs.values())) > 1:
         raise MemberError(f"after recovery the members' C show different CGs: {seqs}")
     log.info("session recover: %s -> CG %s", plan, next(iter(seqs.values()), None))
-    return plan
+    return [{"name": n, "committed_before": states[n].committed_seq, "prepared": states[n].prepared_seq,
+             "action": plan[n], "committed": seqs[n]} for n in names]
 
 
 async def failover(members: Mapping[str, FlashPort]) -> dict[str, int]:

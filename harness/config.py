@@ -9,6 +9,10 @@ cg_interval_s = 0.0                   # and any other SessionParams field
 master = true                         # a multi-controller session's master (primary only), which
 subordinates = ["127.0.0.1:7801"]     #   drives these subordinates' control ports; or, on a subordinate:
 # master_addr = "127.0.0.1:7800"      #   where its master is (for status), with [control] listen
+secondaries = ["127.0.0.1:7701"]      # master: each subordinate's secondary ([link] listen), in the order
+                                      #   of subordinates, for session recover (its own: [link] peer)
+# member = true                       # a secondary of a session: a prepared CG stays in doubt across a
+                                      #   restart, for session recover; it answers recovery on [link] listen
 [nvram]
 url = "nvram:///abs/p.nvram?size=64MiB"
 [[volume]]
@@ -138,6 +142,8 @@ class ControllerConfig:
     session_subordinates: list[tuple[str, int]] = field(default_factory=list)  # master: whom it drives
     session_master_addr: tuple[str, int] | None = None  # subordinate: its master (informational)
     control_listen: tuple[str, int] | None = None  # subordinate: where its master connects
+    session_secondaries: list[tuple[str, int]] = field(default_factory=list)  # master: subordinates' secondaries
+    session_member: bool = False  # secondary: of a session (keeps a prepared CG in doubt, answers recovery)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -285,6 +291,16 @@ def load_config(path: str | Path, *, role: str | None = None) -> ControllerConfi
     secret_file = (path.parent / Path(secret_name).expanduser()).resolve()
     secret = _private_file(session, "secret_file", secret_file, "link secret")
     master, subordinates, master_addr = _session_role(session, cfg_role)
+    session_secondaries = _addresses(session, "secondaries")
+    if session_secondaries and not master:
+        raise session.error("secondaries", "only the master (master = true) recovers the session's secondaries")
+    if session_secondaries and len(session_secondaries) != len(subordinates):
+        raise session.error("secondaries", f"{len(session_secondaries)} given for {len(subordinates)} "
+                                           "subordinates (one secondary each, in the same order)")
+    session_member = session.take("member", bool, default=False)
+    if session_member and cfg_role != "secondary":
+        raise session.error("member", "only a secondary is a session member this way (a primary is the "
+                                      "master or a subordinate)")
     params: dict[str, Any] = {}
     known = _session_fields()
     for name in list(session.table):
@@ -379,7 +395,7 @@ def load_config(path: str | Path, *, role: str | None = None) -> ControllerConfi
         host_listen=host_listen, host_socket=host_socket, host_limits=host_limits, console_url=console_url,
         console_allow_faults=allow_faults, console_token_file=token_file,
         session_master=master, session_subordinates=subordinates, session_master_addr=master_addr,
-        control_listen=control_listen,
+        control_listen=control_listen, session_secondaries=session_secondaries, session_member=session_member,
     )
 
 
@@ -396,18 +412,27 @@ def _session_role(session: _Reader, cfg_role: str) -> tuple[bool, list[tuple[str
         raise session.error("subordinates", "only the master (master = true) drives subordinates")
     if master and master_addr is not None:
         raise session.error("master_addr", "the master has no master (drop master_addr or master = true)")
-    subordinates: list[tuple[str, int]] = []
+    return master, _address_list(session, "subordinates", raw), master_addr
+
+
+def _addresses(r: _Reader, key: str) -> list[tuple[str, int]]:
+    return _address_list(r, key, r.take(key, list))
+
+
+def _address_list(r: _Reader, key: str, raw: list | None) -> list[tuple[str, int]]:
+    """A list of distinct host:port strings; an error names ``key[i]``."""
+    out: list[tuple[str, int]] = []
     for i, text in enumerate(raw or []):
         if not isinstance(text, str):
-            raise session.error(f"subordinates[{i}]", f"expected a host:port string, got {text!r}")
+            raise r.error(f"{key}[{i}]", f"expected a host:port string, got {text!r}")
         try:
             address = split_address(text)
         except ValueError as e:
-            raise session.error(f"subordinates[{i}]", str(e)) from None
-        if address in subordinates:
-            raise session.error(f"subordinates[{i}]", f"{text!r} is listed twice")
-        subordinates.append(address)
-    return master, subordinates, master_addr
+            raise r.error(f"{key}[{i}]", str(e)) from None
+        if address in out:
+            raise r.error(f"{key}[{i}]", f"{text!r} is listed twice")
+        out.append(address)
+    return out
 
 
 def _nbd_limits(r: _Reader) -> NbdLimits:

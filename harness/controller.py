@@ -15,6 +15,9 @@ forms no CGs of its own; the master connects a ``ControlRemote`` per
 hands them to a ``SessionMaster`` over its own Primary, which forms every
 CG. Both come from firmware/session.py through ``local_member`` and
 ``session_master`` below, the only two places this module depends on it.
+A session's secondaries (``[session] member = true``) keep a prepared CG in
+doubt across a restart and answer session recovery on their replication
+port; the master reaches them there (``[session] secondaries``).
 
 SIGTERM/SIGINT stop cleanly: the current CG finishes or fails, NVRAM is
 persisted and marked clean, exit status 0. Crash points armed from
@@ -83,14 +86,15 @@ def local_member(primary, name: str):
     return LocalMember(primary, name=name)
 
 
-def session_master(primary, subordinates: list, *, name: str = "master"):
+def session_master(primary, subordinates: list, *, name: str = "master", secondaries: dict | None = None):
     """The SessionMaster over this Primary (a member itself) and the
-    subordinates; ``start_loop()`` begins forming CGs, Primary.stop() ends it."""
+    subordinates, with each member's secondary for session recovery;
+    ``start_loop()`` begins forming CGs, Primary.stop() ends it."""
     try:
         from firmware.session import SessionMaster
     except ImportError as e:
         raise ControllerError(f"a session master needs firmware/session.py: {e}") from None
-    return SessionMaster(primary, subordinates, name=name)
+    return SessionMaster(primary, subordinates, name=name, secondaries=secondaries)
 
 
 # -- crash points ---------------------------------------------------------------
@@ -331,8 +335,7 @@ class PrimaryController(Controller):
         host, port = cfg.control_listen
         self.member = local_member(self.primary, name=f"{host}:{port}")
         self.control = ControlService(self.member, cfg.secret, cfg.session_id, random_bytes=os.urandom,
-                                      clock=self.clock, events=self.events,
-                                      on_master_lost=self.member.master_lost)
+                                      clock=self.clock, events=self.events)
         self._close_on_exit(self.control.close)
         server = await self._listen_with_retry(host, port, self.control.serve, "control")
         self._close_on_exit(server.close)
@@ -355,7 +358,21 @@ class PrimaryController(Controller):
             self._close_on_exit(remote.close)
             remote.start_connecting()
             remotes.append(remote)
-        self.session_master = session_master(self.primary, remotes, name="master")
+        # Session recovery reaches each member's secondary straight on its
+        # replication port (firmware/control_service.py serve_link_or_control).
+        secondaries = {}
+        if cfg.session_secondaries:
+            targets = [("master", cfg.link_peer)] + [
+                (r.name, address) for r, address in zip(remotes, cfg.session_secondaries, strict=True)]
+            for member, (host, port) in targets:
+                async def dial_secondary(host=host, port=port) -> TcpLink:
+                    return await connect_replication_link(host, port)
+
+                flash = ControlRemote(f"{host}:{port}", dial_secondary, cfg.secret, session_id=cfg.session_id,
+                                      random_bytes=os.urandom, clock=self.clock, master_name="master")
+                self._close_on_exit(flash.close)
+                secondaries[member] = flash
+        self.session_master = session_master(self.primary, remotes, name="master", secondaries=secondaries)
         self.addresses["members"] = ",".join(m.name for m in self.session_master.members)
 
     async def _start_replication(self, form_cgs: bool = True) -> None:
@@ -399,11 +416,22 @@ class SecondaryController(Controller):
         volumes = {v.name: (self._open_device(v.b_url), self._open_device(v.c_url)) for v in cfg.volumes}
         self.secondary = Secondary(volumes, nvram, self.clock, session_id=cfg.session_id, events=self.events,
                                    crashpoints=self.crashpoints,
-                                   max_pinned_bytes=cfg.session_params().max_pinned_bytes)
+                                   max_pinned_bytes=cfg.session_params().max_pinned_bytes,
+                                   session_member=cfg.session_member)
         await self._open_firmware(self.secondary)
         self.service = ReplicationService(self.secondary, cfg.secret, cfg.session_id, random_bytes=os.urandom,
                                           clock=self.clock, events=self.events)
-        server = await self._listen_with_retry(*cfg.link_listen, self.service.serve, "link")
+        serve = self.service.serve
+        if cfg.session_member:  # session recovery (FlashPort) on the same port, on the control link's channel
+            from firmware.control_service import ControlService, serve_link_or_control
+
+            self.flash = ControlService(self.secondary, cfg.secret, cfg.session_id, random_bytes=os.urandom,
+                                        clock=self.clock)
+            self._close_on_exit(self.flash.close)
+
+            async def serve(link, replication=self.service.serve, control=self.flash.serve):
+                await serve_link_or_control(link, replication, control, self.clock)
+        server = await self._listen_with_retry(*cfg.link_listen, serve, "link")
         self._close_on_exit(server.close)
         host, port = server.sockets[0].getsockname()[:2]
         self.addresses["link"] = f"{host}:{port}"

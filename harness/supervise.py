@@ -289,14 +289,20 @@ def write_session_configs(
             ports.append(port)
     marker = 'secret_file = "secret"\n'
     addresses = ", ".join(f'"127.0.0.1:{port}"' for port in ports[1:])
+    secondaries = ", ".join(f'"127.0.0.1:{_link_port(pair)}"' for pair in pairs[1:])
     for i, pair in enumerate(pairs):
         text = pair.primary.read_text()
         if i == 0:
-            text = text.replace(marker, f"{marker}master = true\nsubordinates = [{addresses}]\n", 1)
+            text = text.replace(marker, f"{marker}master = true\nsubordinates = [{addresses}]\n"
+                                        f"secondaries = [{secondaries}]\n", 1)
         else:
             text += f'[control]\nlisten = "127.0.0.1:{ports[i]}"\n'
         pair.primary.write_text(text)
         pair.text["primary"] = text
+        # Every secondary is a session member: a prepared CG stays in doubt for session recover.
+        text = pair.secondary.read_text().replace(marker, f"{marker}member = true\n", 1)
+        pair.secondary.write_text(text)
+        pair.text["secondary"] = text
     return SessionConfigs(workdir, pairs, ports)
 
 

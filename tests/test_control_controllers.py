@@ -36,8 +36,9 @@ class Member(FakeMember):
 class FakeSessionMaster:
     made: list[FakeSessionMaster] = []
 
-    def __init__(self, primary, subordinates, *, name) -> None:
+    def __init__(self, primary, subordinates, *, name, secondaries=None) -> None:
         self.members = [Member(name), *subordinates]
+        self.secondaries = secondaries or {}
         self.started = self.stopped = False
         primary.session_master = self  # as SessionMaster does: Primary.stop() stops its loop
         FakeSessionMaster.made.append(self)
@@ -121,6 +122,9 @@ def test_a_master_connects_every_subordinate_and_hands_them_to_the_session_maste
         assert names == ["master"] + [f"127.0.0.1:{p}" for p in session.control_ports[1:]]
         remotes = master.members[1:]
         assert all(isinstance(r, ControlRemote) for r in remotes)
+        # each member's secondary, for session recovery: its [link] listen (the master's own: [link] peer)
+        links = [pair.text["secondary"].split('listen = "', 1)[1].split('"', 1)[0] for pair in session.pairs]
+        assert {k: v.name for k, v in master.secondaries.items()} == dict(zip(names, links, strict=True))
         await until(lambda: all(r.link_up for r in remotes), 10)
         for r in remotes:
             await r.start(4)

@@ -588,18 +588,27 @@ def test_the_handshake_is_mutual_by_hand():
     asyncio.run(main())
 
 
-def test_the_members_own_master_lost_is_called_when_the_master_goes():
+def test_the_members_own_master_lost_and_joined_are_called():
+    class Member(FakeMember):
+        def master_lost(self, reason):
+            self.calls.append(("master_lost", reason))
+
+        def master_joined(self, master):
+            self.calls.append(("master_joined", master))
+
     async def main():
         s = Session()
-        lost: list[str] = []
-        s.service = ControlService(s.member, SECRET, "test", random_bytes=random.Random(7).randbytes,
-                                   on_master_lost=lost.append)
+        s.member = Member()
+        s.service = ControlService(s.member, SECRET, "test", random_bytes=random.Random(7).randbytes)
         remote, _ = s.remote(backoff_s=(60.0, 60.0))
         await remote.hello("test")
         await remote.start(4)
         await s.links[-1].close()
         await asyncio.gather(*s.serving)
-        assert lost == [MASTER_GONE] and ("fail", 4, MASTER_GONE) not in s.member.calls
+        names = [c[0] for c in s.member.calls]
+        assert s.member.calls[0][0] == "master_joined" and s.member.calls[0][1].startswith("master@")
+        # its own word first, then the CG left before prepare is failed through the port
+        assert names[-2:] == ["master_lost", "fail"] and s.member.calls[-2][1] == MASTER_GONE
         await remote.close()
         await s.close()
 
