@@ -45,6 +45,7 @@ from firmware.console_grammar import (
 )
 from firmware.crashpoints import POINTS, UnknownCrashPoint
 from firmware.events import Event, EventBus
+from firmware.member import MemberError
 from firmware.params import describe
 from firmware.pins import SnapshotError
 
@@ -126,6 +127,13 @@ class CommandSet:
                     (Arg("REASON", "text", optional=True),)),
             Command("run", self._cg_run, "same as: cg run"),
             Command("pause", self._cg_pause, "same as: cg pause"),
+            Command("session recover", self._session_recover,
+                    "the session's master: bring every member's C to one CG after a crash between prepare "
+                    "and commit (commit it everywhere when any member committed it, else revert it), then "
+                    "tell each member in doubt; prints what each member did"),
+            Command("session failover", self._session_failover,
+                    "the session's master: fast reverse restore C -> B on every member's secondary "
+                    "(refused while CGs form or a CG is in doubt: cg pause, session recover first)"),
             Command("pair suspend", self._pair_suspend, "suspend the pair: stop draining, keep recording OOS"),
             Command("pair resume", self._pair_resume, "resume a suspended pair (resends OOS tracks)"),
             Command("volume list", self._volume_list, "volumes with size and OOS/CR track counts", roles=BOTH),
@@ -247,7 +255,30 @@ class CommandSet:
         data["cache"] = cache
         rows = [(k, fmt.show(k, data[k])) for k in fmt.STATUS_KEYS]
         rows.append(("cache", fmt.cache_line(cache)))
-        return data, fmt.table(rows), None
+        session = self._session_role()
+        text = fmt.table(rows + ([("session", fmt.session_line(session))] if session else []))
+        if session is not None:
+            data["session"] = session
+        if "members" in raw:
+            data["members"] = raw["members"]
+            text += "\nmembers:\n" + fmt.members_table(raw["members"])
+        return data, text, None
+
+    def _session_role(self) -> dict | None:
+        """What this primary is in a multi-controller session (None: on its own)."""
+        master = getattr(self.controller, "session_master", None)
+        if master is not None:
+            st = master.status()
+            return {"role": "master", "members": len(st["members"]), "cg_seq": st["seq"],
+                    "successful": st["successful"], "failed": st["failed"], "last_reason": st["last_reason"],
+                    "unresolved": st["unresolved"], "recovery": st["recovery"]}
+        member = getattr(self.controller, "session_member", None)
+        if member is not None:
+            return {"role": "subordinate", "name": member.name, "master": member.master or None,
+                    "master_link": "up" if member.master else "down",
+                    "master_down_reason": member.master_down_reason or None,
+                    "in_doubt_seq": member.in_doubt_seq}
+        return None
 
     def _cache(self) -> dict:
         stats = getattr(self.controller, "cache_stats", None)
@@ -293,6 +324,35 @@ class CommandSet:
     async def _pair_resume(self, args, flags, as_json):
         data = await self._after(self.controller.resume_pair())
         return data, f"pair resume: done; copy_state {data['copy_state']}", None
+
+    # ---- session (the master of a multi-controller session) -------------------
+
+    def _master(self):
+        master = getattr(self.controller, "session_master", None)
+        if master is None:
+            member = getattr(self.controller, "session_member", None)
+            where = (f"; it is a subordinate (master {member.master or 'not connected'}): run it on the master"
+                     if member is not None else "")
+            raise CommandError(f"this primary is not a session's master{where}")
+        return master
+
+    async def _session_recover(self, args, flags, as_json):
+        master = self._master()
+        try:
+            rows = await master.recover_session("operator")
+        except MemberError as exc:
+            raise CommandError(f"session recover: {fmt.one_line(exc)}") from None
+        cg = rows[0]["committed"] if rows else 0
+        return {"members": rows, "cg": cg}, fmt.recovery_text(rows, cg), None
+
+    async def _session_failover(self, args, flags, as_json):
+        master = self._master()
+        try:
+            grains = await master.failover_session()
+        except MemberError as exc:
+            raise CommandError(f"session failover: {fmt.one_line(exc)}") from None
+        lines = [f"{name}: B restored from C ({n} grains)" for name, n in grains.items()]
+        return {"grains": grains}, "\n".join(lines + ["session failover: done; every B is its C"]), None
 
     # ---- volumes and bitmaps ------------------------------------------------
 

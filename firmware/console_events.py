@@ -84,4 +84,8 @@ def snapshot(role: str, status: dict, volumes: list[dict], cache: dict, *, sessi
     out.append(Event("exists", "link", present({"state": s.get("link")})))
     shown = cache if stats else {k: cache.get(k) for k in ("slots", "used", "occupancy")}
     out.append(Event("exists", "cache", present(shown)))
+    for m in s.get("members") or []:  # a session's master: one per member (changes: `change member name:...`)
+        fields = {k: m.get(k) for k in ("state", "phase", "link", "last_cg", "oos_tracks", "cr_tracks")}
+        fields |= {"in_doubt_seq": m.get("in_doubt_seq") or None, "reason": m.get("reason") or None}
+        out.append(Event("exists", f"member name:{m.get('name')}", present(fields)))
     return out

@@ -55,6 +55,49 @@ def show(key: str, value: Any) -> str:
     return str(value)
 
 
+MEMBER_COLUMNS = ("name", "state", "phase", "link", "last_cg", "last_cg_time", "held_ack_ms", "oos_tracks",
+                  "cr_tracks", "in_doubt_seq", "reason")
+
+
+def members_table(members: list[dict]) -> str:
+    """A session master's members, one row each; held_ack_ms as p99/max."""
+    rows = []
+    for m in members:
+        held = m.get("held_ack_ms") or {}
+        rows.append(m | {"held_ack_ms": f"{show('', held.get('p99', 0.0))}/{show('', held.get('max', 0.0))}"
+                         if held else None, "in_doubt_seq": m.get("in_doubt_seq") or None})
+    return columns(list(MEMBER_COLUMNS), rows)
+
+
+def session_line(session: dict) -> str:
+    """The session role in one line of `status`."""
+    if session["role"] == "subordinate":
+        master = session.get("master") or f"not connected ({session.get('master_down_reason') or 'none yet'})"
+        doubt = f", CG {session['in_doubt_seq']} in doubt" if session.get("in_doubt_seq") else ""
+        return f"subordinate {session['name']} of master {master}{doubt}"
+    rec = session.get("recovery") or {}
+    line = (f"master of {session['members']} members; CG {session['cg_seq']}, {session['successful']} committed, "
+            f"{session['failed']} failed")
+    if session.get("unresolved"):
+        line += f"; in doubt (outcome known, to resend): {show('', session['unresolved'])}"
+    if rec.get("needed"):
+        line += f"; RECOVERY NEEDED: {rec['needed']}"
+    elif not rec.get("automatic"):
+        line += "; no automatic recovery ([session] secondaries not set): session recover after a crash"
+    return line
+
+
+def recovery_text(rows: list[dict], cg: int) -> str:
+    """What `session recover` did, one line per member."""
+    lines = []
+    for r in rows:
+        was = f"committed {r['committed_before']}" + (f", prepared {r['prepared']}" if r["prepared"] else "")
+        lines.append(f"{r['name']}: secondary {was} -> {r['action']}; C at CG {r['committed']}"
+                     + (f"; member {r['member']}" if r.get("member") else ""))
+    lines.append(f"session recover: done; every C at CG {cg}")
+    return "\n".join(lines)
+
+
 def cache_line(cache: dict) -> str:
     """The write cache in one line of `status`."""
     if cache.get("slots") is None:
