@@ -6,6 +6,12 @@ driver does not know the frame layout (it may not import the firmware);
 the harness passes the firmware protocol's framing in. With no framing
 given, frames travel behind a 4-byte big-endian length prefix.
 
+Before the handshake the peer is a stranger: with ``preauth_bytes`` set, a
+frame whose header announces more than that is refused unread (a warning,
+then LinkDown), so a stranger cannot make us buffer a 64 MiB frame. The
+limit lifts once this side sends a frame that ``opens`` says is sealed: a
+side seals only after it authenticated its peer.
+
 Sending is serialised and waits for the socket buffer to drain below its
 high-water mark, so a slow peer pushes back on the sender instead of
 growing memory.
@@ -32,6 +38,8 @@ class Framing:
     header_bytes: int
     rest_length: Callable[[bytes], int]  # bytes that follow this header (0: the header is the frame)
     prefix: bool = False  # True: the link adds a length prefix of header_bytes itself
+    preauth_bytes: int | None = None  # the longest frame (header included) before the limit lifts
+    opens: Callable[[bytes], bool] | None = None  # a header this side sends only once its peer is authenticated
 
 
 LENGTH_PREFIX = Framing(4, lambda h: int.from_bytes(h, "big"), prefix=True)
@@ -48,6 +56,8 @@ class TcpLink(Link):
         self._send_lock = asyncio.Lock()
         self._closed = False
         self._down: str | None = None
+        self.frame_limit = framing.preauth_bytes  # None: only the framing's own limit
+        self.refused_frames = 0  # frames refused unread over frame_limit
         peer = writer.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
         try:
@@ -74,6 +84,9 @@ class TcpLink(Link):
     async def send(self, frame: bytes) -> None:
         if self._closed or self._down:
             raise self._broken("closed")
+        if self.frame_limit is not None and self._framing.opens is not None:
+            if self._framing.opens(frame[: self._framing.header_bytes]):
+                self.frame_limit = None  # we seal, so the peer proved itself: long frames may come
         async with self._send_lock:
             try:
                 if self._framing.prefix:
@@ -96,6 +109,13 @@ class TcpLink(Link):
                 return await self._reader.readexactly(rest)
             if rest == 0:
                 return header
+            limit = self.frame_limit
+            if limit is not None and len(header) + rest > limit:
+                self.refused_frames += 1
+                log.warning("link from %s: a frame of %d bytes before the handshake, over the %d-byte limit: "
+                            "refused unread", self._peer, len(header) + rest, limit)
+                raise self._broken(f"a frame of {len(header) + rest} bytes before the handshake "
+                                   f"(limit {limit}): refused unread")
             return header + await self._reader.readexactly(rest)
         except asyncio.IncompleteReadError as e:
             why = "peer closed" if not e.partial else f"peer closed mid-frame ({len(e.partial)} bytes)"

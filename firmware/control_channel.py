@@ -22,12 +22,12 @@ deterministic under test.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
+from functools import partial
 
 from firmware import control_protocol as cp
 from firmware import protocol as p
 from firmware.link_handshake import NONCE_BYTES, RandomBytes, auth_mac, check_mac
+from firmware.sealed import SealedChannel
 from hal.link import Link, LinkDown
 
 MIN_NONCE_BYTES = 16
@@ -42,57 +42,11 @@ class ControlRefused(ConnectionError):
         self.code = code
 
 
-class SealedChannel:
-    """A Link after the handshake: frames sealed with the session key, and
-    sequence numbers 1, 2, 3, ... in each direction."""
-
-    def __init__(self, link: Link, key: bytes, role: str, peer_role: str, peer_name: str = "") -> None:
-        self.link = link
-        self._key = key
-        self.role = role
-        self.peer_role = peer_role
-        self.peer_name = peer_name
-        self._sent = 0
-        self._received = 0
-        self._send_lock = asyncio.Lock()
-
-    @property
-    def peer(self) -> str:
-        return self.link.peer
-
-    async def send(self, frame: p.Frame, before_send: Callable[[int], None] | None = None) -> int:
-        """Seal and send ``frame`` with the next seq (returned). ``before_send``
-        learns that seq first, so a reply cannot beat its waiter."""
-        async with self._send_lock:
-            seq = self._sent + 1
-            frame.seq = seq
-            raw = cp.encode(frame, key=self._key, role=self.role)
-            self._sent = seq
-            if before_send is not None:
-                before_send(seq)
-            await self.link.send(raw)
-        return seq
-
-    async def recv(self) -> p.Frame:
-        """The next frame from the peer; ProtocolError (BadMac, BadSequence,
-        ...) when it must be refused."""
-        frame = cp.decode(await self.link.recv(), key=self._key, role=self.peer_role)
-        expected = self._received + 1
-        if frame.seq != expected:
-            what = "replayed" if frame.seq <= self._received else "out of order (frames missing)"
-            raise cp.BadSequence(f"{frame.KIND.name} seq {frame.seq} where {expected} was due: {what}")
-        self._received = frame.seq
-        return frame
-
-    async def refuse(self, code: int, message: str) -> None:
-        """Tell the peer why it is being dropped (sealed, best effort)."""
-        try:
-            await self.send(p.Error(code=int(code), message=message))
-        except (LinkDown, p.ProtocolError):
-            pass
-
-    async def close(self) -> None:
-        await self.link.close()
+def control_channel(link: Link, key: bytes, role: str, peer_role: str, peer_name: str = "") -> SealedChannel:
+    """The shared channel (firmware/sealed.py) with the control link's codec:
+    frames sealed with ``key`` as ``role``, the peer's opened as ``peer_role``."""
+    return SealedChannel(link, partial(cp.encode, key=key, role=role), partial(cp.decode, key=key, role=peer_role),
+                         role, peer_role, peer_name=peer_name)
 
 
 async def _expect(link: Link, cls: type[p.Frame]) -> p.Frame:
@@ -137,7 +91,7 @@ async def open_master(link: Link, secret: bytes, session_id: str, name: str,
         await send_error(link, p.ErrorCode.AUTH, msg)
         raise ControlRefused(msg)
     key = cp.session_key(secret, nonce, challenge.nonce, session_id)
-    return SealedChannel(link, key, cp.MASTER, cp.SUBORDINATE)
+    return control_channel(link, key, cp.MASTER, cp.SUBORDINATE)
 
 
 async def accept_subordinate(link: Link, secret: bytes, session_id: str | None,
@@ -168,4 +122,4 @@ async def accept_subordinate(link: Link, secret: bytes, session_id: str | None,
     mac = auth_mac(secret, cp.SUBORDINATE, response.challenge, hello.session_id)
     await link.send(cp.encode(p.AuthResponse(mac=mac)))
     key = cp.session_key(secret, response.challenge, nonce, hello.session_id)
-    return SealedChannel(link, key, cp.SUBORDINATE, cp.MASTER, peer_name=hello.name)
+    return control_channel(link, key, cp.SUBORDINATE, cp.MASTER, peer_name=hello.name)

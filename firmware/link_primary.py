@@ -11,6 +11,12 @@ reconnect is transparent only when the secondary is the one we knew (same
 session, not new); otherwise calls raise ``RemoteError`` until the primary
 calls ``connect`` again and learns that a full copy is due.
 
+After the handshake every frame both ways goes through a ``SealedChannel``
+(firmware/sealed.py): sealed with the session keys and numbered, DATA
+payloads encrypted unless ``encrypt`` is off. A reply that does not open
+(rewritten, replayed, reordered) drops the link like any bad frame: the
+calls in flight fail with ``LinkDown`` and the link reconnects.
+
 ``LinkRemote`` alone owns the primary's link state: it emits the ``change
 link`` events (state up/down), once per change, so a reconnect reads down
 then up. The primary reads ``LinkRemote.link_up`` rather than keeping a copy.
@@ -30,6 +36,7 @@ from firmware import link_handshake as hs
 from firmware import protocol as p
 from firmware.events import EventBus
 from firmware.remote import RemoteError, RemotePort, RemoteState, VolumeGeometry
+from firmware.sealed import SealedChannel
 from hal.clock import AsyncioClock, Clock
 from hal.link import Link, LinkDown
 
@@ -56,6 +63,7 @@ class LinkRemote(RemotePort):
         backoff_s: tuple[float, float] = (0.05, 2.0),
         down_wait_s: float = 1.0,
         events: EventBus | None = None,
+        encrypt: bool = True,
     ) -> None:
         if not secret:
             raise ValueError("the link needs a non-empty shared secret")
@@ -76,6 +84,7 @@ class LinkRemote(RemotePort):
         else:
             self._factory = link_factory
         self._secret = secret
+        self.encrypt = encrypt  # DATA payloads encrypted ([link] encrypt); sealed (integrity) either way
         self._random = random_bytes
         self._clock = clock or AsyncioClock()
         self._window = asyncio.Semaphore(window)
@@ -84,10 +93,10 @@ class LinkRemote(RemotePort):
         self._down_wait_s = down_wait_s
         self.events = events
         self._seq = itertools.count(1)
-        self._link: Link | None = None
+        self._link: SealedChannel | None = None
         self._reader: asyncio.Task | None = None
         self._reconnector: asyncio.Task | None = None
-        self._pending: dict[int, tuple[asyncio.Future, Link]] = {}
+        self._pending: dict[int, tuple[asyncio.Future, SealedChannel]] = {}
         self._connect_lock = asyncio.Lock()
         self._up = asyncio.Event()
         self._closed = False
@@ -110,10 +119,11 @@ class LinkRemote(RemotePort):
         if self.events is not None:
             self.events.emit(action, "link", **fields)
 
-    async def _handshake(self, link: Link) -> RemoteState:
+    async def _handshake(self, link: Link) -> tuple[RemoteState, SealedChannel]:
         session_id = self._session_id or ""
         hello = p.Hello(seq=next(self._seq), version=p.PROTOCOL_VERSION, session_id=session_id,
-                        volumes=hs.wire_geometry(self._volumes), generation=self._generation)
+                        volumes=hs.wire_geometry(self._volumes), generation=self._generation,
+                        flags=0 if self.encrypt else p.FLAG_CLEAR)
         await link.send(p.encode(hello))
         challenge = await self._expect(link, p.AuthChallenge)
         nonce = self._random(hs.NONCE_BYTES)
@@ -124,15 +134,20 @@ class LinkRemote(RemotePort):
             msg = "the secondary failed authentication (wrong shared secret?)"
             await self._send_error(link, p.ErrorCode.AUTH, msg)
             raise HandshakeRefused(msg)
-        status = await self._expect(link, p.Status)
-        return RemoteState(
+        # The secondary proved the secret: from here on every frame is sealed.
+        sealing = p.Sealing.derive(self._secret, nonce, challenge.nonce, session_id, hs.PRIMARY, hs.SECONDARY,
+                                   encrypt=self.encrypt, require_encrypted=False)
+        channel = SealedChannel(link, sealing.seal, sealing.open, hs.PRIMARY, hs.SECONDARY)
+        status = await self._expect(channel, p.Status)
+        state = RemoteState(
             session_id=status.session_id, committed_cg=status.committed_cg, new=status.new,
             volumes=[VolumeGeometry(n, s, t) for n, s, t in status.volumes],
         )
+        return state, channel
 
-    async def _expect(self, link: Link, cls: type[p.Frame]) -> p.Frame:
+    async def _expect(self, link: Link | SealedChannel, cls: type[p.Frame]) -> p.Frame:
         try:
-            frame = await hs.recv_frame(link)
+            frame = await (link.recv() if isinstance(link, SealedChannel) else hs.recv_frame(link))
         except p.ProtocolError as e:
             await self._send_error(link, e.code, str(e))
             raise HandshakeRefused(f"handshake with {link.peer}: {e}") from None
@@ -144,7 +159,11 @@ class LinkRemote(RemotePort):
             raise HandshakeRefused(msg)
         return frame
 
-    async def _send_error(self, link: Link, code: int, message: str) -> None:
+    async def _send_error(self, link: Link | SealedChannel, code: int, message: str) -> None:
+        """Tell the secondary why (sealed once there is a channel), best effort."""
+        if isinstance(link, SealedChannel):
+            await link.refuse(code, message)
+            return
         try:
             await link.send(p.encode(p.Error(code=int(code), message=message)))
         except LinkDown:
@@ -155,15 +174,16 @@ class LinkRemote(RemotePort):
         self.stats["reconnect_attempts"] += 1
         link = await self._factory()
         try:
-            state = await hs.with_deadline(self._clock, self._handshake(link), hs.HANDSHAKE_TIMEOUT_S, "handshake")
+            state, channel = await hs.with_deadline(self._clock, self._handshake(link), hs.HANDSHAKE_TIMEOUT_S,
+                                                    "handshake")
         except BaseException:
             await link.close()
             raise
         self.stats["handshakes"] += 1
         self._index = {v.name: i for i, v in enumerate(self._volumes)}
-        self._link = link
+        self._link = channel
         self._up.set()
-        self._reader = asyncio.ensure_future(self._read_loop(link))
+        self._reader = asyncio.ensure_future(self._read_loop(channel))
         log.info("link up to %s (secondary committed CG %d, new=%s)", link.peer, state.committed_cg, state.new)
         self._emit("change", state="up", peer=link.peer, committed_cg=state.committed_cg, new=state.new)
         return state
@@ -235,7 +255,7 @@ class LinkRemote(RemotePort):
                 self.state = state
             return
 
-    async def _usable(self) -> Link:
+    async def _usable(self) -> SealedChannel:
         """The current link, waiting briefly for a reconnect; LinkDown if none."""
         if self._closed:
             raise LinkDown("link remote closed")
@@ -258,7 +278,7 @@ class LinkRemote(RemotePort):
             raise LinkDown(f"link down: {self.last_error or 'reconnecting'}")
         return link
 
-    async def _drop(self, link: Link, why: str) -> None:
+    async def _drop(self, link: SealedChannel, why: str) -> None:
         if self._link is link:
             self._link = None
             self._up.clear()
@@ -273,14 +293,14 @@ class LinkRemote(RemotePort):
         if not self._closed:
             self._start_reconnector()
 
-    async def _read_loop(self, link: Link) -> None:
+    async def _read_loop(self, link: SealedChannel) -> None:
         try:
             while True:
                 try:
-                    frame = await hs.recv_frame(link)
+                    frame = await link.recv()
                 except p.ProtocolError as e:
-                    # The stream lost sync or was corrupted: nothing after this
-                    # frame can be trusted; say so and start over.
+                    # Corrupted, forged, replayed or reordered: nothing after
+                    # this frame can be trusted; say so and start over.
                     log.warning("bad frame from %s: %s", link.peer, e)
                     await self._send_error(link, e.code, str(e))
                     await self._drop(link, f"bad frame: {e}")
@@ -313,18 +333,23 @@ class LinkRemote(RemotePort):
 
     async def _request(self, frame: p.Frame) -> None:
         link = await self._usable()
-        seq = frame.seq = next(self._seq)
         fut = asyncio.get_running_loop().create_future()
-        self._pending[seq] = (fut, link)
+        sent: list[int] = []
+
+        def register(seq: int) -> None:  # the channel numbers the frame; its ACK names that seq
+            self._pending[seq] = (fut, link)
+            sent.append(seq)
+
         try:
             try:
-                await link.send(p.encode(frame))
+                await link.send(frame, before_send=register)
             except LinkDown as e:
                 await self._drop(link, str(e))
                 raise
             await fut
         finally:
-            self._pending.pop(seq, None)
+            if sent:
+                self._pending.pop(sent[0], None)
             if fut.done() and not fut.cancelled():
                 fut.exception()  # retrieved: a send failure already raised for it
 

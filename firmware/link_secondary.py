@@ -3,7 +3,18 @@
 It runs the handshake (version, mutual HMAC challenge, session, geometry)
 and answers frames by calling a ``SecondaryPort`` (the Secondary). A peer
 that fails the handshake or sends a bad frame gets an ERROR frame and is
-closed, before anything touches B or C. DATA frames are written
+closed, before anything touches B or C. After the handshake every frame
+both ways goes through a ``SealedChannel`` (firmware/sealed.py): a frame
+rewritten, replayed, reordered or from another connection is refused with
+a log line and the connection closes; with ``encrypt`` (the default) a
+DATA payload sent in clear is refused too.
+
+Strangers are bounded: at most ``max_handshakes`` handshakes run at once,
+a few times as many connections wait for one (more are refused at once),
+and waiting and handshake together last at most ``handshake_timeout_s``.
+The frame size before authentication is the TCP driver's to cap
+(``PREAUTH_FRAME_BYTES``), the volume count the HELLO's declaration's
+(``MAX_VOLUMES``). DATA frames are written
 concurrently (at most ``data_inflight``), two for the same track in the
 order they came; a CG step waits until every DATA frame before it is
 written.
@@ -19,6 +30,7 @@ firmware/link_handshake.py.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -26,10 +38,15 @@ from firmware import link_handshake as hs
 from firmware import protocol as p
 from firmware.events import EventBus
 from firmware.remote import RemoteError, SecondaryPort, VolumeGeometry
+from firmware.sealed import SealedChannel
 from hal.clock import AsyncioClock, Clock
 from hal.link import Link, LinkDown
 
 log = logging.getLogger(__name__)
+
+MAX_HANDSHAKES = 8  # handshakes at once; strangers beyond it wait
+WAITING_PER_HANDSHAKE = 4  # ... up to this many per handshake slot, then are refused at once
+REJECTED_KEPT = 256  # refusal lines kept for status (a flood of strangers must not grow memory)
 
 
 class ReplicationService:
@@ -45,9 +62,14 @@ class ReplicationService:
         clock: Clock | None = None,
         data_inflight: int = 32,
         events: EventBus | None = None,
+        encrypt: bool = True,
+        max_handshakes: int = MAX_HANDSHAKES,
+        handshake_timeout_s: float = hs.HANDSHAKE_TIMEOUT_S,
     ) -> None:
         if not secret:
             raise ValueError("the link needs a non-empty shared secret")
+        if max_handshakes < 1 or not handshake_timeout_s > 0:
+            raise ValueError("max_handshakes must be at least 1 and handshake_timeout_s positive")
         self.secondary = secondary
         # What each request frame asks of the secondary, decided once here.
         self._calls: dict[type[p.Frame], Callable[..., Awaitable[None]]] = {
@@ -65,10 +87,17 @@ class ReplicationService:
         self._slots = asyncio.Semaphore(data_inflight)
         self._tasks: set[asyncio.Task] = set()
         self._by_track: dict[tuple[int, int], asyncio.Task] = {}
-        self._active: Link | None = None
+        self._active: SealedChannel | None = None
         self.events = events
-        self.rejected: list[str] = []  # one line per refused peer, for status and tests
-        self.stats = {"data_frames": 0, "data_bytes": 0, "links": 0, "rejected": 0, "bad_frames": 0}
+        self.encrypt = encrypt  # DATA payloads must come encrypted ([link] encrypt); integrity is never optional
+        self.max_handshakes = max_handshakes
+        self.handshake_timeout_s = handshake_timeout_s
+        self._handshake_slots = asyncio.Semaphore(max_handshakes)
+        self._unpaired = 0  # connections in or waiting for a handshake
+        # One line per refused peer (the newest), for status and tests.
+        self.rejected: collections.deque[str] = collections.deque(maxlen=REJECTED_KEPT)
+        self.stats = {"data_frames": 0, "data_bytes": 0, "links": 0, "rejected": 0, "bad_frames": 0,
+                      "busy": 0, "handshake_timeouts": 0}
 
     @property
     def link_up(self) -> bool:
@@ -78,23 +107,30 @@ class ReplicationService:
         if self.events is not None:
             self.events.emit(action, "link", **fields)
 
-    async def _send(self, link: Link, frame: p.Frame) -> None:
+    async def _send(self, channel: SealedChannel, frame: p.Frame) -> None:
         try:
-            await link.send(p.encode(frame))
+            await channel.send(frame)
         except LinkDown:
             pass
 
-    async def _refuse(self, link: Link, code: int, message: str) -> None:
+    async def _refuse(self, link: Link | SealedChannel, code: int, message: str) -> None:
+        """Say why to the peer (sealed once there is a channel) and log it."""
         self.stats["rejected"] += 1
         line = f"link from {link.peer or 'peer'} refused: {message}"
         self.rejected.append(line)
         log.warning("%s", line)
         self._emit("call", state="refused", peer=link.peer, reason=message)
-        await self._send(link, p.Error(code=int(code), message=message))
+        if isinstance(link, SealedChannel):
+            await link.refuse(code, message)
+            return
+        try:
+            await link.send(p.encode(p.Error(code=int(code), message=message)))
+        except LinkDown:
+            pass
 
-    async def _handshake(self, link: Link) -> tuple[str, list[str]] | None:
-        """Pair with a primary: its session and the volume names by wire
-        index, or None when refused."""
+    async def _handshake(self, link: Link) -> tuple[str, list[str], SealedChannel] | None:
+        """Pair with a primary: its session, the volume names by wire index
+        and the sealed channel to it, or None when refused."""
         try:
             hello = await hs.recv_frame(link)
         except p.ProtocolError as e:
@@ -128,9 +164,18 @@ class ReplicationService:
             return None
         mac = hs.auth_mac(self._secret, hs.SECONDARY, response.challenge, hello.session_id)
         await link.send(p.encode(p.AuthResponse(seq=response.seq, mac=mac)))
+        # Both sides know the session keys now: everything after is sealed.
+        sealing = p.Sealing.derive(self._secret, response.challenge, nonce, hello.session_id, hs.SECONDARY,
+                                   hs.PRIMARY, require_encrypted=self.encrypt)
+        channel = SealedChannel(link, sealing.seal, sealing.open, hs.SECONDARY, hs.PRIMARY)
         if self.session_id is not None and hello.session_id != self.session_id:
-            await self._refuse(link, p.ErrorCode.SESSION,
+            await self._refuse(channel, p.ErrorCode.SESSION,
                                f"session {hello.session_id!r}; this secondary serves {self.session_id!r}")
+            return None
+        if self.encrypt and hello.flags & p.FLAG_CLEAR:
+            await self._refuse(channel, p.ErrorCode.AUTH,
+                               "the primary sends DATA in clear ([link] encrypt = false there), "
+                               "this secondary requires encryption ([link] encrypt = true)")
             return None
         volumes = [VolumeGeometry(n, s, t) for n, s, t in hello.volumes]
         # Wait for work of an earlier link (DATA still being written) before
@@ -139,29 +184,44 @@ class ReplicationService:
         try:
             state = await self.secondary.hello(hello.session_id, volumes, hello.generation)
         except (RemoteError, ValueError, KeyError) as e:
-            await self._refuse(link, p.ErrorCode.GEOMETRY, str(e) or type(e).__name__)
+            await self._refuse(channel, p.ErrorCode.GEOMETRY, str(e) or type(e).__name__)
             return None
-        await link.send(p.encode(p.Status(
+        await channel.send(p.Status(
             acked=hello.seq, session_id=state.session_id, committed_cg=state.committed_cg,
             new=state.new, volumes=hs.wire_geometry(state.volumes),
-        )))
-        return hello.session_id, [v.name for v in volumes]
+        ))
+        return hello.session_id, [v.name for v in volumes], channel
+
+    async def _gated_handshake(self, link: Link) -> tuple[str, list[str], SealedChannel] | None:
+        async with self._handshake_slots:
+            return await self._handshake(link)
 
     async def serve(self, link: Link) -> None:
         """Serve one connection until it drops or misbehaves."""
+        if self._unpaired >= self.max_handshakes * WAITING_PER_HANDSHAKE:
+            self.stats["busy"] += 1
+            await self._refuse(link, p.ErrorCode.STATE,
+                               f"busy: {self._unpaired} connections in or waiting for a handshake")
+            await link.close()
+            return
+        self._unpaired += 1
         try:
-            paired = await hs.with_deadline(self._clock, self._handshake(link), hs.HANDSHAKE_TIMEOUT_S, "handshake")
+            paired = await hs.with_deadline(self._clock, self._gated_handshake(link), self.handshake_timeout_s,
+                                            "handshake")
         except TimeoutError as e:
+            self.stats["handshake_timeouts"] += 1
             await self._refuse(link, p.ErrorCode.STATE, str(e))
             paired = None
         except LinkDown as e:
             log.info("link from %s dropped during the handshake: %s", link.peer, e)
             paired = None
+        finally:
+            self._unpaired -= 1
         if paired is None:
             await link.close()
             return
-        session_id, names = paired
-        previous, self._active = self._active, link
+        session_id, names, channel = paired
+        previous, self._active = self._active, channel
         if previous is not None:
             # The old link's serve() no longer owns the state: say it went
             # down here, so a reconnect reads down then up, never up twice.
@@ -173,21 +233,22 @@ class ReplicationService:
         try:
             if previous is not None:
                 await previous.close()
-            await self._dispatch(link, names)
+            await self._dispatch(channel, names)
         except LinkDown as e:
             log.info("link from %s down: %s", link.peer, e)
         finally:
-            if self._active is link:
+            if self._active is channel:
                 self._active = None
                 self._emit("change", state="down", peer=link.peer)
             await link.close()
 
-    async def _dispatch(self, link: Link, names: list[str]) -> None:
+    async def _dispatch(self, link: SealedChannel, names: list[str]) -> None:
         while True:
-            raw = await link.recv()
             try:
-                frame = p.decode(raw)
+                frame = await link.recv()
             except p.ProtocolError as e:
+                # Noise (BadCrc) or an attacker (BadMac, BadSequence, NotEncrypted):
+                # nothing after this frame can be trusted.
                 self.stats["bad_frames"] += 1
                 await self._refuse(link, e.code, f"bad frame: {e}")
                 return
@@ -225,7 +286,7 @@ class ReplicationService:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def _data(self, link: Link, frame: p.Data, receive_track: Callable[..., Awaitable[None]], volume: str,
+    async def _data(self, link: SealedChannel, frame: p.Data, receive_track: Callable[..., Awaitable[None]], volume: str,
                     before: asyncio.Task | None) -> None:
         if before is not None:  # same track twice in flight: keep their order
             await asyncio.gather(before, return_exceptions=True)

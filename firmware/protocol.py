@@ -9,6 +9,24 @@ Every frame is ``header | body | crc32c``::
 ``seq`` numbers requests; replies (ACK, STATUS, ERROR) carry the request's
 sequence number in their body, so many requests may be in flight at once.
 
+After the handshake (firmware/link_handshake.py) every frame is sealed with
+the connection's session keys (firmware/seal.py) and its header says so
+(``FLAG_SEALED``); ``seq`` is then the sender's own sequence number, 1, 2,
+3, ... in each direction, which the receiving channel checks
+(firmware/sealed.py)::
+
+    any kind:  header | fields | mac (32)                      mac = HMAC(mac key, role | seq | header | fields)
+    DATA:      header | volume, track, cg_seq | sealed payload | tag (16)
+               AES-256-GCM, nonce = role | seq, associated data = header and fixed fields;
+               the payload encrypted, or with FLAG_CLEAR ([link] encrypt = false) in clear
+               and in the associated data (authenticated, not hidden)
+
+The CRC32C stays on every frame: it tells noise (BadCrc) from an attacker
+(BadMac). Before the handshake a peer is a stranger: a frame longer than
+``PREAUTH_FRAME_BYTES`` is refused unread by the TCP driver (``is_sealed``
+tells it when this side has authenticated its peer), and a volume list
+longer than ``MAX_VOLUMES`` is refused before one entry is parsed.
+
 The layout is declared once: ``Header`` (the kind an ``Enum`` of ``Kind``)
 and ``Body``, a ``Switch`` on the kind whose cases are the frame classes'
 own ``BODY`` structs behind an Adapter that makes and takes the dataclass.
@@ -32,11 +50,15 @@ from typing import ClassVar
 import construct as cs
 import crc32c
 
+from firmware import seal
+from firmware.layout import MAX_VOLUMES
 from hal.wire import fast_struct
 
-PROTOCOL_VERSION = 2  # 2: HELLO carries the primary's format generation
+PROTOCOL_VERSION = 3  # 2: HELLO carries the primary's format generation; 3: frames sealed after the handshake
 MAGIC = b"MFWL"
 MAX_BODY_BYTES = 64 << 20  # a DATA frame carries one track; 64 MiB leaves room for huge tracks
+PREAUTH_FRAME_BYTES = 64 << 10  # the longest frame from a peer not yet authenticated (a HELLO of 48 volumes is ~10 KiB)
+LINK_KEYS_LABEL = b"mirrorfw-link-v3 session keys"
 
 
 class Kind(enum.IntEnum):
@@ -84,7 +106,9 @@ HEADER_BYTES = HEADER.size
 CRC_BYTES = 4
 
 FLAG_REPLY = 0x0001  # set on ACK/STATUS/ERROR; informative, checked only for unknown bits
-KNOWN_FLAGS = FLAG_REPLY
+FLAG_SEALED = 0x0002  # sealed with the session keys (every frame after the handshake)
+FLAG_CLEAR = 0x0004  # DATA: the payload in clear (authenticated only); HELLO: this primary sends it so
+KNOWN_FLAGS = FLAG_REPLY | FLAG_SEALED | FLAG_CLEAR
 
 Text = cs.PascalString(cs.Int16ub, "utf8")
 
@@ -105,7 +129,15 @@ class _VolumeList(cs.Adapter):
         return [{"name": n, "size_bytes": s, "track_bytes": t} for n, s, t in obj]
 
 
-Volumes = _VolumeList(cs.PrefixedArray(cs.Int16ub, Geometry))
+# A count, then that many geometries; a count over MAX_VOLUMES (what the NVRAM
+# layout can hold) fails before one entry is parsed, so a stranger's HELLO of
+# 65,535 volumes costs one check, not a parse of each.
+Volumes = _VolumeList(cs.FocusedSeq(
+    "items",
+    "count" / cs.Rebuild(cs.Int16ub, cs.len_(cs.this.items)),
+    cs.Check(cs.this.count <= MAX_VOLUMES),
+    "items" / cs.Array(cs.this.count, Geometry),
+))
 
 
 # -- errors ------------------------------------------------------------------
@@ -139,6 +171,26 @@ class BadKind(ProtocolError):
 
 class BadBody(ProtocolError):
     pass
+
+
+class BadMac(ProtocolError):
+    """A sealed frame whose MAC or tag does not match: rewritten, forged,
+    reflected, or from another connection; or an unsealed frame after the
+    handshake."""
+
+    code = ErrorCode.AUTH
+
+
+class BadSequence(ProtocolError):
+    """A sealed frame out of sequence: replayed, reordered or dropped."""
+
+    code = ErrorCode.AUTH
+
+
+class NotEncrypted(ProtocolError):
+    """A DATA payload in clear where this side requires encryption."""
+
+    code = ErrorCode.AUTH
 
 
 class PeerError(ProtocolError):
@@ -311,14 +363,48 @@ Body = cs.Switch(
 DATA_HEAD = fast_struct(cs.Struct(*Header.subcons, *DataHead.subcons))
 _DATA_FIXED_BYTES = DataHead.sizeof()
 _BODY_ERRORS = (cs.ConstructError, ValueError, TypeError, OverflowError, UnicodeError)
+MAC_BYTES = seal.MAC_BYTES
+TAG_BYTES = seal.TAG_BYTES
 
 
-def encode(frame: Frame) -> bytes:
-    """The bytes of one frame; raises ProtocolError for a value that does not fit."""
+class Sealing:
+    """How one side seals what it sends and opens what it receives on one
+    connection after the handshake: the session keys, its own role and the
+    peer's, whether its DATA payloads are encrypted, and whether it insists
+    the peer's are."""
+
+    def __init__(self, keys: seal.SessionKeys, role: str, peer_role: str, *, encrypt: bool = True,
+                 require_encrypted: bool = True) -> None:
+        self.keys = keys
+        self.role = role
+        self.peer_role = peer_role
+        self.encrypt = encrypt
+        self.require_encrypted = require_encrypted
+
+    @classmethod
+    def derive(cls, secret: bytes, primary_nonce: bytes, secondary_nonce: bytes, session_id: str, role: str,
+               peer_role: str, **kw) -> Sealing:
+        material = seal.session_key(secret, primary_nonce, secondary_nonce, LINK_KEYS_LABEL, session_id,
+                                    2 * seal.KEY_BYTES)
+        return cls(seal.SessionKeys(material), role, peer_role, **kw)
+
+    def seal(self, frame: Frame) -> bytes | bytearray:
+        return encode(frame, sealing=self)
+
+    def open(self, raw: bytes) -> Frame:
+        return decode(raw, sealing=self)
+
+
+def encode(frame: Frame, *, sealing: Sealing | None = None) -> bytes | bytearray:
+    """The bytes of one frame, sealed as ``sealing`` says when given (every
+    frame after the handshake); raises ProtocolError for a value that does
+    not fit."""
     kind = frame.KIND
     flags = frame.flags | (FLAG_REPLY if kind in REPLY_KINDS else 0)
     if kind is Kind.DATA:
         try:
+            if sealing is not None:
+                return _seal_data(frame, flags, sealing)
             return _encode_data(frame, flags)
         except (struct.error, TypeError):
             pass  # a value that does not fit: the declaration says which, below
@@ -326,14 +412,21 @@ def encode(frame: Frame) -> bytes:
         body = Body.build(frame, kind=kind.name)
     except _BODY_ERRORS as e:
         raise BadBody(f"cannot encode {kind.name}: {e}") from None
-    if len(body) > MAX_BODY_BYTES:
-        raise BadLength(f"{kind.name} body is {len(body)} bytes, more than {MAX_BODY_BYTES}")
+    length = len(body) + (MAC_BYTES if sealing is not None else 0)
+    if length > MAX_BODY_BYTES:
+        raise BadLength(f"{kind.name} body is {length} bytes, more than {MAX_BODY_BYTES}")
+    if sealing is not None:
+        flags |= FLAG_SEALED
     try:
-        header = HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, flags, frame.seq, len(body))
+        header = HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, flags, frame.seq, length)
     except struct.error:
-        header = _build_header(kind, flags, frame.seq, len(body))
-    crc = crc32c.crc32c(body, crc32c.crc32c(header))
-    return b"".join((header, body, crc.to_bytes(CRC_BYTES, "big")))
+        header = _build_header(kind, flags, frame.seq, length)
+    parts = [header, body]
+    if sealing is not None:
+        parts.append(seal.seal_mac(sealing.keys.mac_key, sealing.role, frame.seq, header + body))
+    crc = crc32c.crc32c(b"".join(parts))
+    parts.append(crc.to_bytes(CRC_BYTES, "big"))
+    return b"".join(parts)
 
 
 def _encode_data(frame: Data, flags: int) -> bytes:
@@ -345,6 +438,33 @@ def _encode_data(frame: Data, flags: int) -> bytes:
                           frame.volume, frame.track, frame.cg_seq)
     crc = crc32c.crc32c(payload, crc32c.crc32c(head))
     return b"".join((head, payload, crc.to_bytes(CRC_BYTES, "big")))
+
+
+def _seal_data(frame: Data, flags: int, sealing: Sealing) -> bytearray:
+    """A sealed DATA frame built in one buffer: the payload is copied once,
+    encrypted on its way in (or, in clear, copied and covered by the tag)."""
+    payload = frame.payload
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError("payload must be bytes")
+    size = len(payload)
+    length = _DATA_FIXED_BYTES + size + TAG_BYTES
+    if length > MAX_BODY_BYTES:
+        raise BadLength(f"DATA body is {length} bytes, more than {MAX_BODY_BYTES}")
+    flags |= FLAG_SEALED | (0 if sealing.encrypt else FLAG_CLEAR)
+    head = DATA_HEAD.size
+    buf = bytearray(head + size + TAG_BYTES + CRC_BYTES)
+    DATA_HEAD.pack_into(buf, 0, MAGIC, PROTOCOL_VERSION, Kind.DATA, flags, frame.seq, length,
+                        frame.volume, frame.track, frame.cg_seq)
+    view = memoryview(buf)
+    cipher, role, seq = sealing.keys.cipher, sealing.role, frame.seq
+    if sealing.encrypt:
+        cipher.seal_into(role, seq, payload, view[:head], view[head : head + size + TAG_BYTES])
+    else:
+        view[head : head + size] = payload
+        cipher.seal_into(role, seq, b"", view[: head + size], view[head + size : head + size + TAG_BYTES])
+    crc = crc32c.crc32c(view[:-CRC_BYTES])
+    view[-CRC_BYTES:] = crc.to_bytes(CRC_BYTES, "big")
+    return buf
 
 
 def _build_header(kind: Kind, flags: int, seq: int, length: int) -> bytes:
@@ -370,8 +490,17 @@ def rest_length(header: bytes) -> int:
     return length + CRC_BYTES
 
 
-def decode(buf: bytes) -> Frame:
-    """One frame from exactly its bytes; ProtocolError says what is wrong."""
+def is_sealed(header: bytes) -> bool:
+    """Whether a frame header says the frame is sealed. The TCP driver asks
+    it of the frames this side sends: a side seals only after it has
+    authenticated its peer, so from then on the peer may send long frames."""
+    return len(header) >= HEADER_BYTES and header[:4] == MAGIC and bool(HEADER.unpack_from(header)[3] & FLAG_SEALED)
+
+
+def decode(buf: bytes, *, sealing: Sealing | None = None) -> Frame:
+    """One frame from exactly its bytes; with ``sealing``, a sealed frame
+    from the peer whose MAC (or tag) is checked before its body is parsed.
+    ProtocolError says what is wrong (BadMac when the seal does not match)."""
     view = memoryview(buf).cast("B")
     size = len(view)
     if size < HEADER_BYTES + CRC_BYTES:
@@ -401,17 +530,58 @@ def decode(buf: bytes) -> Frame:
         raise BadBody(f"{kind.name}: unknown flags {flags & ~KNOWN_FLAGS:#x}")
     if bool(flags & FLAG_REPLY) != (kind in REPLY_KINDS):
         raise BadBody(f"{kind.name}: reply flags {flags:#x} do not fit the kind")
-    flags &= ~FLAG_REPLY
+    if flags & FLAG_CLEAR and not (kind is Kind.HELLO or kind is Kind.DATA and flags & FLAG_SEALED):
+        raise BadBody(f"{kind.name}: flags {flags:#x} do not fit the kind")
+    end = size - CRC_BYTES
+    if sealing is not None:
+        if not flags & FLAG_SEALED:
+            raise BadMac(f"{kind.name} seq {seq}: not sealed (an unsealed frame after the handshake)")
+        if kind is Kind.DATA:
+            return _open_data(view, flags, seq, length, sealing)
+        if length < MAC_BYTES:
+            raise BadMac(f"{kind.name} seq {seq}: too short for its MAC")
+        end -= MAC_BYTES
+        if not seal.check_seal_mac(sealing.keys.mac_key, sealing.peer_role, seq, view[:end],
+                                   view[end : end + MAC_BYTES]):
+            raise BadMac(f"{kind.name} seq {seq}: MAC mismatch (rewritten, forged, or from another connection)")
+    elif flags & FLAG_SEALED:
+        raise BadBody(f"{kind.name} seq {seq}: a sealed frame before the handshake")
+    flags &= ~(FLAG_REPLY | FLAG_SEALED)
     if kind is Kind.DATA and length >= _DATA_FIXED_BYTES:
         *_, volume, track, cg_seq = DATA_HEAD.unpack_from(view)
-        payload = bytes(view[DATA_HEAD.size : -CRC_BYTES])  # the one copy of the payload
+        payload = bytes(view[DATA_HEAD.size : end])  # the one copy of the payload
         return Data(seq=seq, flags=flags, volume=volume, track=track, cg_seq=cg_seq, payload=payload)
     try:
-        return Body.parse(bytes(view[HEADER_BYTES:-CRC_BYTES]), kind=kind.name, seq=seq, flags=flags)
+        return Body.parse(bytes(view[HEADER_BYTES:end]), kind=kind.name, seq=seq, flags=flags)
     except cs.TerminatedError:
         raise BadBody(f"{kind.name} body has trailing bytes") from None
+    except cs.CheckError:  # the only Check: a volume list's count
+        raise BadBody(f"{kind.name} lists more than {MAX_VOLUMES} volumes") from None
     except (cs.ConstructError, UnicodeError, ValueError, OverflowError) as e:
         raise BadBody(f"{kind.name} body does not parse: {_first_line(e)}") from None
+
+
+def _open_data(view: memoryview, flags: int, seq: int, length: int, sealing: Sealing) -> Data:
+    """A sealed DATA frame's fields and payload, once its tag matches."""
+    head = DATA_HEAD.size
+    if length < _DATA_FIXED_BYTES + TAG_BYTES:
+        raise BadMac(f"DATA seq {seq}: too short for its fields and tag")
+    clear = bool(flags & FLAG_CLEAR)
+    if clear and sealing.require_encrypted:
+        raise NotEncrypted(f"DATA seq {seq}: payload in clear, but this side requires encryption "
+                           "([link] encrypt = true)")
+    end = len(view) - CRC_BYTES
+    cipher = sealing.keys.cipher
+    if clear:
+        opened = cipher.open(sealing.peer_role, seq, view[end - TAG_BYTES : end], view[: end - TAG_BYTES])
+        payload = bytes(view[head : end - TAG_BYTES]) if opened is not None else None  # the one copy
+    else:
+        payload = cipher.open(sealing.peer_role, seq, view[head:end], view[:head])  # decrypted: the one copy
+    if payload is None:
+        raise BadMac(f"DATA seq {seq}: tag mismatch (rewritten, forged, or from another connection)")
+    *_, volume, track, cg_seq = DATA_HEAD.unpack_from(view)
+    return Data(seq=seq, flags=flags & ~(FLAG_SEALED | FLAG_CLEAR), volume=volume, track=track, cg_seq=cg_seq,
+                payload=payload)
 
 
 def _first_line(e: BaseException) -> str:

@@ -43,7 +43,7 @@ def test_crc32c_is_castagnoli():
 
 def hello_fixture() -> bytes:
     """HELLO seq 3, session "demo", one volume vol0 of 1 MiB in 64 KiB tracks,
-    format generation 7, from the layout by hand (frame version 2)."""
+    format generation 7, from the layout by hand (frame version 3)."""
     body = (
         struct.pack(">H", 2)  # hello version
         + struct.pack(">H", 4) + b"demo"
@@ -51,7 +51,7 @@ def hello_fixture() -> bytes:
         + struct.pack(">H", 4) + b"vol0" + struct.pack(">QI", 1 << 20, 65536)
         + struct.pack(">Q", 7)  # the primary's format generation
     )
-    header = b"MFWL" + struct.pack(">BBHQI", 2, 1, 0, 3, len(body))
+    header = b"MFWL" + struct.pack(">BBHQI", 3, 1, 0, 3, len(body))
     return header + body + struct.pack(">I", crc32c.crc32c(header + body))
 
 
@@ -160,37 +160,40 @@ def test_decoder_fuzz_mutated_frames(frame, edits, fix_crc, cut):
 # -- the wire bytes, pinned ------------------------------------------------------
 # Captured from the encoder as it was before the frames were declared with
 # construct's Enum/Switch/Adapters (commit 5025686): a rewrite of the
-# declaration must not move a single byte.
+# declaration must not move a single byte. Regenerated once for protocol
+# version 3 (frames sealed after the handshake): each frame's version byte
+# 2 -> 3 and so its CRC; every other byte is as before (checked by script when
+# regenerated: old bytes with byte 4 set to 3 and the CRC redone == new bytes).
 PINNED = [
     ("hello", p.Hello(seq=1, version=1, session_id="demo", volumes=[("vol0", 1 << 30, 65536), ("v1", 4096, 512)]),
-     "4d46574c020100000000000000000001000000340001000464656d6f00020004766f6c300000000040000000000100000002"
-     "76310000000000001000000002000000000000000000fe1a0e28"),
+     "4d46574c030100000000000000000001000000340001000464656d6f00020004766f6c300000000040000000000100000002"
+     "76310000000000001000000002000000000000000000e2032a13"),
     ("hello-empty", p.Hello(seq=2, version=1, session_id=""),
-     "4d46574c0201000000000000000000020000000e0001000000000000000000000000ce818f2e"),
+     "4d46574c0301000000000000000000020000000e0001000000000000000000000000db3ace27"),
     ("auth-challenge", p.AuthChallenge(seq=3, nonce=bytes(range(8))),
-     "4d46574c02020000000000000000000300000009080001020304050607e75dc5b6"),
+     "4d46574c03020000000000000000000300000009080001020304050607c9690e2b"),
     ("auth-response", p.AuthResponse(seq=4, mac=b"\xaa" * 4, challenge=b"UUU"),
-     "4d46574c0203000000000000000000040000000904aaaaaaaa03555555de632e47"),
+     "4d46574c0303000000000000000000040000000904aaaaaaaa03555555f057e5da"),
     ("auth-response-last", p.AuthResponse(seq=5, mac=b"\xaa" * 4),
-     "4d46574c0203000000000000000000050000000604aaaaaaaa0073dfa92c"),
+     "4d46574c0303000000000000000000050000000604aaaaaaaa002fca4798"),
     ("data", p.Data(seq=6, volume=1, track=123456, cg_seq=77, payload=b"PAYLOAD"),
-     "4d46574c020400000000000000000006000000190001000000000001e240000000000000004d5041594c4f4144ae190032"),
+     "4d46574c030400000000000000000006000000190001000000000001e240000000000000004d5041594c4f414417f0e5c2"),
     ("data-empty", p.Data(seq=7, volume=0, track=0, cg_seq=1, payload=b""),
-     "4d46574c0204000000000000000000070000001200000000000000000000000000000000000156cee6d5"),
-    ("drain-done", p.DrainDone(seq=8, cg_seq=77), "4d46574c02050000000000000000000800000008000000000000004de28c3193"),
-    ("sync", p.Sync(seq=8, cg_seq=77), "4d46574c020c0000000000000000000800000008000000000000004d37f4db78"),
-    ("prepare", p.Prepare(seq=9, cg_seq=77), "4d46574c02060000000000000000000900000008000000000000004d4c2a19be"),
-    ("commit", p.Commit(seq=10, cg_seq=77), "4d46574c02070000000000000000000a00000008000000000000004d688fa129"),
-    ("abort", p.Abort(seq=11, cg_seq=78), "4d46574c02080000000000000000000b00000008000000000000004ea771d632"),
-    ("ack", p.Ack(seq=12, acked=6), "4d46574c02090001000000000000000c0000000c000000000000000600000000254c96b0"),
+     "4d46574c03040000000000000000000700000012000000000000000000000000000000000001283a6d04"),
+    ("drain-done", p.DrainDone(seq=8, cg_seq=77), "4d46574c03050000000000000000000800000008000000000000004d58c3f31d"),
+    ("sync", p.Sync(seq=8, cg_seq=77), "4d46574c030c0000000000000000000800000008000000000000004d8dbb19f6"),
+    ("prepare", p.Prepare(seq=9, cg_seq=77), "4d46574c03060000000000000000000900000008000000000000004df665db30"),
+    ("commit", p.Commit(seq=10, cg_seq=77), "4d46574c03070000000000000000000a00000008000000000000004dd2c063a7"),
+    ("abort", p.Abort(seq=11, cg_seq=78), "4d46574c03080000000000000000000b00000008000000000000004e1d3e14bc"),
+    ("ack", p.Ack(seq=12, acked=6), "4d46574c03090001000000000000000c0000000c00000000000000060000000087591d84"),
     ("ack-refused", p.Ack(seq=13, acked=7, status=p.AckStatus.REFUSED, message="völ0?"),
-     "4d46574c02090001000000000000000d0000001200000000000000070001000676c3b66c303f2466b148"),
+     "4d46574c03090001000000000000000d0000001200000000000000070001000676c3b66c303f5a923a99"),
     ("status", p.Status(seq=14, acked=1, session_id="demo", committed_cg=76, new=True,
                         volumes=[("vol0", 1 << 20, 65536)]),
-     "4d46574c020a0001000000000000000e0000002b0000000000000001000464656d6f000000000000004c0100010004766f6c"
-     "30000000000010000000010000f211b015"),
+     "4d46574c030a0001000000000000000e0000002b0000000000000001000464656d6f000000000000004c0100010004766f6c"
+     "30000000000010000000010000c6503da1"),
     ("error", p.Error(seq=15, code=p.ErrorCode.AUTH, message="wrong secret"),
-     "4d46574c020b0001000000000000000f000000100003000c77726f6e6720736563726574961356ca"),
+     "4d46574c030b0001000000000000000f000000100003000c77726f6e6720736563726574abb58601"),
 ]
 
 
@@ -290,3 +293,111 @@ def test_encode_refuses_a_payload_that_is_not_bytes():
         p.encode(p.Data(seq=1, volume=0, track=0, cg_seq=0, payload="text"))
     with pytest.raises(p.BadBody, match="cannot encode DATA header"):
         p.encode(p.Data(seq=-1, volume=0, track=0, cg_seq=0, payload=b""))
+
+
+# -- sealed frames (after the handshake) ----------------------------------------------
+from firmware import seal  # noqa: E402
+
+MATERIAL = bytes(range(64))  # mac key 0..31, AEAD key 32..63
+
+
+def sealing(role="primary", peer="secondary", **kw) -> p.Sealing:
+    return p.Sealing(seal.SessionKeys(MATERIAL), role, peer, **kw)
+
+
+def test_a_sealed_commit_matches_a_hand_made_fixture():
+    raw = p.encode(p.Commit(seq=5, cg_seq=258), sealing=sealing())
+    header = b"MFWL" + bytes([3, p.Kind.COMMIT]) + struct.pack(">HQI", p.FLAG_SEALED, 5, 8 + 32)
+    fields = (258).to_bytes(8, "big")
+    import hashlib
+    import hmac
+    mac = hmac.new(MATERIAL[:32], b"primary\0" + (5).to_bytes(8, "big") + header + fields, hashlib.sha256).digest()
+    assert raw == header + fields + mac + struct.pack(">I", crc32c.crc32c(header + fields + mac))
+    assert p.decode(raw, sealing=sealing("secondary", "primary")) == p.Commit(seq=5, cg_seq=258)
+
+
+@pytest.mark.parametrize("encrypt", [True, False], ids=["encrypted", "clear"])
+def test_a_sealed_data_frame_matches_a_hand_made_fixture(encrypt):
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    payload = b"PAYLOAD" * 10
+    raw = bytes(p.encode(p.Data(seq=6, volume=1, track=9, cg_seq=77, payload=payload),
+                         sealing=sealing(encrypt=encrypt)))
+    flags = p.FLAG_SEALED | (0 if encrypt else p.FLAG_CLEAR)
+    head = (b"MFWL" + bytes([3, p.Kind.DATA]) + struct.pack(">HQI", flags, 6, 18 + len(payload) + 16)
+            + struct.pack(">HQQ", 1, 9, 77))
+    import hashlib
+    nonce = hashlib.sha256(b"primary").digest()[:4] + (6).to_bytes(8, "big")
+    if encrypt:
+        body = AESGCM(MATERIAL[32:]).encrypt(nonce, payload, head)
+        assert payload not in raw
+    else:
+        body = payload + AESGCM(MATERIAL[32:]).encrypt(nonce, b"", head + payload)
+    assert raw == head + body + struct.pack(">I", crc32c.crc32c(head + body))
+    opened = p.decode(raw, sealing=sealing("secondary", "primary", require_encrypted=encrypt))
+    assert opened == p.Data(seq=6, volume=1, track=9, cg_seq=77, payload=payload)
+    assert type(opened.payload) is bytes
+
+
+def test_a_clear_data_frame_is_refused_where_encryption_is_required():
+    raw = p.encode(p.Data(seq=1, volume=0, track=0, cg_seq=1, payload=b"x"), sealing=sealing(encrypt=False))
+    with pytest.raises(p.NotEncrypted, match="requires encryption"):
+        p.decode(raw, sealing=sealing("secondary", "primary", require_encrypted=True))
+
+
+@pytest.mark.parametrize("frame", [p.Data(seq=4, volume=0, track=3, cg_seq=9, payload=b"\x5a" * 1000),
+                                   p.Commit(seq=4, cg_seq=9)], ids=["data", "commit"])
+@pytest.mark.parametrize("how", ["other key", "reflected", "unsealed", "rewritten seq", "rewritten body",
+                                 "rewritten payload", "clear flag"])
+def test_a_sealed_frame_that_was_tampered_with_is_refused(frame, how):
+    """What a proxy without the secret can do, CRC recomputed each time."""
+    receiver = sealing("secondary", "primary", require_encrypted=False)
+    if how == "other key":
+        other = p.Sealing(seal.SessionKeys(bytes(64)), "primary", "secondary")
+        raw = bytes(p.encode(frame, sealing=other))
+    elif how == "reflected":  # a frame sent back at its sender: the roles differ
+        raw = bytes(p.encode(frame, sealing=sealing("secondary", "primary")))
+    elif how == "unsealed":
+        raw = bytes(p.encode(frame))
+    else:
+        raw = bytearray(p.encode(frame, sealing=sealing()))
+        at = {"rewritten seq": 15, "rewritten body": p.HEADER_BYTES + 7, "rewritten payload": -30,
+              "clear flag": 7}[how]
+        raw[at] ^= p.FLAG_CLEAR if how == "clear flag" else 1
+        raw = recrc(bytes(raw))
+    # A clear flag on anything but DATA does not even get to the MAC.
+    refused = p.BadBody if how == "clear flag" and not isinstance(frame, p.Data) else p.BadMac
+    with pytest.raises(refused):
+        p.decode(raw, sealing=receiver)
+
+
+def test_a_sealed_frame_before_the_handshake_is_refused():
+    with pytest.raises(p.BadBody, match="sealed frame before the handshake"):
+        p.decode(p.encode(p.Commit(seq=1, cg_seq=1), sealing=sealing()))
+
+
+def test_the_driver_learns_from_a_header_whether_it_is_sealed():
+    assert not p.is_sealed(p.encode(p.Status(acked=1, session_id="s", committed_cg=0, new=False))[:20])
+    assert p.is_sealed(p.encode(p.Status(acked=1, session_id="s", committed_cg=0, new=False),
+                                sealing=sealing())[:20])
+    assert not p.is_sealed(b"GET / HTTP/1.1\r\nHost")
+
+
+def test_a_hello_of_65535_volumes_is_refused_before_one_is_parsed():
+    import time
+
+    body = (struct.pack(">H", 3) + struct.pack(">H", 4) + b"demo" + struct.pack(">H", 65535)
+            + (struct.pack(">H", 4) + b"vol0" + struct.pack(">QI", 1 << 20, 65536)) * 65535 + struct.pack(">Q", 0))
+    header = b"MFWL" + struct.pack(">BBHQI", 3, 1, 0, 1, len(body))
+    raw = header + body + struct.pack(">I", crc32c.crc32c(header + body))
+    assert len(raw) > 1_000_000  # the 1.3 MB HELLO of issue 16
+    start = time.perf_counter()
+    with pytest.raises(p.BadBody, match=f"more than {p.MAX_VOLUMES} volumes"):
+        p.decode(raw)
+    assert time.perf_counter() - start < 0.05  # was 0.6 s of parsing on the event loop
+    # MAX_VOLUMES itself still goes through, both ways.
+    many = [(f"v{i}", 1 << 20, 65536) for i in range(p.MAX_VOLUMES)]
+    hello = p.Hello(seq=1, version=3, session_id="s", volumes=many)
+    assert p.decode(p.encode(hello)) == hello
+    with pytest.raises(p.BadBody):
+        p.encode(p.Hello(seq=1, version=3, session_id="s", volumes=many + [("x", 1, 1)]))

@@ -237,18 +237,32 @@ def test_corrupt_data_frame_is_refused_before_it_reaches_b(tmp_path):
     run(main())
 
 
-def test_duplicated_and_reordered_frames_still_commit_the_right_data(tmp_path):
+@pytest.mark.parametrize("fault", ["duplicate", "reorder"])
+def test_duplicated_or_reordered_frames_are_refused_then_the_next_cg_commits(tmp_path, fault):
+    # Sealed frames carry the sender's sequence number under the MAC: a frame
+    # seen twice is a replay and one overtaken is out of order. Either way the
+    # secondary refuses it and drops the link before it reaches B; the CG
+    # fails, the link comes back, and the next CG commits the right data.
     async def main():
         site = await Site(tmp_path).start()
-        plan = LinkFaultPlan(seed=5, duplicate=0.5, reorder=0.3)
-        remote = site.remote(plan=plan)
+        plan = LinkFaultPlan(seed=5)
+        remote = site.remote(plan=plan, down_wait_s=2.0)
         await remote.connect("test", GEOMETRY)
-        plan.match = is_data  # the handshake passes untouched
+        await send_cg(remote, 1, [(0, 0)])
+        c_before = await site.secondary.read_c("vol0", 0, SIZE)
+        plan.match = is_data
+        setattr(plan, fault, 1.0)
+        with pytest.raises(LinkDown, match="replayed" if fault == "duplicate" else "out of order"):
+            await send_cg(remote, 2, [(0, t) for t in range(4)])
+        assert plan.done[fault] >= 1 and site.service.stats["bad_frames"] == 1
+        assert await site.secondary.read_c("vol0", 0, SIZE) == c_before  # C never moved
+        setattr(plan, fault, 0.0)
+        await remote.abort(2)
         tracks = [(0, t) for t in range(16)]
-        await send_cg(remote, 1, tracks)
-        assert plan.done["duplicate"] > 0 and plan.done["reorder"] > 0
+        await send_cg(remote, 3, tracks)
         for v, t in tracks:
-            assert await site.secondary.read_c("vol0", t * TRACK, TRACK) == pattern(v, t, 1)
+            assert await site.secondary.read_c("vol0", t * TRACK, TRACK) == pattern(v, t, 3)
+        assert remote.stats["handshakes"] == 2
         await remote.close()
         await site.close()
 
