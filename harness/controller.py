@@ -267,7 +267,7 @@ class Controller:
 
         if self.cfg.host_listen is None and self.cfg.host_socket is None:
             return
-        server = NbdServer(target, read_only=read_only)
+        server = NbdServer(target, read_only=read_only, limits=self.cfg.host_limits)
         self._close_on_exit(server.close)
         if self.cfg.host_listen is not None:
             host, port = await server.start_tcp(*self.cfg.host_listen)
@@ -300,6 +300,9 @@ class PrimaryController(Controller):
         from firmware.link_primary import LinkRemote
         from firmware.primary import Primary
 
+        if cfg.session_role:  # its crash points (session.*) are declared on import
+            with contextlib.suppress(ImportError):  # said in one line by local_member/session_master
+                import firmware.session  # noqa: F401
         self._arm_crashpoints()
         volumes = {v.name: self._open_device(v.url) for v in cfg.volumes}
         host, port = cfg.link_peer
