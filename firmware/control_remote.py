@@ -167,7 +167,7 @@ class ControlRemote(MemberPort):
                     await channel.refuse(e.code, f"refused: {e}")
                     await self._drop(channel, f"bad frame: {e}")
                     return
-                if isinstance(frame, (cp.MemberAck, cp.MemberReport)):
+                if isinstance(frame, (cp.MemberAck, cp.MemberReport, cp.FlashReport)):
                     entry = self._pending.get(frame.acked)
                     if entry is not None and not entry[0].done():
                         entry[0].set_result(frame)

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "secondary": ("harness.cmd_secondary", "run the secondary controller from a config file"),
     "serve": ("harness.cmd_serve", "serve plain devices over NBD (replication off)"),
     "demo": ("testbench.cli_demo", "the main job: both controllers on file-backed volumes, a bundled trace replayed, C checked, a report"),
+    "recover": ("harness.cmd_recover", "session recovery from the master's config: every member's C to one CG (--failover: then C -> B)"),
     "console": ("harness.cmd_console", "talk to a controller console (socket://, rfc2217://, pty://); one command or interactive"),
     "bench": ("testbench.cli_bench", "run the benchmarks side by side and write bench/results.json"),
     "faults": ("testbench.cli_faults", "seeded fault campaign (crash, link, device, fuzz, load); writes faults/results.json"),
