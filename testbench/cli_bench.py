@@ -8,7 +8,10 @@ Parts (``--only`` picks some; the rest record null with the reason):
 - ``replicating``: primary + secondary processes with CGs cycling next to
   nbdkit (testbench.bench.replicating) -> mirrorfw_replicating, nbdkit, the
   two replicating ratios, held_ack_ms, rpo_s, rss_mib;
-- ``cg``: CG cycle time on large sparse volumes (testbench.bench.cg) -> cg_cycle_s.
+- ``cg``: CG cycle time on large sparse volumes (testbench.bench.cg) -> cg_cycle_s;
+- ``formation``: held acks per CG with 1, 3 and 8 controllers in one session
+  (testbench.bench.formation; 1 and 3 as real processes, 8 in process) ->
+  cg_formation_ms.
 
 A part that cannot run records null figures and a reason in ``skipped``;
 no number is ever made up. Keys: /work/shared/RESULTS.md.
@@ -30,7 +33,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-PARTS = ("hal", "nbd", "replicating", "cg")
+PARTS = ("hal", "nbd", "replicating", "cg", "formation")
+FORMATION_COUNTS = ("1", "3", "8")
 RATIO_KEYS = ("randwrite_4k_replicating_vs_nbdkit", "seqwrite_1m_replicating_vs_nbdkit", "randread_4k_vs_nbdkit",
               "hal_randwrite_4k_qd1_vs_fio", "hal_randwrite_4k_qd32_vs_fio", "hal_seqwrite_1m_vs_fio")
 CG_KEYS = ("1TiB_0.1pct", "1TiB_1pct", "16TiB_0.1pct", "16TiB_1pct")
@@ -56,6 +60,7 @@ def empty_results() -> dict:
         "held_ack_ms": dict.fromkeys(STAT_KEYS),
         "rpo_s": dict.fromkeys(STAT_KEYS),
         "cg_cycle_s": dict.fromkeys(CG_KEYS),
+        "cg_formation_ms": {n: dict.fromkeys(STAT_KEYS) for n in FORMATION_COUNTS},
         "rss_mib": {"primary_peak": None, "secondary_peak": None},
         "skipped": {},
         "parts_s": {},
@@ -138,6 +143,19 @@ def part_cg(res: dict, seconds: float, work: Path) -> None:
         res["cg_cycle_s"][k] = _find(out, k)
 
 
+def part_formation(res: dict, seconds: float, work: Path) -> None:
+    from testbench.bench.formation import run_formation_bench
+
+    out = run_formation_bench(seconds, work / "formation", counts=tuple(int(n) for n in FORMATION_COUNTS),
+                              processes=(1, 3))
+    res["systems"]["cg_formation"] = {"cases": out["cases"], "notes": out["notes"]}
+    for n in FORMATION_COUNTS:
+        got = out["cg_formation_ms"].get(n) or {}
+        res["cg_formation_ms"][n] = {k: got.get(k) for k in STAT_KEYS} | {"cgs": got.get("count"),
+                                                                           "mode": got.get("mode")}
+    res.setdefault("notes", {})["cg_formation_ms"] = out["notes"]
+
+
 def run(args) -> int:
     parts = args.only or list(PARTS)
     own = args.workdir is None
@@ -150,6 +168,7 @@ def run(args) -> int:
         "nbd": lambda: part_nbd(res, args.seconds, work),
         "replicating": lambda: part_replicating(res, args.seconds, work),
         "cg": lambda: part_cg(res, args.seconds, work),
+        "formation": lambda: part_formation(res, args.seconds, work),
     }
     for name in PARTS:
         if name not in parts:
@@ -204,6 +223,10 @@ def table(res: dict) -> str:
     for key, unit in (("held_ack_ms", " ms"), ("rpo_s", " s")):
         lines.append(f"{key:<14} " + "  ".join(f"{k} {_fmt(v, unit)}" for k, v in res[key].items()))
     lines.append("cg_cycle_s     " + "  ".join(f"{k} {_fmt(v, ' s')}" for k, v in res["cg_cycle_s"].items()))
+    for n in FORMATION_COUNTS:
+        f = res["cg_formation_ms"].get(n) or {}
+        lines.append(f"cg_formation_ms {n} controller(s): " + "  ".join(f"{k} {_fmt(f.get(k), ' ms')}" for k in STAT_KEYS)
+                     + (f"  ({f.get('cgs')} CGs, {f.get('mode')})" if f.get("mode") else ""))
     lines.append("rss_mib        " + "  ".join(f"{k} {_fmt(v)}" for k, v in res["rss_mib"].items()))
     for k, why in res["skipped"].items():
         lines.append(f"skipped {k}: {why}")
