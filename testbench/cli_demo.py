@@ -70,19 +70,57 @@ def add_arguments(p) -> None:
     p.add_argument("--keep", action="store_true", help="leave the controllers running for console and NBD use")
     p.add_argument("--fresh", action="store_true", help="delete the work folder first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_fidelity_arguments(p)
+
+
+def add_fidelity_arguments(p) -> None:
+    """The replay-fidelity limits of the verdict (testbench.report.Fidelity says why these defaults)."""
+    from testbench.report import Fidelity
+
+    d = Fidelity()
+    g = p.add_argument_group("replay fidelity (a paced replay that misses the trace's timing tested a lighter load)")
+    g.add_argument("--fidelity-degraded-lateness-ms", type=float, default=d.degraded_lateness_p99_ms,
+                   help="lateness p99 above this: PASS (fidelity: degraded ...) (default %(default)s ms)")
+    g.add_argument("--fidelity-degraded-iops", type=float, default=d.degraded_iops_ratio,
+                   help="achieved / target IOPS below this: degraded (default %(default)s)")
+    g.add_argument("--fidelity-fail-lateness-ms", type=float, default=d.fail_lateness_p99_ms,
+                   help="lateness p99 above this: FAIL (default %(default)s ms)")
+    g.add_argument("--fidelity-fail-iops", type=float, default=d.fail_iops_ratio,
+                   help="achieved / target IOPS below this: FAIL (default %(default)s)")
+
+
+def _report_options(args) -> dict:
+    from testbench.report import Fidelity
+
+    return {"fidelity": Fidelity(args.fidelity_degraded_lateness_ms, args.fidelity_degraded_iops,
+                                 args.fidelity_fail_lateness_ms, args.fidelity_fail_iops),
+            "max_coord_ms": args.max_coord_ms}
 
 
 class CgFollower:
-    """Follows the primary's ``events`` stream in a thread and keeps one
-    record per CG (for the report's CG timeline, held-ack and drain plots)."""
+    """Follows the primary's ``events --statistics`` stream in a thread and
+    keeps one record per CG for the report: the time.monotonic() of each
+    phase it saw (``quiesce_mono`` at create, ``draining_mono`` when CR
+    exists and the acks are released, ``committing_mono``, ``end_mono`` at
+    destroy), ``held_ack_ms``, ``drain_bytes`` (tracks x track size: every
+    drained track is sent whole), ``cycle_s``, the result, and
+    ``initial_copy`` on the CG that carried a full copy (a ``full_copy``
+    session event, or CG 1 after ``--format``: a new secondary gets
+    everything). A CG already under way when following began lacks its
+    earlier phases. ``at_start``: the session's ``exists`` fields then."""
 
-    def __init__(self, console_url: str, t0_mono: float, track_bytes: int) -> None:
+    PHASE_KEYS = {"quiescing": "quiesce_mono", "draining": "draining_mono", "committing": "committing_mono"}
+
+    def __init__(self, console_url: str, t0_mono: float, track_bytes: int, *, formatted: bool = False) -> None:
         self.cgs: dict[int, dict] = {}
         self.track_bytes = track_bytes
-        self._t0 = t0_mono
+        self.at_start: dict[str, str] = {}
+        self._t0 = t0_mono  # kept for callers; the records carry monotonic times
+        self._formatted = formatted
+        self._full_copy_pending = False
         self._stop = threading.Event()
         self._client = ConsoleClient(console_url, timeout_s=1.0)
-        self._client.sendline("events")
+        self._client.sendline("events --statistics")
         self._thread = threading.Thread(target=self._follow, daemon=True)
         self._thread.start()
 
@@ -99,19 +137,30 @@ class CgFollower:
 
     def _take(self, line: str) -> None:
         words = line.split()
-        if len(words) < 3 or words[1] != "cg":
+        if len(words) < 2:
             return
         fields = dict(w.split(":", 1) for w in words[2:] if ":" in w)
+        now = time.monotonic()
+        if words[1] == "session":
+            if words[0] == "exists" and not self.at_start:
+                self.at_start = fields
+            elif fields.get("full_copy") == "yes":
+                self._full_copy_pending = True
+            return
+        if words[1] != "cg":
+            return
         try:
             seq = int(fields["seq"])
         except (KeyError, ValueError):
             return
-        now_s = time.monotonic() - self._t0
-        cg = self.cgs.setdefault(seq, {"cg_seq": seq, "start_s": now_s})
+        cg = self.cgs.setdefault(seq, {"cg_seq": seq})
+        key = self.PHASE_KEYS.get(fields.get("phase", ""))
+        if key and key not in cg:
+            cg[key] = now
         if "held_ms" in fields:
             cg["held_ack_ms"] = float(fields["held_ms"])
         if words[0] == "destroy":
-            cg["end_s"] = now_s
+            cg["end_mono"] = now
             cg["ok"] = fields.get("result") == "committed"
             cg["failed"] = not cg["ok"]
             if "reason" in fields:
@@ -119,7 +168,10 @@ class CgFollower:
             if "tracks" in fields:  # every drained track is sent whole
                 cg["drain_bytes"] = int(fields["tracks"]) * self.track_bytes
             if "cycle_s" in fields:
-                cg["drain_s"] = float(fields["cycle_s"])
+                cg["cycle_s"] = float(fields["cycle_s"])
+            if cg["ok"] and (self._full_copy_pending or (self._formatted and seq == 1)):
+                cg["initial_copy"] = True
+                self._full_copy_pending = False
 
     def records(self) -> list[dict]:
         return [self.cgs[k] for k in sorted(self.cgs)]
@@ -289,11 +341,11 @@ def run(args) -> int:
                               allow_faults=False)  # a random 0600 secret; no fault commands
     say(f"work folder {workdir}; trace {trace}; {args.volumes} volume(s) of {args.size}")
     secondary = start_controller(pair.secondary, format=True, log_path=workdir / "secondary.log")
-    say(f"secondary ready: {secondary.ready}")
+    say(f"secondary: {ready_line(secondary)}")
     primary = None
     try:
         primary = start_controller(pair.primary, format=True, log_path=workdir / "primary.log")
-        say(f"primary ready: {primary.ready}")
+        say(f"primary: {ready_line(primary)}")
         result = _replay_and_check(args, workdir, trace, names, primary.ready, secondary.ready)
     finally:
         if not args.keep:
@@ -307,8 +359,28 @@ def run(args) -> int:
         print(f"  primary host port {primary.ready.get('nbd')}, console {primary.ready.get('console')}")
         print(f"  secondary C export {secondary.ready.get('nbd')}, console {secondary.ready.get('console')}")
         print(f"  stop them with: kill {primary.pid} {secondary.pid}")
+        print("  restart them (after a stop) with:")
+        for proc in (secondary, primary):
+            print(f"    {restart_command(proc)}")
     print("PASSED" if result["passed"] else "FAILED")
     return 0 if result["passed"] else 1
+
+
+def ready_line(proc) -> str:
+    """The controller's own ``ready key=value ...`` line (as it printed it;
+    rebuilt from the parsed fields, in order, if the raw line is not kept)."""
+    raw = getattr(proc, "ready_line", None)
+    if raw:
+        return raw.strip()
+    return " ".join(["ready", *(f"{k}={v}" for k, v in proc.ready.items())])
+
+
+def restart_command(proc) -> str:
+    """How to start a controller the demo left running again: never with
+    ``--format``, which would make its NVRAM and volumes empty."""
+    import shlex
+
+    return f"mirrorfw {proc.role} --config {shlex.quote(str(proc.config))}"
 
 
 def say(text: str) -> None:
@@ -323,8 +395,9 @@ def _session_params(args) -> dict:
 def _print_result(result: dict, workdir: Path) -> None:
     report_dir = workdir / "report"
     print(result["text"])
-    print(f"\nreport: {report_dir}/report.txt, {report_dir}/report.json; plots: "
-          + ", ".join(Path(f).name for f in result.get("files", {}).values() if str(f).endswith(".png")))
+    files = result.get("files", {})
+    print(f"\nreport: {files.get('html', report_dir / 'report.html')} (one page, figure inside); "
+          f"figure {files.get('figure', report_dir / 'report.png')}; {report_dir}/report.txt, {report_dir}/report.json")
 
 
 def _nbd_urls(ready: dict, names: tuple[str, ...]) -> list[str]:
@@ -337,7 +410,7 @@ def _replay_and_check(args, workdir: Path, trace: str, names, pready: dict, srea
     console = PrimaryConsole(pready["console"])
     secondary = SecondaryConsole(sready["console"])
     track_bytes = console.volumes()[0]["track_bytes"]
-    follower = CgFollower(pready["console"], time.monotonic(), track_bytes)
+    follower = CgFollower(pready["console"], time.monotonic(), track_bytes, formatted=True)
     try:
         async def settle() -> None:
             await asyncio.to_thread(console.settle)
@@ -350,15 +423,16 @@ def _replay_and_check(args, workdir: Path, trace: str, names, pready: dict, srea
             take_copy=lambda n: snapshot_one(secondary, f"check-{n}", sready, names),
             timing=args.timing, queue_depth=args.queue_depth, check_every_s=args.check_every_s,
             log_path=str(workdir / "replay.log"), settle=settle, cg_source=cgs,
-            report_dir=str(workdir / "report"), progress=not args.no_progress))
+            report_dir=str(workdir / "report"), progress=not args.no_progress, **_report_options(args)))
         status = console.status()
     finally:
         follower.close()
         console.close()
         secondary.close()
     _final_verdict(result)
-    result["text"] += (f"\nprimary: {status['total_successful_cgs']} CGs committed, "
-                       f"{status['total_failed_cgs']} failed; data exposure {status['data_exposure_s']} s")
+    result["text"] += (f"\nprimary, since it started (before and after the replay too): "
+                       f"{status['total_successful_cgs']} CGs committed, {status['total_failed_cgs']} failed; "
+                       f"data exposure now {status['data_exposure_s']} s")
     (workdir / "report" / "status.json").write_text(json.dumps(status, indent=2))
     return result
 
@@ -410,8 +484,8 @@ def run_session(args, workdir: Path, trace: str) -> int:
             primaries[i] = start_controller(pair.primary, format=True, log_path=pair.workdir / "primary.log")
             procs.append(primaries[i])
         for i in range(n):
-            say(f"c{i}: primary {primaries[i].ready.get('nbd')} console {primaries[i].ready.get('console')}; "
-                f"secondary {secondaries[i].ready.get('nbd')} console {secondaries[i].ready.get('console')}")
+            say(f"c{i} primary: {ready_line(primaries[i])}")
+            say(f"c{i} secondary: {ready_line(secondaries[i])}")
         result = _session_replay_and_check(args, workdir, trace, names, ways,
                                            [p.ready for p in primaries], [s.ready for s in secondaries])
     finally:
@@ -428,6 +502,9 @@ def run_session(args, workdir: Path, trace: str) -> int:
                   f"{primaries[i].ready.get('console')}; secondary pid {secondaries[i].pid} C export "
                   f"{secondaries[i].ready.get('nbd')} console {secondaries[i].ready.get('console')}")
         print("  stop them with: kill " + " ".join(str(p.pid) for p in procs))
+        print("  restart them (after a stop; secondaries and subordinates first) with:")
+        for proc in [*secondaries, *primaries[1:], primaries[0]]:
+            print(f"    {restart_command(proc)}")
     print("PASSED" if result["passed"] else "FAILED")
     return 0 if result["passed"] else 1
 
@@ -445,7 +522,8 @@ def _session_replay_and_check(args, workdir: Path, trace: str, names, ways: int,
     master = PrimaryConsole(pready[0]["console"])
     others = [PrimaryConsole(r["console"]) for r in pready[1:]]
     secs = [SecondaryConsole(r["console"]) for r in sready]
-    follower = CgFollower(pready[0]["console"], time.monotonic(), master.volumes()[0]["track_bytes"])
+    follower = CgFollower(pready[0]["console"], time.monotonic(), master.volumes()[0]["track_bytes"],
+                          formatted=True)
 
     def take_copy(k: int):
         name = f"check-{k}"
@@ -462,7 +540,7 @@ def _session_replay_and_check(args, workdir: Path, trace: str, names, ways: int,
             trace, primary_urls, volume_names=volume_names, fmt=args.fmt, take_copy=take_copy, stripe_ways=ways,
             timing=args.timing, queue_depth=args.queue_depth, check_every_s=args.check_every_s,
             log_path=str(workdir / "replay.log"), settle=settle, cg_source=cgs,
-            report_dir=str(workdir / "report"), progress=not args.no_progress))
+            report_dir=str(workdir / "report"), progress=not args.no_progress, **_report_options(args)))
         statuses = [master.status()] + [c.status() for c in others]
     finally:
         follower.close()
@@ -472,7 +550,8 @@ def _session_replay_and_check(args, workdir: Path, trace: str, names, ways: int,
     for i, st in enumerate(statuses):
         if st.get("total_failed_cgs") is None:
             continue
-        result["text"] += (f"\nc{i}{' (master)' if i == 0 else ''}: {st['total_successful_cgs']} CGs committed, "
+        result["text"] += (f"\nc{i}{' (master)' if i == 0 else ''}, since it started: "
+                           f"{st['total_successful_cgs']} CGs committed, "
                            f"{st['total_failed_cgs']} failed; data exposure {st['data_exposure_s']} s; "
                            f"held-ack ms p99 {st['held_ack_ms'].get('p99')}")
     (workdir / "report" / "status.json").write_text(json.dumps(statuses[0] | {"controllers": statuses}, indent=2))

@@ -32,7 +32,7 @@ from dataclasses import replace
 from drivers import open_device
 from testbench.checker import check_copy
 from testbench.replay import Replayer, ReplayOptions
-from testbench.report import RunReport
+from testbench.report import Fidelity, RunReport
 from testbench.traces import IoRecord, read_trace, scan
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,12 @@ def stripe_devices(records: Iterable[IoRecord], ways: int, stripe_bytes: int = S
         yield replace(rec, device=f"{rec.device}#{part:02d}")
 
 
+def _write_samples(history, start_ns: int, block_sizes: list[int]) -> list[tuple[float, float | None, int]]:
+    """(issue s since the replay start, latency ms or None, bytes) per host write, for the report."""
+    return [((w.issue_ns - start_ns) / 1e9, None if w.ack_ns is None else (w.ack_ns - w.issue_ns) / 1e6,
+             w.nblocks * block_sizes[w.volume]) for w in history]
+
+
 async def _open_copies(urls: list[str]) -> list:
     # open_device probes the export in a thread of its own; here off the
     # loop so the replay keeps running meanwhile.
@@ -87,14 +93,17 @@ async def replay_and_check(trace: str, primary_urls: list[str], copy_urls: list[
                            queue_depth: int = 16, check_every_s: float = 5.0, log_path: str | None = None,
                            stripe_ways: int = 1, settle: AsyncHook | None = None,
                            cg_source: Callable[[], Awaitable[list[dict]]] | None = None,
-                           report_dir: str | None = None, progress: bool = True, max_violations: int = 10) -> dict:
+                           report_dir: str | None = None, progress: bool = True, max_violations: int = 10,
+                           fidelity: Fidelity | None = None, max_coord_ms: float | None = None) -> dict:
     """Returns the report as a dict (``passed`` is True only when every check
     found a consistent cut); writes report.json/.txt and plots when
     ``report_dir`` is given. ``take_copy`` (or a fixed ``copy_urls``) gives
     each check its copy, one URL per primary volume in the same order.
     ``stripe_ways`` > 1 splits each trace device over that many volumes
     (``stripe_devices``). ``settle`` is awaited after the replay, before the
-    final check (e.g. wait for one more CG to commit)."""
+    final check (e.g. wait for one more CG to commit). ``fidelity``: the
+    replay-fidelity limits of the verdict (testbench.report.Fidelity);
+    ``max_coord_ms``: the held-ack reference line of the figure."""
     if (take_copy is None) == (copy_urls is None):
         raise ValueError("give either copy_urls or take_copy")
     if copy_urls is not None and len(primary_urls) != len(copy_urls):
@@ -115,7 +124,7 @@ async def replay_and_check(trace: str, primary_urls: list[str], copy_urls: list[
     opts = ReplayOptions(timing=timing, queue_depth=queue_depth, progress=progress,
                          total=stats.records - stats.by_op["T"], keep_history=True, trace_name=trace)
     rp = Replayer(primaries, log_path, opts, volume_names=names)
-    report = RunReport()
+    report = RunReport(fidelity_limits=fidelity or Fidelity(), max_coord_ms=max_coord_ms)
     checks = 0
 
     async def one_check() -> None:
@@ -165,6 +174,8 @@ async def replay_and_check(trace: str, primary_urls: list[str], copy_urls: list[
         await one_check()
         report.replay = result.as_dict()
         report.write_latencies_ms = result.write_latencies_ms
+        report.origin_mono_s = rp.start_mono_ns / 1e9
+        report.writes = _write_samples(rp.history, rp.start_mono_ns, [d.info.block_size for d in primaries])
         if cg_source is not None:
             report.cgs = await cg_source()
     finally:
