@@ -28,12 +28,13 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from firmware import console_format as fmt
-from firmware.console_events import EventStream, snapshot
+from firmware.console_events import EventStream, format_event, snapshot, timestamp
 from firmware.console_grammar import (
     BOTH,
     MAX_LINE_CHARS,
@@ -171,8 +172,10 @@ class CommandSet:
                     roles=BOTH),
             Command("events", self._events,
                     "state as drbdsetup-events2 lines ('exists ...', then 'exists -'); without --now, "
-                    "then stream changes until you send a line",
-                    flags=("--now", "--statistics"), roles=BOTH),
+                    "then stream changes until you send a line; --timestamps: each line starts with its "
+                    "time; CGs that drained nothing are counted ('call cg empty:yes count:N') unless "
+                    "--all-cgs",
+                    flags=("--now", "--statistics", "--timestamps", "--all-cgs"), roles=BOTH),
         )
 
     @property
@@ -523,11 +526,17 @@ class CommandSet:
         now = snapshot(self.role, status, volumes, cache, stats=stats,
                        session_id=getattr(self.controller, "session_id", "default"))
         now.append(Event("exists", "-", {}))
-        data = {"events": [{"action": e.action, "object": e.obj, "fields": e.fields} for e in now]}
-        text = "\n".join(e.line() for e in now)
+        clock = getattr(self.controller, "clock", None)
+        wall = getattr(clock, "wall", None)
+        stamp = (wall() if wall else time.time()) if "--timestamps" in flags else None
+        data = {"events": [{"action": e.action, "object": e.obj, "fields": e.fields}
+                           | ({"timestamp": timestamp(stamp)} if stamp is not None else {}) for e in now]}
+        text = "\n".join(format_event(e, as_json=False, stamp=stamp) for e in now)
         stream = None
         if "--now" not in flags:
             if self.events is None:
                 raise CommandError("this controller has no event bus; use events --now")
-            stream = EventStream(self.events, as_json=as_json)
+            stream = EventStream(self.events, as_json=as_json, timestamps="--timestamps" in flags,
+                                 coalesce="--all-cgs" not in flags, wall=wall,
+                                 now=getattr(clock, "now", None))
         return data, text, stream

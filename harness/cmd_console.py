@@ -11,6 +11,7 @@ from stdin go to the console and everything it says goes to stdout.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
 
@@ -57,15 +58,31 @@ def run(args) -> int:
 
 
 def _stream(client, line: str) -> int:
+    """``events`` without --now: the snapshot, then the changes until interrupted.
+    The snapshot ends with ``exists -`` in text, and is one JSON reply line with
+    --json (which has no ``exists -`` line: waiting for one hung until the
+    timeout and exited 2 having printed nothing)."""
     client.sendline(line)
-    ended = client.expect([r"exists -\r?\n", client.prompt])  # the snapshot ends; changes follow
+    as_json = "--json" in line.split()
+    ends = [rb'\{[^\n]*"command": "events"[^\n]*\n'] if as_json else [r"exists -\r?\n"]
+    ended = client.expect([*ends, client.prompt])  # the snapshot ends; changes follow
     text = client.before.decode("utf-8", errors="replace").replace("\r\n", "\n")
     if text.startswith(line + "\n"):  # the console's echo
         text = text[len(line) + 1:]
     if ended == 1:  # an error reply instead of a stream
         sys.stdout.write(text)
         return EXIT_ERROR_REPLY
-    sys.stdout.write(text + "exists -\n")
+    snapshot = client.after.decode("utf-8", errors="replace").replace("\r", "")
+    if as_json:
+        sys.stdout.write(text + snapshot)
+        try:
+            if not json.loads(snapshot).get("ok"):
+                return EXIT_ERROR_REPLY
+        except ValueError:
+            pass
+    else:
+        sys.stdout.write(text + "exists -\n")
+    sys.stdout.flush()
     try:
         while True:
             data = client.read_nonblocking()
