@@ -120,7 +120,7 @@ class CgFollower:
         self._full_copy_pending = False
         self._stop = threading.Event()
         self._client = ConsoleClient(console_url, timeout_s=1.0)
-        self._client.sendline("events --statistics")
+        self._client.sendline("events --statistics --all-cgs")  # every CG, the empty ones too
         self._thread = threading.Thread(target=self._follow, daemon=True)
         self._thread.start()
 
