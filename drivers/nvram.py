@@ -70,9 +70,12 @@ class MmapNvram(NvramRegion):
             view.release()
             self._map.close()
         except BufferError:
-            # Someone still holds a slice of the view; the mapping stays until
-            # they drop it (it is MAP_SHARED, so nothing stored is lost).
-            log.warning("%s: region closed while views of it are still held", self.url)
+            # Someone still holds a slice of the view (the firmware's bitmaps live
+            # in it until the process ends); the mapping stays until they drop it.
+            # It was flushed above and is MAP_SHARED, so nothing stored is lost:
+            # a clean stop says so at info, not as a warning.
+            log.info("%s: region closed while views of it are still held (flushed; the mapping "
+                     "goes when they do)", self.url)
         os.close(self._fd)
         os.close(self._lock_fd)
 

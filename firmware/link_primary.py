@@ -284,7 +284,8 @@ class LinkRemote(RemotePort):
             self._up.clear()
             self.stats["drops"] += 1
             self.last_error = why
-            log.warning("link to %s down: %s", link.peer, why)
+            # Our own close() (a clean stop) is no trouble worth a warning.
+            (log.info if self._closed else log.warning)("link to %s down: %s", link.peer, why)
             self._emit("change", state="down", peer=link.peer, reason=why)
         for _seq, (fut, owner) in list(self._pending.items()):
             if owner is link and not fut.done():
