@@ -62,6 +62,35 @@ class Violation:
 
 
 @dataclass
+class ViolationRange:
+    """Violations of one kind on one volume at LBAs no more than
+    MERGE_GAP_BLOCKS apart (a lost write is reported at its first block, so
+    the next write's report is its length further on): how a copy missing a
+    whole CG reads, one line instead of one per write. ``count`` is the
+    number of violations in the range."""
+
+    kind: str
+    volume: str
+    first_lba: int
+    last_lba: int
+    count: int
+    message: str  # the first violation's
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "volume": self.volume, "first_lba": self.first_lba, "last_lba": self.last_lba,
+                "count": self.count, "message": self.message}
+
+    def line(self) -> str:
+        where = (f"lba {self.first_lba}" if self.first_lba == self.last_lba
+                 else f"lba {self.first_lba}-{self.last_lba} ({self.count} violations)")
+        return f"{self.kind}: {self.volume} {where}: {self.message}"
+
+
+MERGE_GAP_BLOCKS = 256  # 128 KiB of 512-byte blocks: one write's length, at most, between two reports
+MAX_RANGES = 1000  # ranges kept in a result (all violations are counted by kind)
+
+
+@dataclass
 class CheckResult:
     consistent: bool = True
     violations: list[Violation] = field(default_factory=list)
@@ -77,6 +106,9 @@ class CheckResult:
     missing_acked_before_check: int = 0  # acked writes not in the cut (exposure)
     check_ns: int | None = None
     data_exposure_s: float | None = None  # check time - T*: how far the copy trails the host
+    by_kind: dict[str, int] = field(default_factory=dict)  # every violation counted by kind
+    ranges: list[ViolationRange] = field(default_factory=list)  # grouped, at most MAX_RANGES
+    ranges_total: int = 0
 
     def as_dict(self) -> dict:
         return {"consistent": self.consistent, "violation_count": self.violation_count,
@@ -86,7 +118,9 @@ class CheckResult:
                 "t_star_ns": self.t_star_ns, "t_star_write": self.t_star_write,
                 "required_writes": self.required_writes,
                 "missing_acked_before_check": self.missing_acked_before_check,
-                "check_ns": self.check_ns, "data_exposure_s": self.data_exposure_s}
+                "check_ns": self.check_ns, "data_exposure_s": self.data_exposure_s,
+                "by_kind": self.by_kind, "ranges": [r.as_dict() for r in self.ranges],
+                "ranges_total": self.ranges_total}
 
     def summary(self) -> str:
         head = "CONSISTENT" if self.consistent else f"INCONSISTENT: {self.violation_count} violation(s)"
@@ -95,8 +129,16 @@ class CheckResult:
         if self.data_exposure_s is not None:
             lines.append(f"data exposure {self.data_exposure_s:.3f} s ({self.missing_acked_before_check} "
                          "acknowledged writes not in the copy)")
-        for v in self.violations:
-            lines.append(f"  {v.kind}: {v.volume} lba {v.lba}: {v.message}")
+        if self.ranges:
+            lines.append(f"  by kind: {', '.join(f'{k} {n}' for k, n in sorted(self.by_kind.items()))}; "
+                         f"{self.ranges_total} LBA range(s):")
+            shown = self.ranges[:max(len(self.violations), 1)]
+            lines += [f"  {r.line()}" for r in shown]
+            if self.ranges_total > len(shown):
+                lines.append(f"  ... {self.ranges_total - len(shown)} more range(s) (--json lists {len(self.ranges)})")
+        else:
+            for v in self.violations:
+                lines.append(f"  {v.kind}: {v.volume} lba {v.lba}: {v.message}")
         return "\n".join(lines)
 
 
@@ -104,12 +146,45 @@ class _Recorder:
     def __init__(self, limit: int, result: CheckResult) -> None:
         self.limit = limit
         self.result = result
+        self._lbas: dict[tuple[str, str], array] = {}  # (kind, volume): every violating LBA, 8 bytes each
+        self._first: dict[tuple[str, str, int], str] = {}  # a message per (kind, volume, lba), for the ranges
 
     def add(self, v: Violation) -> None:
         self.result.consistent = False
         self.result.violation_count += 1
+        self.result.by_kind[v.kind] = self.result.by_kind.get(v.kind, 0) + 1
+        self._lbas.setdefault((v.kind, v.volume), array("q")).append(v.lba)
+        if len(self._first) < 4 * MAX_RANGES:
+            self._first.setdefault((v.kind, v.volume, v.lba), v.message)
         if len(self.result.violations) < self.limit:
             self.result.violations.append(v)
+
+    def group(self) -> None:
+        """Consecutive LBAs of one kind on one volume become one ViolationRange."""
+        out: list[ViolationRange] = []
+        total = 0
+        for (kind, volume), lbas in sorted(self._lbas.items()):
+            run: list[int] = []  # first lba, last lba, count
+            for lba in sorted(set(lbas)):
+                if run and lba - run[1] <= MERGE_GAP_BLOCKS:
+                    run[1] = lba
+                    run[2] += 1
+                    continue
+                if run:
+                    total += 1
+                    if len(out) < MAX_RANGES:
+                        out.append(self._range(kind, volume, run))
+                run = [lba, lba, 1]
+            if run:
+                total += 1
+                if len(out) < MAX_RANGES:
+                    out.append(self._range(kind, volume, run))
+        self.result.ranges = out
+        self.result.ranges_total = total
+
+    def _range(self, kind: str, volume: str, run: list[int]) -> ViolationRange:
+        first, last, count = run
+        return ViolationRange(kind, volume, first, last, count, self._first.get((kind, volume, first), ""))
 
 
 async def decode_copy(devices: list[BlockDevice], names: list[str], rec: _Recorder) -> tuple[list[array], dict[int, tuple[int, int, stamp.Stamp]]]:
@@ -249,4 +324,5 @@ async def check_copy(devices: list[BlockDevice], writes: WriteLog | Callable[[],
             break  # one report per write is enough to explain it
     if result.t_star_ns is not None and check_ns:
         result.data_exposure_s = max(0, check_ns - result.t_star_ns) / 1e9
+    rec.group()
     return result
