@@ -21,6 +21,9 @@ url = "file:///abs/a0.img?size=256MiB"                               # primary
 # b_url = "file:///abs/b0.img?size=256MiB", c_url = "file:///abs/c0.img?size=256MiB"   # secondary
 [link]
 peer = "127.0.0.1:7700"               # primary;  secondary: listen = "127.0.0.1:7700"
+encrypt = true                        # DATA payloads encrypted (AES-GCM); false: in clear on a trusted lab
+                                      #   network, still authenticated (every frame is sealed either way)
+# secondary only (the defaults): max_handshakes = 8, handshake_timeout_s = 10
 [host]                                # optional
 listen = "127.0.0.1:10809"
 socket = "nbd.sock"
@@ -132,6 +135,9 @@ class ControllerConfig:
     volumes: list[VolumeConfig]
     link_peer: tuple[str, int] | None = None  # primary
     link_listen: tuple[str, int] | None = None  # secondary
+    link_encrypt: bool = True  # [link] encrypt: DATA payloads encrypted (sent, or required of the primary)
+    link_max_handshakes: int = 8  # [link] max_handshakes (secondary): strangers in a handshake at once
+    link_handshake_timeout_s: float = 10.0  # [link] handshake_timeout_s (secondary): waiting for one included
     host_listen: tuple[str, int] | None = None
     host_socket: Path | None = None
     host_limits: NbdLimits = field(default_factory=NbdLimits)  # [host] budgets and timeouts of the NBD port
@@ -350,6 +356,15 @@ def load_config(path: str | Path, *, role: str | None = None) -> ControllerConfi
         link_peer, link_listen = _address(link, "peer", required=True), None
     else:
         link_peer, link_listen = None, _address(link, "listen", required=True)
+    link_encrypt = link.take("encrypt", bool, default=True)
+    link_max_handshakes, link_handshake_timeout_s = 8, 10.0
+    if cfg_role == "secondary":
+        link_max_handshakes = link.take("max_handshakes", int, default=8)
+        if not 1 <= link_max_handshakes <= 1024:
+            raise link.error("max_handshakes", f"{link_max_handshakes}: expected 1 to 1024")
+        link_handshake_timeout_s = float(link.take("handshake_timeout_s", (int, float), default=10.0))
+        if not 0.1 <= link_handshake_timeout_s <= 300:
+            raise link.error("handshake_timeout_s", f"{link_handshake_timeout_s:g}: expected 0.1 to 300 seconds")
     link.done()
 
     host_listen = host_socket = None
@@ -392,6 +407,8 @@ def load_config(path: str | Path, *, role: str | None = None) -> ControllerConfi
     return ControllerConfig(
         path=path, role=cfg_role, session_id=session_id, secret=secret, secret_file=secret_file,
         params=params, nvram_url=nvram_url, volumes=volumes, link_peer=link_peer, link_listen=link_listen,
+        link_encrypt=link_encrypt, link_max_handshakes=link_max_handshakes,
+        link_handshake_timeout_s=link_handshake_timeout_s,
         host_listen=host_listen, host_socket=host_socket, host_limits=host_limits, console_url=console_url,
         console_allow_faults=allow_faults, console_token_file=token_file,
         session_master=master, session_subordinates=subordinates, session_master_addr=master_addr,
