@@ -27,27 +27,60 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "console": ("harness.cmd_console", "talk to a controller console (socket://, rfc2217://, pty://); one command or interactive"),
     "bench": ("testbench.cli_bench", "run the benchmarks side by side and write bench/results.json"),
     "faults": ("testbench.cli_faults", "seeded fault campaign (crash, link, device, fuzz, load); writes faults/results.json"),
+    "completion": ("harness.cmd_completion", "print a shell completion script (bash, zsh, tcsh) or the man page"),
 }
+ALL = "*"  # build_parser(ALL): every command's options (completion, man page)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default: "(default: X)" unless the
+    help already names it; an option without help gets just that."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is argparse.SUPPRESS or not action.option_strings or "default" in text.lower():
+            return text
+        if isinstance(action, argparse._HelpAction | argparse._VersionAction):
+            return text
+        d = action.default
+        shown = "off" if d is False else "on" if d is True else "none" if d is None else "%(default)s"
+        return f"{text} (default: {shown})".lstrip()
+
+
+def _formatted(parser: argparse.ArgumentParser) -> None:
+    """HelpFormatter on ``parser`` and every subparser below it (argparse
+    does not hand formatter_class down)."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in action.choices.values():
+                _formatted(p)
 
 EXIT_USAGE = 2
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """Every command is listed; only ``selected`` loads its module (so a
-    controller process never imports the testbench or matplotlib)."""
+    controller process never imports the testbench or matplotlib); ``ALL``
+    loads every one. ``-v`` is taken before or after the command."""
     parser = argparse.ArgumentParser(
         prog="mirrorfw",
         description="Storage-controller firmware emulator for asynchronous remote "
         "mirroring with consistency groups.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug; default: warnings)")
+    verbose = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: given after the command it adds to the count; absent, the top level's stays.
+    verbose.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                         help="more log output (-vv: debug; default: warnings)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == selected:
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[verbose])
+        if name == selected or selected == ALL:
             importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module)
+    _formatted(parser)
     return parser
 
 

@@ -66,7 +66,8 @@ def add_arguments(p) -> None:
     p.add_argument("--cg-interval-s", type=float, default=0.5, help="CG interval (default 0.5 s)")
     p.add_argument("--max-coord-ms", type=float, default=50.0, help="maximum coordination time (default 50 ms)")
     p.add_argument("--max-drain-s", type=float, default=30.0, help="maximum drain time (default 30 s)")
-    p.add_argument("--collision-policy", choices=["dual-image", "send-first"], default="dual-image")
+    p.add_argument("--collision-policy", choices=["dual-image", "send-first"], default="dual-image",
+                   help="a host write to a track being drained: keep both images, or send the track first")
     p.add_argument("--keep", action="store_true", help="leave the controllers running for console and NBD use")
     p.add_argument("--fresh", action="store_true", help="delete the work folder first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -337,7 +338,7 @@ def run(args) -> int:
     for leftover in workdir.glob("*.img"):  # every run starts from empty volumes
         leftover.unlink()
     pair = write_pair_configs(workdir, volumes=names, size=args.size, nvram_size=args.nvram_size,
-                              session=_session_params(args), console=True,
+                              session=_session_params(args), console=True, metrics=True,
                               allow_faults=False)  # a random 0600 secret; no fault commands
     say(f"work folder {workdir}; trace {trace}; {args.volumes} volume(s) of {args.size}")
     secondary = start_controller(pair.secondary, format=True, log_path=workdir / "secondary.log")
@@ -467,7 +468,8 @@ def run_session(args, workdir: Path, trace: str) -> int:
         leftover.unlink()
     session = write_session_configs(workdir, controllers=n, volumes=names, size=args.size,
                                     nvram_size=args.nvram_size, session=_session_params(args),
-                                    secret=secrets.token_hex(32).encode() + b"\n", console=True, allow_faults=False)
+                                    secret=secrets.token_hex(32).encode() + b"\n", console=True, allow_faults=False,
+                                    metrics=True)
     devices = len(scan(read_trace(trace, args.fmt)).devices)
     ways = stripe_ways(devices, n * args.volumes)
     say(f"work folder {workdir}; trace {trace}; {n} controllers (c0 the master), {args.volumes} volume(s) of "

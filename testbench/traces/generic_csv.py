@@ -29,6 +29,18 @@ SIZE_UNITS = {"byte": 1, "b": 1, "sector": 512, "kib": 1024}
 DEFAULT_OPS = {"r": "R", "read": "R", "w": "W", "write": "W", "t": "T", "trim": "T", "d": "T",
                "discard": "T", "f": "F", "flush": "F", "sync": "F"}
 REQUIRED = ("ts", "op", "offset", "length")
+PLAUSIBLE_IOPS = (1.0, 10_000_000.0)  # outside this, a csv's ts unit is most likely wrong
+
+
+def implausible_rate(iops: float, records: int, spec: CsvSpec) -> str | None:
+    """A warning when the rate the ts unit implies is absurd (``ts=0:us`` on a
+    file in ns gives 1000 times too few IOPS), else None."""
+    lo, hi = PLAUSIBLE_IOPS
+    if records < 100 or lo <= iops <= hi:
+        return None
+    unit = next(k for k, v in TIME_UNITS_NS.items() if v == spec.ts_unit_ns)
+    return (f"{records} records at {iops:.3g} IOPS with the ts unit {unit!r}: check the unit "
+            f"(--columns ts=N:s|ms|us|ns|filetime; `trace generate --format csv` writes ns)")
 
 
 @dataclass
@@ -87,7 +99,7 @@ class CsvSpec:
 
 def read(path: str | os.PathLike, *, spec: CsvSpec | None = None, **_opts) -> Iterator[IoRecord]:
     if spec is None:
-        raise TraceError(str(path), 0, "the generic csv format needs a column spec (--columns ts=0:us,op=1,offset=2,length=3,device=4)")
+        raise TraceError(str(path), 0, "the generic csv format needs a column spec, e.g. --columns ts=0:ns,op=1,offset=2,length=3,device=4 (the layout `trace generate --format csv` writes; ts unit s, ms, us, ns or filetime as the file has it)")
     cols = spec.columns
     need = max(cols.values()) + 1
     dev_col = cols.get("device")
@@ -107,9 +119,12 @@ def read(path: str | os.PathLike, *, spec: CsvSpec | None = None, **_opts) -> It
         yield IoRecord(round(ts * spec.ts_unit_ns), op, offset * spec.offset_unit, length * spec.length_unit, device)
 
 
+DEFAULT_WRITE_SPEC = "ts=0:ns,op=1,offset=2,length=3,device=4"  # what `trace generate`/`convert --to csv` write
+
+
 def write(path: str | os.PathLike, records: Iterable[IoRecord], *, spec: CsvSpec | None = None, **_opts) -> WriteResult:
     if spec is None:
-        spec = CsvSpec.parse("ts=0:ns,op=1,offset=2,length=3,device=4")
+        spec = CsvSpec.parse(DEFAULT_WRITE_SPEC)
     names = {v: k for k, v in spec.ops.items()}  # last listed value per op name
     for op, word in (("R", "read"), ("W", "write"), ("T", "trim"), ("F", "flush")):
         if spec.ops.get(word) == op:
