@@ -37,6 +37,9 @@ token_file = "console.token"          # optional; required to bind a TCP console
 allow_faults = false
 [control]                             # a subordinate primary only: where its master connects
 listen = "127.0.0.1:7801"
+[metrics]                             # optional (off without it): Prometheus /metrics and the status
+listen = "127.0.0.1:9101"             #   page at / (harness/metrics.py); port 0: any free port
+# token_file = "metrics.token"        # required to bind beyond loopback (Bearer TOKEN or ?token=TOKEN)
 ```
 
 Every error is a ConfigError naming the file and the key. Unknown keys are
@@ -150,6 +153,8 @@ class ControllerConfig:
     control_listen: tuple[str, int] | None = None  # subordinate: where its master connects
     session_secondaries: list[tuple[str, int]] = field(default_factory=list)  # master: subordinates' secondaries
     session_member: bool = False  # secondary: of a session (keeps a prepared CG in doubt, answers recovery)
+    metrics_listen: tuple[str, int] | None = None  # [metrics] listen: /metrics and the status page
+    metrics_token: bytes | None = None  # [metrics] token_file's token (required beyond loopback)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -403,8 +408,10 @@ def load_config(path: str | Path, *, role: str | None = None) -> ControllerConfi
     if master_addr is not None and control_listen is None:
         raise session.error("master_addr", "a subordinate needs [control] listen for its master to connect to")
 
+    metrics_listen, metrics_token = _metrics(top, path)
     top.done()
     return ControllerConfig(
+        metrics_listen=metrics_listen, metrics_token=metrics_token,
         path=path, role=cfg_role, session_id=session_id, secret=secret, secret_file=secret_file,
         params=params, nvram_url=nvram_url, volumes=volumes, link_peer=link_peer, link_listen=link_listen,
         link_encrypt=link_encrypt, link_max_handshakes=link_max_handshakes,
@@ -497,3 +504,24 @@ def _console_access(r: _Reader, url: str | None, token_file: Path | None) -> str
                                  "[console] token_file (anyone who reaches it could pause or suspend)")
         return url
     return f"{url}{'&' if '?' in url else '?'}token_file={quote(str(token_file), safe='/')}"
+
+
+def _metrics(top: _Reader, path: Path) -> tuple[tuple[str, int] | None, bytes | None]:
+    """``[metrics] listen`` and ``token_file``. The page and /metrics only read,
+    but they show the session's state to whoever reaches them: beyond
+    loopback a token is required, as for the console."""
+    metrics = top.table_of("metrics")
+    if metrics is None:
+        return None, None
+    listen = _address(metrics, "listen", required=True)
+    token = None
+    token_name = metrics.take("token_file", str)
+    if token_name is not None:
+        token_file = (path.parent / Path(token_name).expanduser()).resolve()
+        token = _private_file(metrics, "token_file", token_file, "metrics token")
+    elif not is_loopback(listen[0]):
+        raise metrics.error("listen", f"{listen[0]}:{listen[1]}: binding beyond loopback needs [metrics] "
+                                      "token_file (the page and /metrics show the session to anyone who "
+                                      "reaches them)")
+    metrics.done()
+    return listen, token

@@ -180,6 +180,7 @@ class Controller:
         self._stop = asyncio.Event()
         self._exits = contextlib.AsyncExitStack()  # what start() opened, closed in reverse on stop
         self.addresses: dict[str, str] = {}
+        self.nbd_server = None  # the host port, once started (its requests feed the metrics)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -267,7 +268,7 @@ class Controller:
 
         if self.cfg.host_listen is None and self.cfg.host_socket is None:
             return
-        server = NbdServer(target, read_only=read_only, limits=self.cfg.host_limits)
+        server = self.nbd_server = NbdServer(target, read_only=read_only, limits=self.cfg.host_limits)
         self._close_on_exit(server.close)
         if self.cfg.host_listen is not None:
             host, port = await server.start_tcp(*self.cfg.host_listen)
@@ -287,6 +288,18 @@ class Controller:
         )
         self._close_on_exit(server.close)
         self.addresses["console"] = server.url
+
+    async def _start_metrics(self, firmware) -> None:
+        """``[metrics] listen``: /metrics and the status page, on this loop (harness/metrics.py)."""
+        if self.cfg.metrics_listen is None:
+            return
+        from harness.metrics import serve_metrics
+
+        server = await serve_metrics(*self.cfg.metrics_listen, self.role, firmware, self.events,
+                                     session_id=self.cfg.session_id, nbd=self.nbd_server,
+                                     token=self.cfg.metrics_token)
+        self._close_on_exit(server.close)
+        self.addresses["metrics"] = server.url
 
 
 class PrimaryController(Controller):
@@ -324,6 +337,7 @@ class PrimaryController(Controller):
             await self._serve_control()
         await self._start_host_port(self.primary.host_target(), read_only=False)
         await self._start_console(self.primary)
+        await self._start_metrics(self.primary)
         if cfg.session_role == "master":
             self._start_session()
         # In a session the master forms every CG; a primary on its own forms its own.
@@ -440,6 +454,7 @@ class SecondaryController(Controller):
         self.addresses["link"] = f"{host}:{port}"
         await self._start_host_port(self.secondary.host_target(), read_only=True)
         await self._start_console(self.secondary)
+        await self._start_metrics(self.secondary)
 
     async def stop(self) -> None:
         await self.secondary.close()

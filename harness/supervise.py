@@ -197,13 +197,15 @@ def write_pair_configs(
     allow_faults: bool = True,
     nbd_socket: bool = False,
     link_port: int | None = None,
+    metrics: bool = False,
 ) -> PairConfigs:
     """Configs for a primary and a secondary on file:// volumes in ``workdir``.
 
     The link secret is ``secret``, or a new random one (never a string
     anyone can read in this file); either way the secret file is mode 0600.
     ``allow_faults`` turns on the consoles' fault commands (the fault
-    tools arm crash points through them; the demo does not).
+    tools arm crash points through them; the demo does not). ``metrics``:
+    a ``[metrics]`` listener on each (port 0; the ready line's ``metrics``).
 
     The link port is a free one below the ephemeral range (so a primary
     reconnecting while the secondary is down cannot take it by a TCP
@@ -233,6 +235,9 @@ def write_pair_configs(
         faults = "true" if allow_faults else "false"
         p += f'[console]\nurl = "socket://127.0.0.1:0"\nallow_faults = {faults}\n'
         s += f'[console]\nurl = "socket://127.0.0.1:0"\nallow_faults = {faults}\n'
+    if metrics:
+        p += '[metrics]\nlisten = "127.0.0.1:0"\n'
+        s += '[metrics]\nlisten = "127.0.0.1:0"\n'
     primary = workdir / "primary.toml"
     secondary = workdir / "secondary.toml"
     primary.write_text(p)
@@ -268,6 +273,7 @@ def write_session_configs(
     secret: bytes = b"mirrorfw-test-secret\n",
     console: bool = False,
     allow_faults: bool = True,
+    metrics: bool = False,
 ) -> SessionConfigs:
     """Configs for ``controllers`` primary+secondary pairs in one session, each
     pair in ``workdir/c<i>`` as ``write_pair_configs`` makes them: controller 0
@@ -280,7 +286,8 @@ def write_session_configs(
         raise ValueError(f"controllers={controllers}: a session needs at least one")
     workdir = Path(workdir).resolve()
     pairs = [write_pair_configs(workdir / f"c{i}", volumes=volumes, size=size, nvram_size=nvram_size,
-                                session=session, secret=secret, console=console, allow_faults=allow_faults)
+                                session=session, secret=secret, console=console, allow_faults=allow_faults,
+                                metrics=metrics)
              for i in range(controllers)]
     ports: list[int | None] = [None]
     while len(ports) < controllers:

@@ -33,6 +33,7 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Callable
 
 from construct import ConstructError
 
@@ -216,6 +217,8 @@ class NbdServer:
         self._overdraft: _Connection | None = None
         self.dropped = dict(refused=0, handshake=0, idle=0, slow_sender=0, slow_reader=0)
         self._refused_logged_at = -REFUSED_LOG_EVERY_S
+        # Counting hook (harness/metrics.py): on_request(cmd, err, seconds, length) per answered request.
+        self.on_request: Callable[[int, int, float, int], None] | None = None
 
     def status(self) -> dict:
         """What the clients hold now, what was dropped and why, and the limits."""
@@ -878,6 +881,7 @@ class _Connection(asyncio.BufferedProtocol):
         volume = self.export.volume
         payload = None
         err = 0
+        started = time.monotonic()
         try:
             if cmd == Cmd.READ:
                 payload = await volume.read(offset, length)
@@ -911,6 +915,8 @@ class _Connection(asyncio.BufferedProtocol):
             self.inflight -= 1
             server = self.server
             server.inflight -= 1
+            if server.on_request is not None and err != -1:  # -1: cancelled, never answered
+                server.on_request(cmd, err, time.monotonic() - started, length)
             if cmd == Cmd.WRITE or (cmd == Cmd.READ and (err or self.closed)):
                 self._unhold(length)  # a READ's data stays held until the client takes it
             if server._waiting and not server._over():
