@@ -17,6 +17,10 @@ the connection's session keys (firmware/seal.py) and its header says so
 
     any kind:  header | fields | mac (32)                      mac = HMAC(mac key, role | seq | header | fields)
     DATA:      header | volume, track, cg_seq | sealed payload | tag (16)
+               with FLAG_RUNS the payload is ``Runs`` (count u16, then count x
+               (offset u32, length u32) within the track, ascending, apart) and
+               the runs' bytes one after another: the segments of the track
+               written since it was last sent; without it, the whole track
                AES-256-GCM, nonce = role | seq, associated data = header and fixed fields;
                the payload encrypted, or with FLAG_CLEAR ([link] encrypt = false) in clear
                and in the associated data (authenticated, not hidden)
@@ -108,7 +112,8 @@ CRC_BYTES = 4
 FLAG_REPLY = 0x0001  # set on ACK/STATUS/ERROR; informative, checked only for unknown bits
 FLAG_SEALED = 0x0002  # sealed with the session keys (every frame after the handshake)
 FLAG_CLEAR = 0x0004  # DATA: the payload in clear (authenticated only); HELLO: this primary sends it so
-KNOWN_FLAGS = FLAG_REPLY | FLAG_SEALED | FLAG_CLEAR
+FLAG_RUNS = 0x0008  # DATA: the payload is a run table and the runs' bytes, not the whole track
+KNOWN_FLAGS = FLAG_REPLY | FLAG_SEALED | FLAG_CLEAR | FLAG_RUNS
 
 Text = cs.PascalString(cs.Int16ub, "utf8")
 
@@ -261,6 +266,46 @@ class Data(Frame):
     BODY = cs.Struct(*DataHead.subcons, "payload" / cs.GreedyBytes)
 
 
+# A DATA payload with FLAG_RUNS starts with its run table (inside the seal).
+Run = cs.Struct("offset" / cs.Int32ub, "length" / cs.Int32ub)
+Runs = cs.PrefixedArray(cs.Int16ub, Run)
+_RUN_COUNT = fast_struct(cs.Struct("count" / cs.Int16ub))
+_RUN = fast_struct(Run)
+MAX_RUNS = 0xFFFF
+
+
+def pack_runs(runs: list[tuple[int, int]]) -> bytes:
+    """The run table of a DATA payload (equal to ``Runs.build``, tested)."""
+    if len(runs) > MAX_RUNS:
+        raise BadBody(f"DATA with {len(runs)} runs; at most {MAX_RUNS}")
+    try:
+        return _RUN_COUNT.pack(len(runs)) + b"".join(_RUN.pack(o, n) for o, n in runs)
+    except struct.error as e:
+        raise BadBody(f"DATA run does not fit: {e}") from None
+
+
+def unpack_runs(payload) -> tuple[list[tuple[int, int]], memoryview]:
+    """A FLAG_RUNS payload's runs and the bytes after the table. BadBody
+    when the table does not fit the payload, or the runs are not ascending
+    and apart, empty, or their lengths do not add up to those bytes."""
+    view = memoryview(payload).cast("B")
+    if len(view) < _RUN_COUNT.size:
+        raise BadBody("DATA runs: no run table")
+    (count,) = _RUN_COUNT.unpack_from(view)
+    table = _RUN_COUNT.size + count * _RUN.size
+    if not count or len(view) < table:
+        raise BadBody(f"DATA runs: {count} runs do not fit {len(view)} bytes")
+    runs = [_RUN.unpack_from(view, _RUN_COUNT.size + i * _RUN.size) for i in range(count)]
+    end = 0
+    for offset, length in runs:
+        if length == 0 or offset < end:
+            raise BadBody(f"DATA runs: run {offset}+{length} is empty, overlaps or is out of order")
+        end = offset + length
+    if sum(n for _, n in runs) != len(view) - table:
+        raise BadBody(f"DATA runs add up to {sum(n for _, n in runs)} bytes, the payload holds {len(view) - table}")
+    return runs, view[table:]
+
+
 @dataclass
 class CgStep(Frame):
     """A request about one CG as a whole (the kinds below share this body)."""
@@ -289,13 +334,16 @@ class Abort(CgStep):
     KIND = Kind.ABORT
 
 
+AckHead = cs.Struct("acked" / cs.Int64ub, "status" / cs.Int16ub)
+
+
 @dataclass
 class Ack(Frame):
     acked: int  # the seq of the request this answers
     status: int = AckStatus.OK
     message: str = ""
     KIND = Kind.ACK
-    BODY = cs.Struct("acked" / cs.Int64ub, "status" / cs.Int16ub, "message" / Text)
+    BODY = cs.Struct(*AckHead.subcons, "message" / Text)
 
 
 @dataclass
@@ -362,6 +410,11 @@ Body = cs.Switch(
 # the declarations above; the payload is joined to it, never built by construct.
 DATA_HEAD = fast_struct(cs.Struct(*Header.subcons, *DataHead.subcons))
 _DATA_FIXED_BYTES = DataHead.sizeof()
+# The ACK hot path (one per track): header, ACK's fixed fields and the length
+# prefix of its message (``Text``'s), one struct; anything irregular falls
+# back to the declaration, which also words the errors.
+ACK_HEAD = fast_struct(cs.Struct(*Header.subcons, *AckHead.subcons, "message_length" / cs.Int16ub))
+_ACK_BODY_BYTES = ACK_HEAD.size - HEADER_BYTES  # fixed fields and the message's length
 _BODY_ERRORS = (cs.ConstructError, ValueError, TypeError, OverflowError, UnicodeError)
 MAC_BYTES = seal.MAC_BYTES
 TAG_BYTES = seal.TAG_BYTES
@@ -408,6 +461,11 @@ def encode(frame: Frame, *, sealing: Sealing | None = None) -> bytes | bytearray
             return _encode_data(frame, flags)
         except (struct.error, TypeError):
             pass  # a value that does not fit: the declaration says which, below
+    elif kind is Kind.ACK:
+        try:
+            return _encode_ack(frame, flags, sealing)
+        except (struct.error, TypeError, AttributeError, UnicodeError):
+            pass  # likewise
     try:
         body = Body.build(frame, kind=kind.name)
     except _BODY_ERRORS as e:
@@ -438,6 +496,21 @@ def _encode_data(frame: Data, flags: int) -> bytes:
                           frame.volume, frame.track, frame.cg_seq)
     crc = crc32c.crc32c(payload, crc32c.crc32c(head))
     return b"".join((head, payload, crc.to_bytes(CRC_BYTES, "big")))
+
+
+def _encode_ack(frame: Ack, flags: int, sealing: Sealing | None) -> bytes:
+    message = frame.message.encode("utf-8")
+    length = _ACK_BODY_BYTES + len(message) + (MAC_BYTES if sealing is not None else 0)
+    if sealing is not None:
+        flags |= FLAG_SEALED
+    head = ACK_HEAD.pack(MAGIC, PROTOCOL_VERSION, Kind.ACK, flags, frame.seq, length, frame.acked, frame.status,
+                         len(message))
+    parts = [head, message]
+    if sealing is not None:
+        parts.append(seal.seal_mac(sealing.keys.mac_key, sealing.role, frame.seq, head + message))
+    crc = crc32c.crc32c(b"".join(parts))
+    parts.append(crc.to_bytes(CRC_BYTES, "big"))
+    return b"".join(parts)
 
 
 def _seal_data(frame: Data, flags: int, sealing: Sealing) -> bytearray:
@@ -532,6 +605,8 @@ def decode(buf: bytes, *, sealing: Sealing | None = None) -> Frame:
         raise BadBody(f"{kind.name}: reply flags {flags:#x} do not fit the kind")
     if flags & FLAG_CLEAR and not (kind is Kind.HELLO or kind is Kind.DATA and flags & FLAG_SEALED):
         raise BadBody(f"{kind.name}: flags {flags:#x} do not fit the kind")
+    if flags & FLAG_RUNS and kind is not Kind.DATA:
+        raise BadBody(f"{kind.name}: flags {flags:#x} do not fit the kind")
     end = size - CRC_BYTES
     if sealing is not None:
         if not flags & FLAG_SEALED:
@@ -551,6 +626,15 @@ def decode(buf: bytes, *, sealing: Sealing | None = None) -> Frame:
         *_, volume, track, cg_seq = DATA_HEAD.unpack_from(view)
         payload = bytes(view[DATA_HEAD.size : end])  # the one copy of the payload
         return Data(seq=seq, flags=flags, volume=volume, track=track, cg_seq=cg_seq, payload=payload)
+    if kind is Kind.ACK and end >= ACK_HEAD.size:
+        *_, acked, status, message_length = ACK_HEAD.unpack_from(view)
+        if ACK_HEAD.size + message_length == end:
+            try:
+                message = str(view[ACK_HEAD.size : end], "utf-8")
+            except UnicodeError:
+                pass  # the declaration words it, below
+            else:
+                return Ack(seq=seq, flags=flags, acked=acked, status=status, message=message)
     try:
         return Body.parse(bytes(view[HEADER_BYTES:end]), kind=kind.name, seq=seq, flags=flags)
     except cs.TerminatedError:

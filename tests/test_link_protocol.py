@@ -401,3 +401,24 @@ def test_a_hello_of_65535_volumes_is_refused_before_one_is_parsed():
     assert p.decode(p.encode(hello)) == hello
     with pytest.raises(p.BadBody):
         p.encode(p.Hello(seq=1, version=3, session_id="s", volumes=many + [("x", 1, 1)]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(FRAME_STRATEGIES[p.Kind.ACK], st.booleans())
+def test_ack_fast_path_matches_the_declaration(frame, sealed):
+    raw = p.encode(frame, sealing=sealing() if sealed else None)
+    end = len(raw) - p.CRC_BYTES - (p.MAC_BYTES if sealed else 0)
+    assert raw[p.HEADER_BYTES:end] == p.Body.build(frame, kind="ACK")
+    receiver = sealing("secondary", "primary") if sealed else None
+    assert p.decode(raw, sealing=receiver) == frame
+
+
+@pytest.mark.parametrize("body, words", [
+    (struct.pack(">QHH", 1, 0, 3) + b"\xff\xfe\xfd", "ACK body does not parse"),  # not UTF-8
+    (struct.pack(">QHH", 1, 0, 5) + b"abc", "ACK body does not parse"),  # message cut short
+    (struct.pack(">QHH", 1, 0, 1) + b"ab", "trailing"),
+])
+def test_a_bad_ack_body_is_worded_by_the_declaration(body, words):
+    header = p.HEADER.pack(p.MAGIC, p.PROTOCOL_VERSION, p.Kind.ACK, p.FLAG_REPLY, 1, len(body))
+    with pytest.raises(p.BadBody, match=words):
+        p.decode(recrc(header + body + bytes(4)))
