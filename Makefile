@@ -7,8 +7,8 @@ WORK    ?= work
 JOBS    ?= auto
 PYTEST_ARGS ?=
 
-DEBS      := fio qemu-utils libnbd-bin nbdkit
-DEB_TOOLS := fio qemu-io qemu-img nbdinfo nbdcopy nbdkit
+DEBS      := fio qemu-utils libnbd-bin nbdkit chromium
+DEB_TOOLS := fio qemu-io qemu-img nbdinfo nbdcopy nbdkit chromium
 
 .PHONY: venv deps run test lint bench faults clean
 
