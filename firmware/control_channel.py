@@ -10,7 +10,8 @@ made for the data link is refused here and the other way round::
     S -> M  AUTH_RESPONSE(mac = HMAC(secret, "subordinate" | nonce_m | session))   or ERROR
 
 Both sides then derive the session key from the secret and both nonces and
-talk through a ``SealedChannel``: every frame sealed with that key and the
+talk through a ``SealedChannel`` (firmware/sealed.py, shared with the
+replication link): every frame sealed with that key and the
 sender's role, its seq one more than the sender's last. A replayed
 handshake fails at the third step (nonce_s is fresh); a frame replayed,
 reordered or rewritten after it fails the channel's checks, and the side

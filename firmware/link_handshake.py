@@ -7,7 +7,15 @@ The handshake (primary P connects to secondary S)::
     S -> P  AUTH_CHALLENGE(nonce_s)
     P -> S  AUTH_RESPONSE(mac = HMAC(secret, "primary" | nonce_s | session), challenge = nonce_p)
     S -> P  AUTH_RESPONSE(mac = HMAC(secret, "secondary" | nonce_p | session))
-    S -> P  STATUS(session, committed CG, new, geometry)    or ERROR(code, message)
+    S -> P  STATUS(session, committed CG, new, geometry)    or ERROR(code, message)   (sealed)
+
+Both sides then derive the session keys (HKDF-SHA256 of the secret, salted
+with nonce_p | nonce_s; ``protocol.Sealing.derive``) and every frame after
+the secondary's AUTH_RESPONSE, STATUS first, travels sealed through a
+``SealedChannel`` (firmware/sealed.py): a MAC per frame, DATA payloads
+under AES-GCM, sequence numbers 1, 2, 3, ... per direction. A HELLO with
+FLAG_CLEAR says the primary sends DATA payloads in clear ([link] encrypt =
+false); a secondary that requires encryption refuses it.
 
 The primary's side is ``LinkRemote`` (firmware/link_primary.py), the
 secondary's ``ReplicationService`` (firmware/link_secondary.py); the frames
