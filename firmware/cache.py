@@ -22,6 +22,14 @@ slot and seals an undo journal entry there (state JOURNAL); ``load`` puts
 them back when the image's entry was not rewritten after the journal, so
 each sector is old or new, never a mix. A clean image needs no journal: its
 entry first drops those sectors (A holds them), then the write lands.
+
+Each image also keeps a *segment mask* (``segs``, a bit per 4 KiB segment):
+what of its track was written since the track was last made durable in B,
+so the drain sends those segments only. Its crash rules are in
+firmware/layout.py; here: ``apply`` adds the written segments, ``promote``
+and ``merge_new_into_cur`` keep the union, an image allocated for a track
+that already owes something starts full, and only ``synced`` (B durable for
+a send) drops bits: the mask becomes what was written after that send.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from bitarray import bitarray
 from firmware.errors import CacheFull, NvramError
 from firmware.layout import (
     SECTOR_BYTES,
+    SEGMENT_BYTES,
     STATE_CUR,
     STATE_FREE,
     STATE_JOURNAL,
@@ -62,6 +71,10 @@ class CacheEntry:
     seq: int = 0  # bumped on every data change: a destage only cleans the version it wrote
     copy: int = -1  # directory copy holding the newest version
     gen: int = 0
+    segs: int = 0  # segment mask (bit i: segment i written since the track was last durable in B)
+    epoch: int = 0  # the mask epoch ``segs`` was kept under; another one means "all segments"
+    after: int = 0  # segments written since the track was sent (while ``tracking``), in memory only
+    tracking: bool = False  # sent in the CG being formed, B not yet durable for it
 
     @property
     def key(self) -> Key:
@@ -102,6 +115,9 @@ class WriteCache:
         self.track_bytes = plan.track_bytes
         self.sectors = plan.track_bytes // SECTOR_BYTES
         self.valid_bytes = plan.valid_bytes
+        self.seg_bytes = plan.segment_bytes
+        self.seg_full = (1 << ((plan.track_bytes + SEGMENT_BYTES - 1) // SEGMENT_BYTES)) - 1
+        self.mask_epoch = 0  # the CG record's (firmware/region.py sets it)
         self.entry_bytes = plan.entry_bytes
         self._index: dict[Key, list[CacheEntry | None]] = {}  # key -> [cur, new]
         self._free: list[int] = []
@@ -144,7 +160,7 @@ class WriteCache:
             best = None
             for copy in (0, 1):
                 at = self._entry_offset(slot, copy)
-                e = unpack_entry(self.view[at : at + self.entry_bytes], self.valid_bytes)
+                e = unpack_entry(self.view[at : at + self.entry_bytes], self.valid_bytes, self.seg_bytes)
                 if e is not None and (best is None or e["gen"] > best[1]["gen"]):
                     best = (copy, e)
             if best is not None:
@@ -168,7 +184,8 @@ class WriteCache:
             valid.frombytes(e["valid"])
             del valid[self.sectors :]
             entry = CacheEntry(slot, e["volume"], e["track"], e["state"], valid, bool(e["dirty"]),
-                               copy=copy, gen=e["gen"])
+                               copy=copy, gen=e["gen"], segs=int.from_bytes(e["segments"], "little"),
+                               epoch=e["mask_epoch"])
             pair = self._index.setdefault(entry.key, [None, None])
             role = 0 if entry.state == STATE_CUR else 1
             older = pair[role]
@@ -228,9 +245,12 @@ class WriteCache:
         return self.n_slots - len(self._free)
 
     # -- allocation ---------------------------------------------------------------------
-    def allocate(self, volume: int, track: int, state: int, pinned: set[Key] | None = None) -> CacheEntry:
+    def allocate(self, volume: int, track: int, state: int, pinned: set[Key] | None = None, *,
+                 owed: bool = True) -> CacheEntry:
         """A new empty image (not yet in the directory: the first ``apply`` writes
-        it). Never evicts the images of ``pinned`` tracks."""
+        it). Never evicts the images of ``pinned`` tracks. ``owed``: the track
+        already owes B something this image does not know (its OOS or CR bit
+        was set before), so its segment mask starts full."""
         victim = None
         if not self._free and self._clean:
             for key, entry in self._clean.items():  # LRU first
@@ -249,7 +269,8 @@ class WriteCache:
             raise CacheFull(f"all {self.n_slots} cache slots hold dirty or new images")
         valid = bitarray(self.sectors, endian="little")
         valid.setall(0)
-        entry = CacheEntry(slot, volume, track, state, valid, dirty=True, copy=self._slot_copy[slot])
+        entry = CacheEntry(slot, volume, track, state, valid, dirty=True, copy=self._slot_copy[slot],
+                           segs=self.seg_full if owed else 0, epoch=self.mask_epoch)
         pair = self._index.setdefault((volume, track), [None, None])
         role = 0 if state == STATE_CUR else 1
         assert pair[role] is None, "allocate over an existing image"
@@ -277,6 +298,13 @@ class WriteCache:
         self.view[at : at + n] = data
         self.nvram.persist(at, n)
         entry.valid[s:e] = 1
+        first = byte_in_track // SEGMENT_BYTES
+        segs = ((1 << ((byte_in_track + n - 1) // SEGMENT_BYTES - first + 1)) - 1) << first if n else 0
+        if entry.epoch != self.mask_epoch:
+            entry.segs, entry.epoch = self.seg_full, self.mask_epoch
+        entry.segs |= segs
+        if entry.tracking:
+            entry.after |= segs
         self._touch(entry)  # a newer generation than the journal: the overwrite stands
 
     def _journal(self, entry: CacheEntry, s0: int, s1: int) -> None:
@@ -300,7 +328,7 @@ class WriteCache:
                            (hi - lo) * SECTOR_BYTES)
         role = 0 if entry.state == STATE_CUR else 1
         self._write_slot_entry(slot, pack_entry(self._next_gen(), STATE_JOURNAL, role, entry.volume, entry.track,
-                                                saved.tobytes()))
+                                                saved.tobytes(), bytes(self.seg_bytes)))
         self._free.append(slot)
         self.counters.journaled += 1
 
@@ -371,6 +399,9 @@ class WriteCache:
         if pair is None or pair[1] is None:
             return False
         cur, new = pair
+        after = self.segment_mask(new)  # the new image was written after the CG's cut, all of it
+        new.segs, new.epoch = after | self.segment_mask(cur), self.mask_epoch
+        new.after, new.tracking = after, True
         if cur is not None:
             src, dst = self.slot_view(cur), self.slot_view(new)
             holes = cur.valid & ~new.valid
@@ -402,6 +433,10 @@ class WriteCache:
             return
         cur, new = pair
         self.with_new.discard((volume, track))
+        if cur is not None:
+            cur.segs, cur.epoch = self.segment_mask(cur) | self.segment_mask(new), self.mask_epoch
+            cur.tracking = False
+        new.tracking = False
         if cur is None:
             new.state = STATE_CUR
             pair[0], pair[1] = new, None
@@ -416,6 +451,34 @@ class WriteCache:
         pair[1] = None
         self._write_free(new)
         self._free.append(new.slot)
+
+    # -- segment masks -------------------------------------------------------------------
+    def segment_mask(self, entry: CacheEntry | None) -> int:
+        """The segments of ``entry``'s track written since B was last durable
+        for it; all of them for no image or a mask of another epoch."""
+        if entry is None or entry.epoch != self.mask_epoch:
+            return self.seg_full
+        return entry.segs
+
+    def sent(self, volume: int, track: int) -> None:
+        """The track's only image was sent (nothing to promote): from now on
+        it counts the segments written after the send."""
+        cur = self._index.get((volume, track), (None, None))[0]
+        if cur is not None:
+            cur.after, cur.tracking = 0, True
+
+    def synced(self, volume: int, track: int) -> None:
+        """B is durable for the track's send: its mask keeps only what was
+        written after the send. An image allocated after the send (not
+        tracking) keeps its full mask."""
+        cur = self._index.get((volume, track), (None, None))[0]
+        if cur is None or not cur.tracking:
+            return
+        cur.tracking = False
+        if cur.segs != cur.after or cur.epoch != self.mask_epoch:
+            cur.segs, cur.epoch = cur.after, self.mask_epoch
+            self._write_entry(cur)
+        cur.after = 0
 
     # -- destage bookkeeping --------------------------------------------------------------
     def next_dirty(self) -> CacheEntry | None:
@@ -490,7 +553,7 @@ class WriteCache:
     def _write_entry(self, entry: CacheEntry) -> None:
         entry.gen = self._next_gen()
         raw = pack_entry(entry.gen, entry.state, int(entry.dirty), entry.volume, entry.track,
-                         entry.valid.tobytes())
+                         entry.valid.tobytes(), entry.segs.to_bytes(self.seg_bytes, "little"), entry.epoch)
         entry.copy = self._write_slot_entry(entry.slot, raw)
 
     def _write_free(self, entry: CacheEntry) -> None:
@@ -498,7 +561,7 @@ class WriteCache:
 
     def _write_free_slot(self, slot: int) -> int:
         copy = self._write_slot_entry(slot, pack_entry(self._next_gen(), STATE_FREE, 0, 0, 0,
-                                                       bytes(self.valid_bytes)))
+                                                       bytes(self.valid_bytes), bytes(self.seg_bytes)))
         self._wake(self._space_waiters)
         return copy
 

@@ -14,17 +14,25 @@ keeps its OOS bit until ``sync`` has made B durable for the batch; only
 then are the bits cleared (claim 9: a cleared bit is never sent again). A
 CG that fails before its sync leaves the bits set, and the next CG resends.
 A sent track is owed nothing more in this CG: writes to it record in CR.
+
+Segments: the OOS granule is the track, but a track is sent as the 4 KiB
+segments its image's mask names (written since B was last durable for it,
+firmware/cache.py), each run read from the image over A, when the remote
+takes runs (``send_track(..., runs=...)``); the whole track when the mask
+is full or unknown (no image, another mask epoch, an empty mask) or the
+remote does not take runs. The mask drops what was sent only at ``sync``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
 
 from firmware import crashpoints as cp
 from firmware.crashpoints import CrashPoints
 from firmware.errors import CgFailed
-from firmware.layout import SECTOR_BYTES
+from firmware.layout import SECTOR_BYTES, SEGMENT_BYTES
 from firmware.region import PrimaryRegion
 from firmware.remote import RemotePort
 from firmware.volumes import Volumes
@@ -34,6 +42,24 @@ BEFORE_OOS_CLEAR = cp.declare("primary.before_oos_clear", "drained tracks are du
 
 LINK_ERRORS = (ConnectionError, OSError, asyncio.TimeoutError)
 SYNC_BATCH = 256  # tracks sent between two syncs of B (16 MiB of 64 KiB tracks)
+
+
+def segment_runs(mask: int, length: int) -> list[tuple[int, int]]:
+    """(offset, length) byte runs of the set bits of a segment mask, within
+    a track of ``length`` bytes."""
+    runs = []
+    seg = 0
+    while mask:
+        zeros = (mask & -mask).bit_length() - 1
+        mask >>= zeros
+        seg += zeros
+        ones = (mask ^ (mask + 1)).bit_length() - 1
+        start, end = seg * SEGMENT_BYTES, min((seg + ones) * SEGMENT_BYTES, length)
+        if start < end:
+            runs.append((start, end - start))
+        mask >>= ones
+        seg += ones
+    return runs
 
 
 class Drainer:
@@ -54,9 +80,26 @@ class Drainer:
         self._syncing: asyncio.Future | None = None
         self.drain_bytes = 0  # bytes sent, in total
         self.cg_tracks = 0  # tracks sent for the CG being formed
+        self.partial_tracks = 0  # tracks sent as segment runs, in total
+        self._takes_runs: dict[type, bool] = {}
 
-    async def compose_old(self, vi: int, t: int) -> bytes:
-        """The track as it belongs to the CG being formed: the old image over A."""
+    @property
+    def sends_runs(self) -> bool:
+        """Whether the remote (which a test may swap) takes segment runs."""
+        kind = type(self.remote)
+        takes = self._takes_runs.get(kind)
+        if takes is None:
+            try:
+                takes = "runs" in inspect.signature(self.remote.send_track).parameters
+            except (TypeError, ValueError):
+                takes = False
+            self._takes_runs[kind] = takes
+        return takes
+
+    async def compose_runs(self, vi: int, t: int, *, whole: bool = False) -> tuple[bytes, list[tuple[int, int]] | None]:
+        """What to send of the track for the CG being formed, from the old
+        image over A: the segments its mask names and their runs, or the
+        whole track and None."""
         cache = self.region.cache
         length = self.volumes.track_len(vi, t)
         dev = self.volumes.devices[vi]
@@ -64,6 +107,26 @@ class Drainer:
         nsect = (length + SECTOR_BYTES - 1) // SECTOR_BYTES
         while True:
             cur, _ = cache.images(vi, t)
+            mask = cache.segment_mask(cur) if not whole else 0
+            runs = segment_runs(mask, length) if mask and mask != cache.seg_full else None
+            if runs is not None:
+                out = bytearray(sum(n for _, n in runs))
+                view = memoryview(out)
+                pos = 0
+                stale = False
+                for start, n in runs:
+                    s0, s1 = start // SECTOR_BYTES, (start + n + SECTOR_BYTES - 1) // SECTOR_BYTES
+                    if cur.valid.count(1, s0, s1) != s1 - s0:  # partly in A
+                        view[pos : pos + n] = await dev.read((t * self.volumes.track_bytes + start) // bs,
+                                                             (n + bs - 1) // bs)
+                        if cache.images(vi, t)[0] is not cur:
+                            stale = True
+                            break
+                    cache.overlay(vi, t, view, pos, start, start + n, include_new=False)
+                    pos += n
+                if stale:
+                    continue
+                return bytes(out), runs
             if cache.fully_valid(cur, nsect):
                 out = bytearray(length)
             else:
@@ -71,7 +134,7 @@ class Drainer:
                 if cache.images(vi, t)[0] is not cur:
                     continue
             cache.overlay(vi, t, out, 0, 0, length, include_new=False)
-            return bytes(out)
+            return bytes(out), None
 
     def owes(self, vi: int, t: int) -> bool:
         """Track t of volume vi has an old image still to send in this CG."""
@@ -103,8 +166,10 @@ class Drainer:
             self.crashpoints.hit(BEFORE_OOS_CLEAR)
             if self.in_cg(seq):
                 oos = self.region.oos
+                cache = self.region.cache
                 for vi, t in batch:
                     oos[vi].clear(t)
+                    cache.synced(vi, t)  # after the bit: a mask is never less than the bit needs
                 self.sent -= batch
         except BaseException as e:
             if isinstance(e, LINK_ERRORS):
@@ -132,11 +197,17 @@ class Drainer:
         fut = asyncio.get_running_loop().create_future()
         self.inflight[key] = fut
         try:
-            data = await self.compose_old(vi, t)
+            data, runs = await self.compose_runs(vi, t, whole=not self.sends_runs)
             self.crashpoints.hit(MID_DRAIN)
-            await self.remote.send_track(self.volumes.names[vi], t, seq, data)
+            if runs is None:
+                await self.remote.send_track(self.volumes.names[vi], t, seq, data)
+            else:
+                await self.remote.send_track(self.volumes.names[vi], t, seq, data, runs=runs)
+                self.partial_tracks += 1
             if self._still_owed(vi, t, seq):
-                self.region.cache.promote(vi, t)
+                cache = self.region.cache
+                if not cache.promote(vi, t):
+                    cache.sent(vi, t)
                 self.sent.add(key)
                 self.drain_bytes += len(data)
                 self.cg_tracks += 1

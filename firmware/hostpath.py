@@ -62,9 +62,14 @@ class HostPath:
         vols = self.volumes
         vi = vols.index(volume)
         mv = memoryview(data).cast("B")
+        vols.check_io(vi, offset, mv.nbytes)
+        await self.write_checked(vi, offset, mv)
+
+    async def write_checked(self, vi: int, offset: int, mv: memoryview) -> None:
+        """A write already checked against the volume's bounds and block size
+        (a host port checks every request, hal/host.py); ``mv`` is bytes."""
         n = mv.nbytes
-        vols.check_io(vi, offset, n)
-        tb = vols.track_bytes
+        tb = self.volumes.track_bytes
         gate = self.cycle.gate
         if n and (offset + n - 1) // tb - offset // tb >= self.max_landing_tracks:
             while gate.closed:  # a CR switch is pending: land after it, never across it
@@ -86,7 +91,8 @@ class HostPath:
                             fut.set_result(None)
         else:
             await self.land(vi, offset, mv)
-        await gate.wait()
+        if gate.closed:  # only then is there anything to wait for
+            await gate.wait()
 
     async def landed_whole(self) -> None:
         """Return when no chunked write is half landed (the CR switch waits
@@ -139,12 +145,17 @@ class HostPath:
                 continue
             break
         # ---- landing: no await from here on ----
-        bitmap = self.region.cr[vi] if recording else self.region.oos[vi]
+        oos, cr = self.region.oos[vi], self.region.cr[vi]
+        bitmap = cr if recording else oos
         src = 0
         for t, entry, state in plan:
+            # A new image knows nothing the track owed before it: a cur image
+            # of a track with a bit set, or a new image of one already in CR,
+            # starts with a full segment mask (firmware/layout.py).
+            owed = (cr.test(t) if state == STATE_NEW else oos.test(t) or cr.test(t)) if entry is None else False
             bitmap.set(t)  # the bit before the data it announces
             if entry is None:
-                entry = cache.allocate(vi, t, state, pinned)
+                entry = cache.allocate(vi, t, state, pinned, owed=owed)
             start = max(offset, t * tb)
             end = min(offset + mv.nbytes, (t + 1) * tb)
             cache.apply(entry, start - t * tb, mv[src : src + end - start])
@@ -179,6 +190,11 @@ class HostPath:
         vols = self.volumes
         vi = vols.index(volume)
         vols.check_io(vi, offset, length)
+        return await self.read_checked(vi, offset, length)
+
+    async def read_checked(self, vi: int, offset: int, length: int) -> bytes:
+        """A read already checked against the volume's bounds and block size."""
+        vols = self.volumes
         if length == 0:
             return b""
         cache = self.region.cache
@@ -229,19 +245,34 @@ class HostPath:
 
 
 class PrimaryVolume(HostVolume):
+    """A volume as a host port sees it. The port has checked each request's
+    bounds and alignment (hal/host.py), so they are not checked again, and
+    the volume's index is remembered (re-looked up only if a recovery
+    reordered the volumes after this was made)."""
+
     def __init__(self, host: HostPath, name: str) -> None:
         vols = host.volumes
-        dev = vols.devices[vols.index(name)]
+        self._vi = vols.index(name)
+        dev = vols.devices[self._vi]
         self.host = host
         self.name = name
         self.size_bytes = dev.info.size_bytes
         self.block_size = dev.info.block_size
 
-    async def read(self, offset: int, length: int) -> bytes:
-        return await self.host.read(self.name, offset, length)
+    def _index(self) -> int:
+        names = self.host.volumes.names
+        vi = self._vi
+        if vi >= len(names) or names[vi] != self.name:
+            vi = self._vi = self.host.volumes.index(self.name)
+        return vi
 
-    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
-        await self.host.write(self.name, offset, data, fua=fua)
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.host.read_checked(self._index(), offset, length)
+
+    def write(self, offset: int, data: bytes, *, fua: bool = False):
+        # The host path's coroutine itself, not one more frame around it.
+        mv = data if type(data) is memoryview else memoryview(data)
+        return self.host.write_checked(self._index(), offset, mv if mv.format == "B" else mv.cast("B"))
 
     async def flush(self) -> None:
         await self.host.flush(self.name)

@@ -13,7 +13,11 @@ Primary region (all integers little-endian; PAGE = 4096)::
                       other is CR. Creating CR allocates nothing; the swap
                       after a commit flips the bit.
     dir_offset        cache directory: ``n_slots`` x 2 copies of DirEntry
-                      (``entry_bytes`` each). Entry i describes slot i.
+                      (``entry_bytes`` each). Entry i describes slot i: its
+                      track, a valid bit per sector and (since VERSION 3) a
+                      *segment mask*, a bit per 4 KiB segment of the track
+                      written since the track was last made durable in B,
+                      stamped with the mask epoch it was kept under.
     slots_offset      ``n_slots`` image slots of ``track_bytes`` each.
 
 Secondary region: the same header (magic ``MFWS``; ``track_bytes`` is the
@@ -27,6 +31,16 @@ generation number and a CRC32C, and an update overwrites the older copy, so
 a crash at any byte leaves the previous version readable. Slot data is
 written before the directory entry that makes it valid; bitmap bits are set
 before the data they announce.
+
+Segment masks (VERSION 3): the drain sends a track's masked segments only,
+so the mask must never lose a segment that B may lack. It is written in
+the entry after the data it describes (like ``valid``), only ever grows
+until the secondary made B durable (then it drops what was sent), starts
+all ones when the image is allocated for a track whose OOS or CR bit is
+already set (the earlier writes are not known), and counts as all ones
+when its ``mask_epoch`` is not the CG record's (a full copy bumps the
+record's epoch: every mask is void at once). A track with no image is sent
+whole. Older regions (VERSION 2) are refused: format them again.
 """
 
 from __future__ import annotations
@@ -40,7 +54,6 @@ import crc32c
 from construct import (
     Array,
     Bytes,
-    Const,
     Enum,
     Float64l,
     Int8ul,
@@ -57,7 +70,10 @@ from hal.wire import fast_struct
 
 PAGE = 4096
 SECTOR_BYTES = 512
-VERSION = 2  # 2: the CG record names its format generation, the FlashCopy record the primary's
+VERSION = 3  # 3: directory entries carry segment masks, the CG record their epoch
+# 2: the CG record names its format generation, the FlashCopy record the primary's
+SECONDARY_VERSIONS = (2, 3)  # the secondary's region did not change in 3
+SEGMENT_BYTES = 4096  # the drain's unit within a track (the OOS/CR granule stays the track)
 PRIMARY_MAGIC = b"MFWP"
 SECONDARY_MAGIC = b"MFWS"
 MAX_VOLUMES = 48
@@ -111,6 +127,7 @@ CgRecord = Struct(
     "failed" / Int64ul,
     "consecutive" / Int32ul,
     "generation" / Int64ul,  # made at format: which NVRAM the secondary's copy descends from
+    "mask_epoch" / Int32ul,  # segment masks of another epoch count as whole tracks (a full copy bumps it)
 )
 
 FC_IDLE, FC_PREPARED = 0, 1
@@ -150,44 +167,59 @@ EntryHead = Struct(
     "state" / Enum(Int8ul, EntryState),
     "dirty" / Int8ul,  # 1 until destaged to volume A
     "volume" / Int16ul,
-    "reserved" / Const(0, Int32ul),
+    "mask_epoch" / Int32ul,  # the CG record's mask_epoch when ``segments`` was last set (VERSION 2: reserved, 0)
     "track" / Int64ul,
 )
 # Hot-path twin of EntryHead, derived from it: construct costs ~10x more per host write.
-_ENTRY_HEAD = fast_struct(EntryHead)  # (gen, state, dirty, volume, reserved, track)
+_ENTRY_HEAD = fast_struct(EntryHead)  # (gen, state, dirty, volume, mask_epoch, track)
+
+
+def segments_per_track(track_bytes: int) -> int:
+    return (track_bytes + SEGMENT_BYTES - 1) // SEGMENT_BYTES
+
+
+def segment_bytes_for(track_bytes: int) -> int:
+    """Bytes of a directory entry's segment mask."""
+    return (segments_per_track(track_bytes) + 7) // 8
 
 
 @functools.lru_cache(maxsize=16)
-def dir_entry_struct(valid_bytes: int) -> Struct:
-    """One copy of a directory entry; ``valid`` has one bit per sector."""
+def dir_entry_struct(valid_bytes: int, segment_bytes: int = 2) -> Struct:
+    """One copy of a directory entry; ``valid`` has one bit per sector,
+    ``segments`` one per 4 KiB segment (bit i: bytes [i*4096, (i+1)*4096)
+    of the track, little-endian bit order like ``valid``)."""
     return Struct(
         *EntryHead.subcons,
         "valid" / Bytes(valid_bytes),
+        "segments" / Bytes(segment_bytes),
         "crc" / Int32ul,  # CRC32C of everything before it
     )
 
 
-def entry_bytes_for(valid_bytes: int) -> int:
-    return (_ENTRY_HEAD.size + valid_bytes + 4 + 7) & ~7
+def entry_bytes_for(valid_bytes: int, segment_bytes: int = 2) -> int:
+    return (_ENTRY_HEAD.size + valid_bytes + segment_bytes + 4 + 7) & ~7
 
 
-def pack_entry(gen: int, state: EntryState, dirty: int, volume: int, track: int, valid: bytes) -> bytes:
-    """Build a directory entry fast; equal to dir_entry_struct(len(valid)).build (tested)."""
-    body = _ENTRY_HEAD.pack(gen, state, dirty, volume, 0, track) + valid
+def pack_entry(gen: int, state: EntryState, dirty: int, volume: int, track: int, valid: bytes,
+               segments: bytes = b"\0\0", mask_epoch: int = 0) -> bytes:
+    """Build a directory entry fast; equal to dir_entry_struct(len(valid), len(segments)).build (tested)."""
+    body = _ENTRY_HEAD.pack(gen, state, dirty, volume, mask_epoch, track) + valid + segments
     return body + crc32c.crc32c(body).to_bytes(4, "little")
 
 
-def unpack_entry(raw: bytes, valid_bytes: int) -> dict | None:
+def unpack_entry(raw: bytes, valid_bytes: int, segment_bytes: int = 2) -> dict | None:
     """Parse one entry copy; None when its CRC does not match (torn or never written).
     ``state`` is an EntryState, or the raw number when it names none (recovery reports it)."""
-    n = _ENTRY_HEAD.size + valid_bytes
+    v = _ENTRY_HEAD.size + valid_bytes
+    n = v + segment_bytes
     if crc32c.crc32c(raw[:n]) != int.from_bytes(raw[n : n + 4], "little"):
         return None
-    gen, state, dirty, volume, _, track = _ENTRY_HEAD.unpack_from(raw, 0)
+    gen, state, dirty, volume, mask_epoch, track = _ENTRY_HEAD.unpack_from(raw, 0)
     if gen == 0:
         return None
     return {"gen": gen, "state": _STATE_OF.get(state, state), "dirty": dirty, "volume": volume,
-            "track": track, "valid": bytes(raw[_ENTRY_HEAD.size : n])}
+            "track": track, "valid": bytes(raw[_ENTRY_HEAD.size : v]), "segments": bytes(raw[v:n]),
+            "mask_epoch": mask_epoch}
 
 
 def align(n: int, to: int = PAGE) -> int:
@@ -284,6 +316,10 @@ class RegionPlan:
     def valid_bytes(self) -> int:
         return (self.track_bytes // self.sector_bytes + 7) // 8
 
+    @property
+    def segment_bytes(self) -> int:
+        return segment_bytes_for(self.track_bytes)
+
     def header_fields(self, generation: int, clean: int) -> dict:
         return {
             "magic": self.magic, "version": VERSION, "generation": generation, "clean": clean,
@@ -324,7 +360,7 @@ def plan_region(magic: bytes, region_bytes: int, volumes: list[tuple[str, int]],
         areas.append(VolumeArea(name, size, tracks, pos, bitmap_bytes))
         pos += 2 * bitmap_bytes
     vbytes = (track_bytes // SECTOR_BYTES + 7) // 8
-    ebytes = entry_bytes_for(vbytes)
+    ebytes = entry_bytes_for(vbytes, segment_bytes_for(track_bytes))
     dir_offset = pos
     n_slots = 0
     if with_cache:

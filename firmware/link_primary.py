@@ -355,14 +355,20 @@ class LinkRemote(RemotePort):
                 fut.exception()  # retrieved: a send failure already raised for it
 
     # -- RemotePort ----------------------------------------------------------------
-    async def send_track(self, volume: str, track: int, cg_seq: int, data: bytes) -> None:
+    async def send_track(self, volume: str, track: int, cg_seq: int, data: bytes,
+                         runs: list[tuple[int, int]] | None = None) -> None:
         try:
             index = self._index[volume]
         except KeyError:
             raise RemoteError(f"volume {volume!r} was not in the hello") from None
+        if runs is None:
+            frame = p.Data(volume=index, track=track, cg_seq=cg_seq, payload=bytes(data))
+        else:  # the run table travels inside the sealed payload
+            frame = p.Data(volume=index, track=track, cg_seq=cg_seq, flags=p.FLAG_RUNS,
+                           payload=p.pack_runs(runs) + data)
         async with self._window:
             self.stats["data_bytes_tried"] += len(data)
-            await self._request(p.Data(volume=index, track=track, cg_seq=cg_seq, payload=bytes(data)))
+            await self._request(frame)
         # Acknowledged: the secondary has it.
         self.stats["data_frames"] += 1
         self.stats["data_bytes"] += len(data)

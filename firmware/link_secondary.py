@@ -290,7 +290,15 @@ class ReplicationService:
                     before: asyncio.Task | None) -> None:
         if before is not None:  # same track twice in flight: keep their order
             await asyncio.gather(before, return_exceptions=True)
-        ack = await self._answer(frame, receive_track, volume, frame.track, frame.cg_seq, frame.payload)
+        if frame.flags & p.FLAG_RUNS:
+            try:
+                runs, payload = p.unpack_runs(frame.payload)
+            except p.ProtocolError as e:
+                ack = p.Ack(acked=frame.seq, status=p.AckStatus.REFUSED, message=str(e))
+            else:
+                ack = await self._answer(frame, receive_track, volume, frame.track, frame.cg_seq, payload, runs)
+        else:
+            ack = await self._answer(frame, receive_track, volume, frame.track, frame.cg_seq, frame.payload)
         if ack.status == p.AckStatus.OK:
             self.stats["data_frames"] += 1
             self.stats["data_bytes"] += len(frame.payload)

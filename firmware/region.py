@@ -21,6 +21,7 @@ from firmware.errors import NvramError
 from firmware.layout import (
     PAGE,
     PRIMARY_MAGIC,
+    SECONDARY_VERSIONS,
     VERSION,
     CgRecord,
     DoubleRecord,
@@ -58,7 +59,13 @@ def read_region(nvram: NvramRegion, magic: bytes, role: str) -> tuple[RegionPlan
     if header is None:
         raise NvramError(f"{getattr(nvram, 'url', 'NVRAM')}: no readable header (not formatted, or "
                          f"damaged); open with format=True to initialize")
-    if header["magic"] != magic or header["version"] != VERSION:
+    versions = (VERSION,) if magic == PRIMARY_MAGIC else SECONDARY_VERSIONS
+    if header["magic"] == magic and header["version"] < VERSION and header["version"] not in versions:
+        raise NvramError(f"NVRAM holds a {role} region of layout version {header['version']}, written by an older "
+                         f"mirrorfw; this one reads version {VERSION} (cache entries carry segment masks since 3). "
+                         f"Stop with the old version after its CG committed, or format again (format=True: "
+                         f"the cache is discarded and a full copy follows)")
+    if header["magic"] != magic or header["version"] not in versions:
         raise NvramError(f"NVRAM holds {header['magic']!r} version {header['version']}, "
                          f"not a {role} region version {VERSION}")
     plan = RegionPlan.from_header(header)
@@ -67,17 +74,22 @@ def read_region(nvram: NvramRegion, magic: bytes, role: str) -> tuple[RegionPlan
     return plan, store, header
 
 
-def bitmap_pairs(nvram: NvramRegion, plan: RegionPlan, *, fresh: bool) -> list[tuple[TrackBitmap, TrackBitmap]]:
+def bitmap_pairs(nvram: NvramRegion, plan: RegionPlan, *, fresh: bool,
+                 on_bulk_set=None) -> list[tuple[TrackBitmap, TrackBitmap]]:
     """Each volume's two bitmap areas, backed by the region (every bit change
-    is persisted where it lies). ``fresh``: the areas were just zeroed."""
+    is persisted where it lies). ``fresh``: the areas were just zeroed.
+    ``on_bulk_set``: MaskedBitmaps calling it (the primary's OOS and CR)."""
     view = nvram.view
     pairs = []
     for v in plan.volumes:
         pair = []
         for area in (0, 1):
             base = v.bitmap_offset + area * v.bitmap_bytes
-            pair.append(TrackBitmap(v.tracks, view[base : base + v.bitmap_bytes],
-                                    _persister(nvram, base), count=0 if fresh else None))
+            args = (v.tracks, view[base : base + v.bitmap_bytes], _persister(nvram, base))
+            if on_bulk_set is None:
+                pair.append(TrackBitmap(*args, count=0 if fresh else None))
+            else:
+                pair.append(MaskedBitmap(*args, count=0 if fresh else None, on_bulk_set=on_bulk_set))
         pairs.append((pair[0], pair[1]))
     return pairs
 
@@ -90,7 +102,23 @@ def _persister(nvram: NvramRegion, base: int):
 
 FRESH_RECORD = {"seq": 0, "phase": 0, "recording": 0, "oos_select": 0, "start_wall": 0.0, "committed_seq": 0,
                 "cut_wall": 0.0, "commit_wall": 0.0, "successful": 0, "failed": 0, "consecutive": 0,
-                "generation": 0}
+                "generation": 0, "mask_epoch": 1}
+
+
+class MaskedBitmap(TrackBitmap):
+    """An OOS or CR area of the primary. Setting a range of bits at once
+    (a full copy) voids every segment mask first (firmware/layout.py): those
+    tracks must be sent whole, whatever their images' masks say. A single
+    ``set`` is the host path's, which keeps the masks itself."""
+
+    def __init__(self, *args, on_bulk_set, **kw) -> None:
+        super().__init__(*args, **kw)
+        self._on_bulk_set = on_bulk_set
+
+    def set_range(self, start: int, end: int) -> int:
+        if min(end, self.tracks) > max(0, start):
+            self._on_bulk_set()
+        return super().set_range(start, end)
 
 
 class PrimaryRegion:
@@ -127,6 +155,7 @@ class PrimaryRegion:
         self._record_store.write(self.record)
         self.cache = WriteCache(self.nvram, self.plan)
         self.cache.format()
+        self.cache.mask_epoch = self.record["mask_epoch"]
         self._attach(fresh=True)
         log.info("formatted NVRAM %s: %d slots of %d bytes", getattr(self.nvram, "url", "?"),
                  self.plan.n_slots, track_bytes)
@@ -158,6 +187,7 @@ class PrimaryRegion:
             raise NvramError("NVRAM CG record is unreadable (both copies damaged)")
         self.record = rec
         self.cache = WriteCache(self.nvram, plan)
+        self.cache.mask_epoch = rec["mask_epoch"]
         report = self.cache.load([v.tracks for v in plan.volumes])
         self._attach(fresh=False)
         in_flight = bool(rec["recording"] or rec["phase"] != 0)
@@ -179,7 +209,7 @@ class PrimaryRegion:
     def _attach(self, fresh: bool) -> None:
         sel = self.record["oos_select"]
         self.oos, self.cr = [], []
-        for vi, pair in enumerate(bitmap_pairs(self.nvram, self.plan, fresh=fresh)):
+        for vi, pair in enumerate(bitmap_pairs(self.nvram, self.plan, fresh=fresh, on_bulk_set=self.void_masks)):
             bit = (sel >> vi) & 1
             self.oos.append(pair[bit])
             self.cr.append(pair[1 - bit])
@@ -187,6 +217,12 @@ class PrimaryRegion:
     def mark_clean(self, clean: bool) -> None:
         self._header.update(clean=int(clean))
         self._header_store.write(self._header)
+
+    def void_masks(self) -> None:
+        """Every segment mask counts as the whole track from now on (before
+        bits are set in bulk; the new epoch is durable first)."""
+        self.save(mask_epoch=self.record["mask_epoch"] % 0xFFFFFFFF + 1)  # a u32, never 0
+        self.cache.mask_epoch = self.record["mask_epoch"]
 
     # -- the record ------------------------------------------------------------------
     def save(self, **changes) -> None:

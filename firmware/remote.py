@@ -59,7 +59,10 @@ class RemotePort(abc.ABC):
     @abc.abstractmethod
     async def send_track(self, volume: str, track: int, cg_seq: int, data: bytes) -> None:
         """Write one track image (``track_bytes`` long, the last track of a
-        volume may be shorter) into B for the CG being formed."""
+        volume may be shorter) into B for the CG being formed. An
+        implementation whose ``send_track`` also takes ``runs`` (a list of
+        (offset, length) in the track) is given only the segments that
+        changed: ``data`` is then those runs' bytes one after another."""
 
     @abc.abstractmethod
     async def sync(self, cg_seq: int) -> None:
@@ -96,7 +99,8 @@ class SecondaryPort(Protocol):
         ...
 
     async def receive_track(self, volume: str, track: int, cg_seq: int, data: bytes) -> None:
-        """Write one track image into B for ``cg_seq``."""
+        """Write one track image into B for ``cg_seq`` (the Secondary also
+        takes ``runs``: ``data`` is then only those runs of the track)."""
         ...
 
     async def sync(self, cg_seq: int) -> None: ...

@@ -162,7 +162,12 @@ class Secondary:
                            volumes=[VolumeGeometry(n, b.info.size_bytes, self._track_bytes[n])
                                     for n, b in zip(self.names, self.b, strict=False)])
 
-    async def receive_track(self, volume: str, track: int, cg_seq: int, data: bytes) -> None:
+    async def receive_track(self, volume: str, track: int, cg_seq: int, data: bytes,
+                            runs: list[tuple[int, int]] | None = None) -> None:
+        """Write a track into B: ``data`` is the whole track, or with ``runs``
+        ((offset, length) in the track, ascending, apart) those runs' bytes
+        one after another. C's copy-on-write covers the whole track's grains
+        either way (once per CG, as for a whole track)."""
         vi = self._vi(volume)
         tb = self._track_bytes.get(volume)
         if tb is None:
@@ -171,17 +176,36 @@ class Secondary:
             raise RemoteError(f"CG {cg_seq} is not newer than the committed CG {self.committed_cg}")
         self._refuse_in_doubt(f"a track of CG {cg_seq}", None)
         b = self.b[vi]
+        bs = b.info.block_size
         offset = track * tb
         n = len(data)
         expect = min(tb, b.info.size_bytes - offset) if 0 <= offset < b.info.size_bytes else -1
-        if n != expect:
-            raise RemoteError(f"{volume} track {track}: {n} bytes, expected {expect}")
+        if runs is None:
+            if n != expect:
+                raise RemoteError(f"{volume} track {track}: {n} bytes, expected {expect}")
+        else:
+            end = 0
+            for start, length in runs:
+                if start < end or length <= 0 or start % bs or length % bs or start + length > expect:
+                    raise RemoteError(f"{volume} track {track}: run {start}+{length} is out of order, empty, "
+                                      f"unaligned to {bs} or past the track's {expect} bytes")
+                end = start + length
+            if sum(length for _, length in runs) != n:
+                raise RemoteError(f"{volume} track {track}: runs add up to {sum(r[1] for r in runs)} bytes, "
+                                  f"{n} came")
         self.receiving_seq = cg_seq
-        grains = self.fc.grains(vi, offset, n)
+        grains = self.fc.grains(vi, offset, expect)
         await self.fc.lock(vi, grains)
         try:
             await self.fc.before_b_write(vi, grains, lambda: self.crashpoints.hit(MID_FLASHCOPY))
-            await b.write(offset // b.info.block_size, data)
+            if runs is None:
+                await b.write(offset // bs, data)
+            else:
+                view = memoryview(data)
+                pos = 0
+                for start, length in runs:
+                    await b.write((offset + start) // bs, view[pos : pos + length])
+                    pos += length
         finally:
             self.fc.unlock(vi, grains)
         self.received_tracks += 1
@@ -384,9 +408,13 @@ class LocalRemote(RemotePort):
     async def connect(self, session_id: str, volumes: list[VolumeGeometry], generation: int = 0) -> RemoteState:
         return await self.secondary.hello(session_id, volumes, generation)
 
-    async def send_track(self, volume: str, track: int, cg_seq: int, data: bytes) -> None:
+    async def send_track(self, volume: str, track: int, cg_seq: int, data: bytes,
+                         runs: list[tuple[int, int]] | None = None) -> None:
         self.sent_tracks += 1
-        await self.secondary.receive_track(volume, track, cg_seq, bytes(data))
+        if runs is None:
+            await self.secondary.receive_track(volume, track, cg_seq, bytes(data))
+        else:
+            await self.secondary.receive_track(volume, track, cg_seq, bytes(data), list(runs))
 
     async def sync(self, cg_seq: int) -> None:
         await self.secondary.sync(cg_seq)

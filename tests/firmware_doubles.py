@@ -177,9 +177,9 @@ class JitterRemote(LocalRemote):
         for _ in range(self.rng.randint(0, self.max_yields)):
             await asyncio.sleep(0)
 
-    async def send_track(self, volume, track, cg_seq, data):
+    async def send_track(self, volume, track, cg_seq, data, runs=None):  # takes segment runs, like the link
         await self._yield()
-        await super().send_track(volume, track, cg_seq, data)
+        await super().send_track(volume, track, cg_seq, data, runs)
         await self._yield()
 
     async def sync(self, cg_seq):

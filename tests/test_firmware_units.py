@@ -77,7 +77,7 @@ def test_header_round_trip_and_hand_made_fixture():
     assert back.magic == b"MFWP" and back.generation == 7 and back.volumes[0].name == "vol0"
     assert L.RegionPlan.from_header(back) == plan
     # Hand-made from the documented field order (little-endian), not from construct.
-    expect = (b"MFWP" + struct.pack("<HQBIIIIQQQ", 2, 7, 1, 65536, 512, plan.n_slots, plan.entry_bytes,
+    expect = (b"MFWP" + struct.pack("<HQBIIIIQQQ", 3, 7, 1, 65536, 512, plan.n_slots, plan.entry_bytes,
                                     plan.dir_offset, plan.slots_offset, plan.total_bytes)
               + b"demo".ljust(64, b"\0") + struct.pack("<H", 1)
               + b"vol0".ljust(32, b"\0") + struct.pack("<QQQQ", 1 << 20, 16, 4 * 4096, 4096))
@@ -88,7 +88,8 @@ def test_sealed_record_survives_a_torn_update():
     view = memoryview(bytearray(4 * 4096))
     rec = L.DoubleRecord(view, lambda o, n: None, 0, L.CgRecord)
     base = {"seq": 1, "phase": 0, "recording": 0, "oos_select": 0, "start_wall": 0.0, "committed_seq": 0,
-            "cut_wall": 0.0, "commit_wall": 0.0, "successful": 0, "failed": 0, "consecutive": 0, "generation": 9}
+            "cut_wall": 0.0, "commit_wall": 0.0, "successful": 0, "failed": 0, "consecutive": 0, "generation": 9,
+            "mask_epoch": 1}
     rec.write(base)
     rec.write(dict(base, seq=2))
     assert L.DoubleRecord(view, None, 0, L.CgRecord).read()["seq"] == 2
@@ -101,12 +102,13 @@ def test_sealed_record_survives_a_torn_update():
 
 def test_dir_entry_fast_pack_equals_construct_and_crc_rejects_damage():
     valid = bytes(range(16))
-    fast = L.pack_entry(9, L.STATE_NEW, 1, 2, 12345, valid)
-    slow = L.dir_entry_struct(16).build({"gen": 9, "state": 2, "dirty": 1, "volume": 2, "track": 12345,
-                                         "valid": valid, "crc": crc32c.crc32c(fast[:-4])})
+    fast = L.pack_entry(9, L.STATE_NEW, 1, 2, 12345, valid, b"\x05\x80", 77)
+    slow = L.dir_entry_struct(16, 2).build({"gen": 9, "state": 2, "dirty": 1, "volume": 2, "mask_epoch": 77,
+                                            "track": 12345, "valid": valid, "segments": b"\x05\x80",
+                                            "crc": crc32c.crc32c(fast[:-4])})
     assert fast == slow
-    assert L.unpack_entry(fast, 16) == {"gen": 9, "state": 2, "dirty": 1, "volume": 2, "track": 12345,
-                                        "valid": valid}
+    assert L.unpack_entry(fast, 16, 2) == {"gen": 9, "state": 2, "dirty": 1, "volume": 2, "track": 12345,
+                                           "valid": valid, "segments": b"\x05\x80", "mask_epoch": 77}
     torn = bytearray(fast)
     torn[10] ^= 1
     assert L.unpack_entry(bytes(torn), 16) is None
@@ -120,27 +122,30 @@ def test_dir_entry_bytes_match_a_hand_made_fixture():
             + bytes([2])                      # state NEW
             + bytes([1])                      # dirty
             + bytes.fromhex("0200")           # volume 2, u16 LE
-            + bytes(4)                        # reserved, zero
+            + bytes.fromhex("2a000000")       # mask epoch 42, u32 LE
             + bytes.fromhex("3930000000000000"))  # track 12345, u64 LE
-    body = head + valid
+    segments = bytes([0x03])  # segments 0 and 1 (an 8 KiB track: 16 sectors, 2 segments)
+    body = head + valid + segments
     want = body + crc32c.crc32c(body).to_bytes(4, "little")
-    assert L.pack_entry(9, L.STATE_NEW, 1, 2, 12345, valid) == want
-    assert L.entry_bytes_for(2) == 32  # 24 + 2 + 4, rounded up to 8
+    assert L.pack_entry(9, L.STATE_NEW, 1, 2, 12345, valid, segments, 42) == want
+    assert L.entry_bytes_for(2, 1) == 32  # 24 + 2 + 1 + 4, rounded up to 8
+    assert L.entry_bytes_for(16, 2) == 48  # 64 KiB tracks: the entry did not grow with its mask
+    assert L.segment_bytes_for(65536) == 2 and L.segment_bytes_for(8192) == 1 and L.segment_bytes_for(512) == 1
     assert [int(s) for s in (L.STATE_FREE, L.STATE_CUR, L.STATE_NEW)] == [0, 1, 2]
 
 
 def test_dir_entry_state_is_an_enum_in_both_directions():
-    raw = L.pack_entry(3, L.EntryState.CUR, 0, 1, 7, bytes(16))
-    entry = L.unpack_entry(raw, 16)
+    raw = L.pack_entry(3, L.EntryState.CUR, 0, 1, 7, bytes(16), bytes(2))
+    entry = L.unpack_entry(raw, 16, 2)
     assert entry["state"] is L.EntryState.CUR is L.STATE_CUR
-    assert L.dir_entry_struct(16).parse(raw).state == "CUR"  # construct's Enum names it
-    assert L.dir_entry_struct(16).build(dict(L.dir_entry_struct(16).parse(raw))) == raw
+    assert L.dir_entry_struct(16, 2).parse(raw).state == "CUR"  # construct's Enum names it
+    assert L.dir_entry_struct(16, 2).build(dict(L.dir_entry_struct(16, 2).parse(raw))) == raw
     # A state no member names (a CRC-valid entry from another layout) comes back as its number,
     # so recovery can report it instead of failing to parse.
     body = bytearray(raw[:-4])
     body[8] = 7
     odd = bytes(body) + crc32c.crc32c(bytes(body)).to_bytes(4, "little")
-    assert L.unpack_entry(odd, 16)["state"] == 7
+    assert L.unpack_entry(odd, 16, 2)["state"] == 7
 
 
 def test_region_too_small_is_a_clear_error():
