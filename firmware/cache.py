@@ -91,6 +91,7 @@ class CacheCounters:
     last_error: str = ""
     journaled: int = 0  # overwrites of held sectors with their old contents saved first
     unjournaled: int = 0  # ... with no slot to save them in (no free slot, nothing evictable)
+    full_waits: int = 0  # host writes that waited for a slot: every slot dirty or new (NVRAM truly full)
 
 
 def valid_runs(valid: bitarray, start: int, end: int):
@@ -528,6 +529,7 @@ class WriteCache:
         return {"slots": self.n_slots, "used": used, "dual": dual, "dirty": len(self._dirty),
                 "new": len(self.with_new), "hits": self.counters.hits, "misses": self.counters.misses,
                 "destaged": self.counters.destaged, "evictions": self.counters.evictions,
+                "full_waits": self.counters.full_waits,
                 "occupancy": used / self.n_slots if self.n_slots else 0.0}
 
     # -- directory writes -------------------------------------------------------------------

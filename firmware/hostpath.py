@@ -178,6 +178,7 @@ class HostPath:
 
     async def _make_room(self, needed: int, pinned: set) -> None:
         cache = self.region.cache
+        cache.counters.full_waits += 1
         if self.destaging_bg:
             await cache.wait_space()
             return

@@ -7,7 +7,11 @@ cycle (interval 0: as fast as they form), then the same fio jobs drive
 ``nbdkit file`` on a backing file of the same size in the same folder.
 Meanwhile the primary's console is polled for data exposure (RPO) and, at
 the end, for the held-ack time per CG; VmHWM of both processes gives the
-RSS peaks.
+RSS peaks. Each job is followed by a settle (OOS empty again), so the drain
+bytes over the job and its settle, divided by the bytes fio wrote, are the
+link bytes per host byte. Then ``pair suspend`` turns replication off on the
+same primary (no drain, OOS still recorded) and the jobs run again: the
+replication tax is the replicating figure over that one, same run.
 
     python -m testbench.bench.replicating --seconds 10 --workdir /tmp/rb
 """
@@ -65,9 +69,14 @@ class StatusPoller:
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # one console, two threads: one command at a time
 
     def status(self) -> dict:
-        return self.client.run_json("status")["data"]
+        return self.run("status")
+
+    def run(self, command: str) -> dict:
+        with self._lock:
+            return self.client.run_json(command)["data"]
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -139,7 +148,7 @@ def run_replicating_bench(seconds: float, workdir: str | Path | None = None) -> 
         before = poller.status()
         poller.start()
         uri = f"nbd+unix:///vol0?socket={pri.ready['nbd_socket']}"
-        mine = run_jobs(uri, seconds)
+        mine = run_jobs(uri, seconds, poller)
         poller.stop()
         after = poller.status()
         mine["cgs_during"] = after["total_successful_cgs"] - before["total_successful_cgs"]
@@ -152,6 +161,14 @@ def run_replicating_bench(seconds: float, workdir: str | Path | None = None) -> 
         result["rss_mib"] = {"primary_peak": vm_hwm_mib(pri.pid), "secondary_peak": vm_hwm_mib(sec.pid)}
         result["poll_errors"] = poller.errors[:5]
         result["mirrorfw_replicating"] = mine
+        result["link_bytes_per_host_byte"] = mine.get("randwrite_4k_qd16", {}).get("link_bytes_per_host_byte")
+        # Replication off on the same primary: the pair suspended (no drain, OOS still recorded).
+        try:
+            poller.run("pair suspend")
+            result["mirrorfw_suspended"] = run_jobs(uri, seconds)
+            result["status_suspended"] = poller.status()
+        except Exception as e:  # noqa: BLE001 - the replicating figures stand without it
+            result["mirrorfw_suspended"] = {"error": str(e)}
         # The peer, on an equal backing file in the same folder, after the
         # controllers are done (so they do not share the two cores with it).
         for p in reversed(procs):
@@ -162,9 +179,13 @@ def run_replicating_bench(seconds: float, workdir: str | Path | None = None) -> 
         nbdkit_sock = work / "nbdkit.sock"
         nbdkit = start_nbdkit(backing, nbdkit_sock)
         result["nbdkit"] = run_jobs(f"nbd+unix:///?socket={nbdkit_sock}", seconds)
+        off = result["mirrorfw_suspended"]
         result["ratios"] = {
             "randwrite_4k_replicating_vs_nbdkit": _ratio(mine, result["nbdkit"], "randwrite_4k_qd16", "iops"),
             "seqwrite_1m_replicating_vs_nbdkit": _ratio(mine, result["nbdkit"], "seqwrite_1m_qd1", "mib_s"),
+            "replication_tax_4k_qd16": _ratio(mine, off, "randwrite_4k_qd16", "iops"),
+            "seqwrite_1m_replicating_vs_local": _ratio(mine, off, "seqwrite_1m_qd1", "mib_s"),
+            "randwrite_4k_suspended_vs_nbdkit": _ratio(off, result["nbdkit"], "randwrite_4k_qd16", "iops"),
         }
         return result
     finally:
@@ -188,16 +209,41 @@ def _ratio(mine: dict, peer: dict, key: str, figure: str) -> float | None:
     return ours / theirs if ours is not None and theirs else None
 
 
-def run_jobs(uri: str, seconds: float) -> dict:
-    """Every job of JOBS; a failed job records its error instead of figures."""
+SETTLE_TIMEOUT_S = 60.0
+
+
+def run_jobs(uri: str, seconds: float, poller: StatusPoller | None = None) -> dict:
+    """Every job of JOBS; a failed job records its error instead of figures.
+    With ``poller``: after each job, wait until OOS is empty (or a minute),
+    and record the drain bytes over the job and that settle against the
+    bytes the job wrote (``link_bytes_per_host_byte``)."""
     out = {}
     for job in JOBS:
+        before = poller.status() if poller is not None else None
         try:
-            out[job.key] = run_fio(uri, job, seconds, VOLUME_BYTES)
+            out[job.key] = res = run_fio(uri, job, seconds, VOLUME_BYTES)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             log.warning("%s", e)
             out[job.key] = {"error": str(e)}
+            continue
+        if poller is not None:
+            t0 = time.monotonic()
+            while True:
+                st = poller.status()
+                if not st.get("oos_tracks") and not st.get("cr_tracks") or time.monotonic() - t0 > SETTLE_TIMEOUT_S:
+                    break
+                time.sleep(POLL_S)
+            host = res["ios"] * _size(job.bs)
+            res["settle_s"] = round(time.monotonic() - t0, 2)
+            res["drain_bytes"] = st["drain_bytes"] - before["drain_bytes"]
+            res["link_bytes_per_host_byte"] = round(res["drain_bytes"] / host, 3) if host else None
+            res["cache_full_waits"] = st.get("cache", {}).get("full_waits")
     return out
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    return int(text[:-1]) * units[text[-1].lower()] if text[-1].lower() in units else int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
