@@ -11,7 +11,7 @@ importing it, directly or not):
   fallocate and the exclusive lock on an image.
 - ``pool``: the one thread pool that keeps blocking calls off the event loop.
 - ``ioctl``: ioctl(2) through the cffi module, raising OSError with the errno.
-- ``uring``: the io_uring engine (opt-in, liburing): one ring per device and loop.
+- ``uring``: the io_uring engine (liburing; on for O_DIRECT by default where a ring can be set up): one ring per device and loop.
 - ``deviceio``: ``DeviceIo``, a device's reads, writes and syncs off the loop, through
   io_uring or the pool, in issue order for overlapping ranges.
 - ``_ioctl``: the cffi module itself, built at install time from ``_ioctl_build.py``.

@@ -9,11 +9,11 @@ or the pool takes it; this module only sets rings up and runs them.
 
 io_uring comes from the optional PyPI ``liburing`` (extra ``uring``, pinned
 to 2024.5.3: 2026.3.30 died with an illegal instruction on these machines,
-which no ``try`` can catch). It is used only when MIRRORFW_IO_ENGINE=uring
-(O_DIRECT descriptors) or uring-all (every descriptor) asks for it; see
-``ring_module`` for why the default stays on the pool. Any failure to import
-it or to set up a ring (seccomp, ENOSYS, io_uring_disabled) falls back to
-the pool.
+which no ``try`` can catch). MIRRORFW_IO_ENGINE picks the engine (see
+``ring_module``): by default (auto) O_DIRECT descriptors use io_uring where
+the pinned liburing is installed and a ring can be set up; any failure to
+import it or to set up a ring (seccomp, ENOSYS, io_uring_disabled) falls
+back to the pool.
 """
 
 from __future__ import annotations
@@ -34,10 +34,13 @@ log = logging.getLogger(__name__)
 # once without a thread each), the pool for page-cache ones (ext4 cannot do a
 # buffered write without blocking, so io_uring hands each one to a kernel
 # worker thread: one switch per write, where a pool job takes a whole batch).
-# uring-all: io_uring for every descriptor; threads and auto (the default,
-# see ring_module): the pool for every one.
+# auto (the default): as uring, but only with a liburing release known to work
+# here. uring-all: io_uring for every descriptor; threads: the pool for every one.
 ENGINE_ENV = "MIRRORFW_IO_ENGINE"
 RING_ENTRIES = 256  # per device; more in flight than this spills to the pool
+# The liburing releases auto turns io_uring on with: 2026.3.30 died with SIGILL
+# here, a signal no fallback can catch; an explicit uring takes any release.
+KNOWN_GOOD_LIBURING = ("2024.5.3",)
 
 READ, WRITE, FSYNC = 0, 1, 2  # what an op asks of the kernel (an Op's ``kind``)
 # io_uring.h's IORING_FSYNC_DATASYNC (kernel ABI, 1U << 0): liburing 2024.5.3
@@ -61,20 +64,20 @@ def ring_module() -> Any:
         if choice not in ("auto", "uring", "uring-all", "threads"):
             log.warning("%s=%r: expected auto, uring, uring-all or threads; using auto", ENGINE_ENV, choice)
             choice = "auto"
-        if choice in ("threads", "auto"):
-            # auto stays on the pool for now: with io_uring the controller crash
-            # test (primary.after_recording_on) shows an inconsistent C about half
-            # the time, and with IOSQE_IO_DRAIN (strict submission order) it
-            # passes: something above relies on ordering the ring does not keep.
+        if choice == "threads":
             return None
         _uring_all = choice == "uring-all"
         try:
             from importlib.metadata import PackageNotFoundError, version
 
             try:
-                version("liburing")
+                release = version("liburing")
             except PackageNotFoundError:
                 return None  # the optional extra "uring" is not installed
+            if choice == "auto" and release not in KNOWN_GOOD_LIBURING:
+                log.info("liburing %s is not a release known to work here (%s); device I/O uses the "
+                         "thread pool (MIRRORFW_IO_ENGINE=uring tries it)", release, ", ".join(KNOWN_GOOD_LIBURING))
+                return None
             import liburing
 
             probe = Ring.__new__(Ring)  # a throwaway ring: is io_uring allowed at all?
