@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bitarray import bitarray
@@ -58,6 +59,7 @@ from hal.nvram import NvramRegion
 log = logging.getLogger(__name__)
 
 Key = tuple[int, int]  # (volume index, track)
+EVICT_SCAN = 64  # clean images looked at for one whose track owes nothing, before the LRU one goes
 
 
 @dataclass(eq=False)
@@ -119,6 +121,7 @@ class WriteCache:
         self.seg_bytes = plan.segment_bytes
         self.seg_full = (1 << ((plan.track_bytes + SEGMENT_BYTES - 1) // SEGMENT_BYTES)) - 1
         self.mask_epoch = 0  # the CG record's (firmware/region.py sets it)
+        self.owes: Callable[[Key], bool] | None = None  # whether a track's OOS or CR bit is set (region sets it)
         self.entry_bytes = plan.entry_bytes
         self._index: dict[Key, list[CacheEntry | None]] = {}  # key -> [cur, new]
         self._free: list[int] = []
@@ -254,10 +257,20 @@ class WriteCache:
         was set before), so its segment mask starts full."""
         victim = None
         if not self._free and self._clean:
+            owes = self.owes
+            scanned = 0
             for key, entry in self._clean.items():  # LRU first
                 if not pinned or key not in pinned:
-                    victim = entry
-                    break
+                    if victim is None:
+                        victim = entry
+                    # Rather one whose track owes B nothing: evicting an owing
+                    # track's image loses its mask (the track then goes whole).
+                    if owes is None or not owes(key):
+                        victim = entry
+                        break
+                    scanned += 1
+                    if scanned >= EVICT_SCAN:
+                        break
         if self._free:
             slot = self._free.pop()
         elif victim is not None:

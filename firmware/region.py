@@ -213,6 +213,11 @@ class PrimaryRegion:
             bit = (sel >> vi) & 1
             self.oos.append(pair[bit])
             self.cr.append(pair[1 - bit])
+        self.cache.owes = self._owes
+
+    def _owes(self, key: tuple[int, int]) -> bool:
+        vi, t = key
+        return self.oos[vi].test(t) or self.cr[vi].test(t)
 
     def mark_clean(self, clean: bool) -> None:
         self._header.update(clean=int(clean))
