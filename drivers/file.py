@@ -33,6 +33,7 @@ from drivers.osio.pio import (
     FALLOC_ZERO_RANGE,
     drop_direct,
     fallocate,
+    holes_and_data,
     lock_exclusive,
     open_direct,
     probe_direct,
@@ -103,6 +104,14 @@ class FdDevice(BlockDevice):
 
 
 class FileDevice(FdDevice):
+    def can_extents(self) -> bool:
+        return True  # SEEK_DATA/SEEK_HOLE (a filesystem without them reports all data)
+
+    async def _extents(self, lba: int, count: int) -> list[tuple[int, bool]]:
+        bs = self.info.block_size
+        runs = await self._io("extents", holes_and_data, self.fd, lba * bs, count * bs)
+        return _in_blocks(runs, bs) or [(count, False)]
+
     def _punch_or_zero(self, modes: list[int], lba: int, count: int) -> bool:
         bs = self.info.block_size
         for mode in modes:
@@ -124,6 +133,34 @@ class FileDevice(FdDevice):
         done = await self._io("zeroout", self._punch_or_zero, modes, lba, count)
         if not done:
             await super()._zeroout(lba, count)
+
+
+def _in_blocks(runs: list[tuple[int, bool]], bs: int) -> list[tuple[int, bool]]:
+    """Byte runs as whole blocks: a block partly data is data (the filesystem's
+    granule can be smaller than the device's block); adjacent runs of a kind merge."""
+    out: list[tuple[int, bool]] = []
+    pos = 0  # bytes from the range's start
+    done = 0  # blocks emitted
+    for n, hole in runs:
+        start, pos = pos, pos + n
+        if hole:
+            first, last = -(-start // bs), pos // bs  # whole blocks inside the hole
+        else:
+            first, last = start // bs, -(-pos // bs)
+        first = max(first, done)
+        if last <= first:
+            continue
+        if first > done:  # the part-block before this run: data
+            out.append((first - done, False))
+        out.append((last - first, hole))
+        done = last
+    merged: list[tuple[int, bool]] = []
+    for blocks, hole in out:
+        if merged and merged[-1][1] == hole:
+            merged[-1] = (merged[-1][0] + blocks, hole)
+        else:
+            merged.append((blocks, hole))
+    return merged
 
 
 def local_path(u: DeviceUrl, example: str) -> str:

@@ -46,6 +46,21 @@ class MemDevice(BlockDevice):
             chunk[within : within + n] = src[pos : pos + n]
             pos += n
 
+    def can_extents(self) -> bool:
+        return True  # chunks never written (or zeroed whole) are holes
+
+    async def _extents(self, lba: int, count: int) -> list[tuple[int, bool]]:
+        bs = self.info.block_size
+        runs: list[tuple[int, bool]] = []
+        for index, _, n in self._spans(lba * bs, count * bs):
+            hole = index not in self._chunks
+            if runs and runs[-1][1] == hole:
+                runs[-1] = (runs[-1][0] + n, hole)
+            else:
+                runs.append((n, hole))
+        # Chunks (1 MiB) are whole blocks; a range's ends are block-aligned too.
+        return [(n // bs, hole) for n, hole in runs]
+
     async def _discard(self, lba: int, count: int) -> None:
         await self._zeroout(lba, count)
 

@@ -122,6 +122,19 @@ class BlockDevice(abc.ABC):
         if count:
             await self._zeroout(lba, count)
 
+    def can_extents(self) -> bool:
+        """``extents`` knows where the holes are (False: everything is data)."""
+        return False
+
+    async def extents(self, lba: int, count: int) -> list[tuple[int, bool]]:
+        """``(blocks, is_hole)`` runs from ``lba``, in order, none empty, covering
+        at least the first block of ``count`` and at most all of them. A hole
+        reads back as zeros."""
+        self._check("extents", lba, count)
+        if count == 0:
+            return []
+        return await self._extents(lba, count)
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -147,6 +160,9 @@ class BlockDevice(abc.ABC):
         for start in range(lba, lba + count, step):
             n = min(step, lba + count - start)
             await self._write(start, bytes(n * bs), False)
+
+    async def _extents(self, lba: int, count: int) -> list[tuple[int, bool]]:
+        return [(count, False)]
 
     def _close(self) -> None:
         return None

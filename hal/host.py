@@ -7,10 +7,17 @@ host port against ``size_bytes`` and ``block_size``.
 
 Each volume declares what its export can do, after nbdkit's plugin table
 (``can_write``, ``can_flush``, ``can_fua``, ``can_trim``, ``can_zero``,
-``can_multi_conn``). The host port reads them once per export, advertises
-exactly those, and refuses the rest before a request reaches the volume; it
-never probes a volume for attributes. The write-related ones only count when
-``can_write`` is true.
+``can_multi_conn``, ``can_extents``). The host port reads them once per
+export, advertises exactly those, and refuses the rest before a request
+reaches the volume; it never probes a volume for attributes. The
+write-related ones only count when ``can_write`` is true.
+
+``extents(offset, length)`` says which parts of a range are holes (NBD's
+``base:allocation``, so ``nbdinfo --map`` works): a list of
+``(length_bytes, flags)`` runs from ``offset`` with ``EXTENT_HOLE`` and
+``EXTENT_ZERO`` flags (the same values as NBD_STATE_HOLE/NBD_STATE_ZERO).
+A volume that does not know its holes leaves ``can_extents`` False and the
+default answer, "all data", which is always correct.
 
 A host port asks ``open(name)`` for the volume of each connection and closes
 it when the connection ends; ``volumes()`` is what it lists and describes.
@@ -19,6 +26,9 @@ it when the connection ends; ``volumes()`` is what it lists and describes.
 from __future__ import annotations
 
 import abc
+
+EXTENT_HOLE = 1  # not allocated (reads return zeros unless EXTENT_ZERO is absent)
+EXTENT_ZERO = 2  # reads return zeros
 
 
 class HostVolume(abc.ABC):
@@ -51,6 +61,10 @@ class HostVolume(abc.ABC):
         """A flush on one connection covers writes acknowledged on every other."""
         return True
 
+    def can_extents(self) -> bool:
+        """``extents`` knows the volume's holes (False: every byte is reported as data)."""
+        return False
+
     # -- I/O ---------------------------------------------------------------------------
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes: ...
@@ -66,6 +80,12 @@ class HostVolume(abc.ABC):
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
         await self.write(offset, bytes(length), fua=fua)
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``(length_bytes, flags)`` runs covering at least the start of
+        ``[offset, offset + length)``, in order, none empty; fewer bytes than
+        asked is allowed (the caller asks again for the rest)."""
+        return [(length, 0)]
 
     def close(self) -> None:
         """The connection that got this volume from ``HostTarget.open`` is gone

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 
 from hal.block import BlockDevice, DeviceError
-from hal.host import HostTarget, HostVolume
+from hal.host import EXTENT_HOLE, EXTENT_ZERO, HostTarget, HostVolume
 
 
 class DeviceVolume(HostVolume):
@@ -25,6 +25,13 @@ class DeviceVolume(HostVolume):
         self._shift = self.block_size.bit_length() - 1
         if 1 << self._shift != self.block_size:
             raise ValueError(f"{device.info.url}: block size {self.block_size} is not a power of two")
+
+    def can_extents(self) -> bool:
+        return self.device.can_extents()
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        runs = await self.device.extents(offset >> self._shift, length >> self._shift)
+        return [(blocks << self._shift, EXTENT_HOLE | EXTENT_ZERO if hole else 0) for blocks, hole in runs]
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self.device.read(offset >> self._shift, length >> self._shift)

@@ -18,6 +18,7 @@ from construct import (
     Bytes,
     Const,
     GreedyBytes,
+    GreedyRange,
     GreedyString,
     Int16ub,
     Int32ub,
@@ -145,6 +146,11 @@ class ReplyType(enum.IntEnum):
 
 REPLY_FLAG_DONE = 1 << 0
 
+# The one metadata context served: allocation, as ``nbdinfo --map`` asks for it.
+BASE_ALLOCATION = "base:allocation"
+STATE_HOLE = 1 << 0  # base:allocation descriptor flags
+STATE_ZERO = 1 << 1
+
 
 class NbdErrno(enum.IntEnum):
     """The error values the protocol defines (they match Linux errno)."""
@@ -231,6 +237,15 @@ InfoReply = Struct(
     ),
 )
 
+# NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT data: an export name and queries.
+MetaContextRequest = Struct(
+    "name" / PascalString(Int32ub, "utf8"),
+    "queries" / PrefixedArray(Int32ub, PascalString(Int32ub, "utf8")),
+)
+
+# NBD_REP_META_CONTEXT data: the context's id (used in BLOCK_STATUS replies), then its name.
+MetaContextReply = Struct("context_id" / Int32ub, "name" / GreedyString("utf8"))
+
 # The NBD_OPT_EXPORT_NAME reply (no option reply header), 124 zero bytes
 # follow unless both sides set NO_ZEROES.
 ExportNameReply = Struct("size" / Int64ub, "flags" / Int16ub)
@@ -263,6 +278,9 @@ StructuredReplyHeader = Struct(
 
 OffsetDataChunk = Struct("offset" / Int64ub)  # then the data
 OffsetHoleChunk = Struct("offset" / Int64ub, "length" / Int32ub)
+# NBD_REPLY_TYPE_BLOCK_STATUS payload: the context id, then (length, flags) descriptors.
+BlockDescriptor = Struct("length" / Int32ub, "flags" / Int32ub)
+BlockStatusChunk = Struct("context_id" / Int32ub, "descriptors" / GreedyRange(BlockDescriptor))
 ErrorChunk = Struct(
     "error" / Int32ub,
     "message" / PascalString(Int16ub, "utf8"),

@@ -1,7 +1,10 @@
 """NBD server: serves a hal.host.HostTarget to NBD clients.
 
 Fixed newstyle negotiation (GO, INFO, LIST, ABORT, EXPORT_NAME,
-STRUCTURED_REPLY); one export per volume. In transmission each request runs
+STRUCTURED_REPLY, LIST/SET_META_CONTEXT); one export per volume. With
+structured replies the ``base:allocation`` context answers BLOCK_STATUS
+from the volume's ``extents`` (``nbdinfo --map``); a volume that does not
+know its holes is all data. In transmission each request runs
 inline up to its first real wait (a volume that answers at once costs no
 task and no extra loop iteration; there is no current task during that first
 step), then goes on as a task of its own, so many are in flight per
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -41,6 +45,7 @@ from hal.host import HostTarget, HostVolume
 
 from .limits import NbdLimits
 from .protocol import (
+    BASE_ALLOCATION,
     CLIENT_FLAGS,
     EXPORT_NAME_ZEROES,
     IHAVEOPT,
@@ -54,6 +59,7 @@ from .protocol import (
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY,
     STRUCTURED_REPLY_MAGIC,
+    BlockStatusChunk,
     ClientFlag,
     Cmd,
     CmdFlag,
@@ -62,6 +68,8 @@ from .protocol import (
     HandshakeFlag,
     Info,
     InfoRequest,
+    MetaContextReply,
+    MetaContextRequest,
     NbdErrno,
     Option,
     Reply,
@@ -88,11 +96,14 @@ CLOSE_WAIT_S = 10.0
 REFUSED_LOG_EVERY_S = 10.0
 _ZEROS = memoryview(bytes(1 << 20))  # what a growing payload buffer is extended with
 
-_UNKNOWN_CMD_FLAGS = 0xFFFF & ~int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF)
+_UNKNOWN_CMD_FLAGS = 0xFFFF & ~int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE)
 # Plain ints on the per-request path: IntFlag's & is a Python-level call.
 _FUA = int(CmdFlag.FUA)
 _NOTHING = object()
 _WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
+_REQ_ONE = int(CmdFlag.REQ_ONE)
+ALLOCATION_CONTEXT_ID = 1  # the id base:allocation gets in SET_META_CONTEXT replies
+MAX_EXTENTS = 1024  # descriptors per BLOCK_STATUS reply; the client asks again for the rest
 
 
 class _Resumed:
@@ -166,6 +177,7 @@ class _Export:
         self.min_block = max(1, int(volume.block_size or 1))
         preferred = int(volume.preferred_block_size or max(4096, self.min_block))
         self.preferred = max(preferred, self.min_block)
+        self.can_extents = volume.can_extents()
         self.max_block = max(self.min_block, max_request - max_request % self.min_block)
         flags = TF.HAS_FLAGS
         if not can_write:
@@ -355,6 +367,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.export: _Export | None = None
         self.released = False  # the export's volume was closed
         self.structured = False
+        self.allocation_for: str | None = None  # base:allocation was set for this export name
+        self.allocation = False  # ... and stays set in transmission (the export GO chose)
         self.transmitting = False
         self.closed = False
         self.disc_requested = False
@@ -576,6 +590,7 @@ class _Connection(asyncio.BufferedProtocol):
                 export = self._lookup(data)
                 if export is None:
                     raise _Disconnect(f"no export named {data[:64]!r}")
+                self.allocation = self.allocation_for == data.decode("utf8")
                 reply = ExportNameReply.build(dict(size=export.size, flags=export.flags))
                 self._send(reply if no_zeroes else reply + bytes(EXPORT_NAME_ZEROES))
                 self._select(export)
@@ -596,11 +611,43 @@ class _Connection(asyncio.BufferedProtocol):
                 else:
                     self.structured = True
                     self._send(option_reply(option, Reply.ACK))
+            elif option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
+                self._meta_context(option, data)
             elif option in (Option.INFO, Option.GO):
                 if self._info(option, data) and option == Option.GO:
                     return
             else:
                 self._send(option_reply(option, Reply.ERR_UNSUP, f"option {option} not supported".encode()))
+
+    def _meta_context(self, option: int, data: bytes) -> None:
+        """LIST/SET_META_CONTEXT: ``base:allocation`` is the one context (SET needs
+        structured replies first; a SET replaces what an earlier one chose)."""
+        try:
+            req = MetaContextRequest.parse(data)
+            if len(MetaContextRequest.build(req)) != len(data):
+                raise ValueError("trailing bytes")
+        except (ConstructError, ValueError, UnicodeDecodeError):
+            self._send(option_reply(option, Reply.ERR_INVALID, b"malformed META_CONTEXT request"))
+            return
+        setting = option == Option.SET_META_CONTEXT
+        if setting and not self.structured:
+            self._send(option_reply(option, Reply.ERR_INVALID, b"negotiate STRUCTURED_REPLY first"))
+            return
+        if self.server.find_export(req.name) is None:
+            msg = f"no export named {req.name!r}; exports: {', '.join(self.server.target.volumes())}"
+            self._send(option_reply(option, Reply.ERR_UNKNOWN, msg.encode()[:MAX_STRING_BYTES]))
+            return
+        # LIST with no query, or the query "base:", lists every base: context; SET takes exact names.
+        wanted = any(q == BASE_ALLOCATION or (not setting and q == "base:") for q in req.queries)
+        if not setting and not req.queries:
+            wanted = True
+        if setting:
+            self.allocation_for = req.name if wanted else None
+        if wanted:
+            context_id = ALLOCATION_CONTEXT_ID if setting else 0
+            self._send(option_reply(option, Reply.META_CONTEXT,
+                                    MetaContextReply.build(dict(context_id=context_id, name=BASE_ALLOCATION))))
+        self._send(option_reply(option, Reply.ACK))
 
     def _lookup(self, raw_name: bytes) -> _Export | None:
         try:
@@ -649,6 +696,8 @@ class _Connection(asyncio.BufferedProtocol):
                               preferred=export.preferred, maximum=export.max_block))
         self._send(option_reply(option, Reply.ACK))
         if option == Option.GO:
+            # Contexts set for another export name do not carry over (the spec's rule).
+            self.allocation = self.allocation_for == req.name
             self._select(export)
         return True
 
@@ -852,6 +901,11 @@ class _Connection(asyncio.BufferedProtocol):
             pass
         elif cmd == Cmd.FLUSH or cmd == Cmd.DISC:
             return export.refused.get(cmd, 0)
+        elif cmd == Cmd.BLOCK_STATUS:
+            # Only with a context set; any range inside the export (alignment is the reply's business).
+            if not self.allocation or length == 0 or offset + length > export.size:
+                return NbdErrno.EINVAL
+            return 0
         else:
             return NbdErrno.EINVAL  # unknown command
         if cmd in export.refused:
@@ -880,6 +934,7 @@ class _Connection(asyncio.BufferedProtocol):
     async def _serve(self, flags, cmd, handle, offset, length, data) -> None:
         volume = self.export.volume
         payload = None
+        status = None
         err = 0
         started = time.monotonic()
         try:
@@ -899,6 +954,8 @@ class _Connection(asyncio.BufferedProtocol):
                     await volume.flush()
             elif cmd == Cmd.WRITE_ZEROES:
                 await volume.write_zeroes(offset, length, fua=bool(flags & _FUA))
+            elif cmd == Cmd.BLOCK_STATUS:
+                status = await self._block_status(volume, flags, offset, length)
         except PermissionError:
             err = NbdErrno.EPERM
         except OSError as e:
@@ -931,6 +988,9 @@ class _Connection(asyncio.BufferedProtocol):
             return  # nothing goes out (and a READ's data was let go above)
         if err:
             self._reply_error(cmd, handle, err)
+        elif status is not None:
+            self._queue(STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.BLOCK_STATUS,
+                                              handle, len(status)), status)
         elif payload is not None:
             self.out_held += length
             if self.structured:
@@ -947,9 +1007,40 @@ class _Connection(asyncio.BufferedProtocol):
         if self.disc_requested and self.inflight == 0:
             self._disc()
 
+    async def _block_status(self, volume: HostVolume, flags: int, offset: int, length: int) -> bytes:
+        """The BLOCK_STATUS payload for base:allocation: what the volume says, cut
+        to the range (and to one descriptor with REQ_ONE); all data if it does not know."""
+        export = self.export
+        if export.can_extents:
+            # The volume is asked in whole blocks; its answer is cut back to the bytes asked.
+            mb = export.min_block
+            start = offset - offset % mb
+            end = min(export.size, -(-(offset + length) // mb) * mb)
+            runs = await volume.extents(start, end - start)
+        else:
+            start, runs = offset, [(length, 0)]
+        descriptors, left, skip = [], length, offset - start
+        for n, state in runs:
+            n = int(n)
+            if n <= 0:
+                break
+            if skip:
+                cut = min(skip, n)
+                n, skip = n - cut, skip - cut
+                if not n:
+                    continue
+            n = min(n, left)
+            descriptors.append(dict(length=n, flags=int(state) & 3))
+            left -= n
+            if left == 0 or len(descriptors) >= MAX_EXTENTS or flags & _REQ_ONE:
+                break
+        if not descriptors:
+            raise OSError(errno.EIO, f"volume {volume.name} described no extent at {offset}")
+        return BlockStatusChunk.build(dict(context_id=ALLOCATION_CONTEXT_ID, descriptors=descriptors))
+
     def _reply_error(self, cmd: int, handle: int, err: int) -> None:
-        if self.structured and cmd == Cmd.READ:
-            # A structured client must get a structured reply to READ.
+        if self.structured and (cmd == Cmd.READ or cmd == Cmd.BLOCK_STATUS):
+            # A structured client must get a structured reply to READ and BLOCK_STATUS.
             body = ErrorChunk.build(dict(error=err, message=""))
             self._queue(STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.ERROR,
                                               handle, len(body)), body)

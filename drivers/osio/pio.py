@@ -103,3 +103,35 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if lib.fallocate(fd, mode, offset, length) < 0:
         err = ffi.errno
         raise OSError(err, f"fallocate: {os.strerror(err)}")
+
+
+# -- holes (SEEK_DATA / SEEK_HOLE) ----------------------------------------------
+def holes_and_data(fd: int, offset: int, length: int, max_runs: int = 1024) -> list[tuple[int, bool]]:
+    """``(length, is_hole)`` runs of ``[offset, offset + length)`` as the
+    filesystem reports them with SEEK_DATA/SEEK_HOLE; at most ``max_runs``
+    (the caller asks again for the rest). A filesystem without them says
+    "all data", which is always true enough: a hole reads as zeros either way."""
+    end = offset + length
+    runs: list[tuple[int, bool]] = []
+    pos = offset
+    try:
+        while pos < end and len(runs) < max_runs:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: no data from pos to the end of the file
+                    raise
+                data = end
+            if data > pos:
+                n = min(data, end) - pos
+                runs.append((n, True))
+                pos += n
+                continue
+            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+            runs.append((hole - pos, False))
+            pos = hole
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        return [(length, False)]
+    return runs
