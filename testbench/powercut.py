@@ -44,28 +44,25 @@ import time
 from collections.abc import Callable
 
 from drivers.mem import MemDevice
-from drivers.mem import open as open_mem
-from drivers.powerloss import PowerDomain, PowerLost, VolatileDevice, VolatileNvram
+from drivers.powerloss import PowerDomain, PowerLost
 from firmware.cg import Phase
-from firmware.errors import NvramError
-from firmware.events import Event, EventBus
-from firmware.params import SessionParams
-from firmware.primary import Primary
-from firmware.remote import RemotePort, RemoteState, VolumeGeometry
-from firmware.secondary import Secondary
-from hal.clock import VirtualClock
-from hal.nvram import NvramRegion
+from firmware.events import Event
+from testbench.sim.model import SECTOR, Model, decode_sector, sector_data  # noqa: F401 - re-exported
+from testbench.sim.world import (  # noqa: F401 - re-exported: tests and the faults part import them from here
+    PRIMARY_NVRAM,
+    SECONDARY_NVRAM,
+    TRACK_BYTES,
+    TRACKS,
+    VOLUME_BYTES,
+    VOLUMES,
+    MemRegion,
+    PowerPair,
+    PowerRemote,
+)
 
 log = logging.getLogger(__name__)
 
-SECTOR = 512
-TRACK_BYTES = 4096
-TRACKS = 8  # per volume
-VOLUMES = ("vol0", "vol1")
-VOLUME_BYTES = TRACK_BYTES * TRACKS
-PRIMARY_NVRAM = 160 << 10  # room for ~24 cache slots of 4 KiB
 SMALL_NVRAM = 100 << 10  # 16 slots: as many as the two volumes have tracks
-SECONDARY_NVRAM = 64 << 10
 DOMAINS = ("primary", "secondary")
 SITE = "both"  # a cut at the primary's n-th persist point takes the secondary's power too
 CONVERGE_ROUNDS = 8
@@ -73,239 +70,8 @@ WRITE_TEARS = 2  # extra seeds for a cut with a device write in flight
 DRAWN = 8  # scenarios drawn from the seed besides the fixed ones (the default run: ~1,700 cut points)
 
 
-# ================================================================ the pair
-class MemRegion(NvramRegion):
-    """An NVRAM region as a bytearray: what a VolatileNvram persists into."""
-
-    def __init__(self, size_bytes: int, name: str = "mem") -> None:
-        self.url = f"memnvram://{name}?size={size_bytes}"
-        self.size_bytes = size_bytes
-        self.buf = bytearray(size_bytes)
-        self._view = memoryview(self.buf)
-
-    @property
-    def view(self) -> memoryview:
-        return self._view
-
-    def persist(self, offset: int, length: int) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
-class PowerRemote(RemotePort):
-    """LocalRemote across two power domains: a call reaches whichever
-    Secondary the pair has now; the secondary losing power in a call is, to
-    the primary, a dropped link (ConnectionError); a primary without power
-    sends nothing."""
-
-    def __init__(self, pair: PowerPair) -> None:
-        self.pair = pair
-
-    async def _call(self, name: str, *args):
-        pair = self.pair
-        if pair.pdom.dead:
-            raise PowerLost("the primary has no power")
-        if pair.sdom.dead or pair.secondary is None:
-            raise ConnectionError("the secondary has no power")
-        try:
-            return await getattr(pair.secondary, name)(*args)
-        except PowerLost:
-            if pair.sdom.dead and not pair.pdom.dead:
-                raise ConnectionError("the secondary lost power") from None
-            raise
-
-    async def connect(self, session_id: str, volumes: list[VolumeGeometry], generation: int = 0) -> RemoteState:
-        return await self._call("hello", session_id, volumes, generation)
-
-    async def send_track(self, volume: str, track: int, cg_seq: int, data: bytes) -> None:
-        await self._call("receive_track", volume, track, cg_seq, bytes(data))
-
-    async def sync(self, cg_seq: int) -> None:
-        await self._call("sync", cg_seq)
-
-    async def drain_done(self, cg_seq: int) -> None:
-        await self._call("drain_done", cg_seq)
-
-    async def prepare(self, cg_seq: int) -> None:
-        await self._call("prepare", cg_seq)
-
-    async def commit(self, cg_seq: int) -> None:
-        await self._call("commit", cg_seq)
-
-    async def abort(self, cg_seq: int) -> None:
-        await self._call("abort", cg_seq)
-
-
-class PowerPair:
-    """A primary and a secondary in one process on mem:// devices and
-    in-memory NVRAM, each controller in its own power domain. The inner
-    objects are what survives a cut; ``restart(role)`` powers a cut domain
-    back on and opens a new controller on them."""
-
-    def __init__(self, *, volumes: tuple[str, ...] = VOLUMES, volume_bytes: int = VOLUME_BYTES,
-                 track_bytes: int = TRACK_BYTES, primary_nvram: int = PRIMARY_NVRAM,
-                 secondary_nvram: int = SECONDARY_NVRAM, pdom: PowerDomain | None = None,
-                 sdom: PowerDomain | None = None, policy: str = "dual-image") -> None:
-        self.clock = VirtualClock()
-        self.names = list(volumes)
-        self.params = SessionParams(track_bytes=track_bytes, collision_policy=policy)
-        self.track_bytes = track_bytes
-        self.pdom = pdom or PowerDomain(1, mode="drop")
-        self.sdom = sdom or PowerDomain(2, mode="drop")
-        # Registration order is fixed (A per volume, then B, C per volume;
-        # one NVRAM each), so power_on() hands back the same order.
-        for _ in volumes:
-            VolatileDevice(open_mem(f"mem://?size={volume_bytes}"), self.pdom)
-        for _ in volumes:
-            VolatileDevice(open_mem(f"mem://?size={volume_bytes}"), self.sdom)
-            VolatileDevice(open_mem(f"mem://?size={volume_bytes}"), self.sdom)
-        VolatileNvram(MemRegion(primary_nvram, "primary"), self.pdom)
-        VolatileNvram(MemRegion(secondary_nvram, "secondary"), self.sdom)
-        self.primary: Primary | None = None
-        self.secondary: Secondary | None = None
-        self.remote = PowerRemote(self)
-        self.pevents = EventBus()
-        self.sevents = EventBus()
-        self.reformatted: list[str] = []  # roles whose NVRAM had to be formatted again
-
-    # -- opening ----------------------------------------------------------------------
-    async def open_secondary(self, *, format: bool = False) -> Secondary:  # noqa: A002 - contract name
-        devs = self.sdom.devices
-        bc = {n: (devs[2 * i], devs[2 * i + 1]) for i, n in enumerate(self.names)}
-        self.secondary = Secondary(bc, self.sdom.regions[0], self.clock, events=self.sevents,
-                                   grain_bytes=self.track_bytes)
-        try:
-            await self.secondary.open(format=format)
-        except NvramError:
-            if format:
-                raise
-            self.reformatted.append("secondary")
-            await self.secondary.open(format=True)
-        return self.secondary
-
-    async def open_primary(self, *, format: bool = False) -> Primary:  # noqa: A002 - contract name
-        a = dict(zip(self.names, self.pdom.devices, strict=True))
-        self.primary = Primary(a, self.pdom.regions[0], self.clock, self.params, self.remote, events=self.pevents)
-        try:
-            await self.primary.open(format=format)
-        except NvramError:
-            if format:
-                raise
-            self.reformatted.append("primary")
-            await self.primary.open(format=True)
-        await self.primary.start(form_cgs=False, destage=False)
-        return self.primary
-
-    async def establish(self) -> None:
-        """Format both, and the initial full copy: C established."""
-        await self.open_secondary(format=True)
-        await self.open_primary(format=True)
-        if not await self.primary.form_cg():
-            raise RuntimeError("the initial copy did not commit")
-
-    # -- power ----------------------------------------------------------------------------
-    def domain(self, role: str) -> PowerDomain:
-        return self.pdom if role == "primary" else self.sdom
-
-    async def restart(self, role: str) -> None:
-        """Power a cut domain back on and open its controller on what survived
-        (recovery, not a format)."""
-        if role == "primary":
-            self.pdom = self.pdom.power_on()
-            await self.open_primary()
-        else:
-            self.sdom = self.sdom.power_on()
-            await self.open_secondary()
-            if self.primary is not None:
-                self.primary.cycle.link_lost()  # a new link: the primary says hello before the next CG
-
-    async def cut(self, role: str) -> None:
-        """Cut power to one controller now and bring it back."""
-        self.domain(role).cut()
-        await self.restart(role)
-
-
-# ================================================================ the shadow model
-def sector_data(wid: int, vi: int, sector: int) -> bytes:
-    """What write ``wid`` puts in one sector (every sector of every write differs)."""
-    head = f"w{wid:06d}v{vi}s{sector:05d}|".encode()
-    return (head * (SECTOR // len(head) + 1))[:SECTOR]
-
-
-def decode_sector(data: bytes, vi: int, sector: int) -> int | None:
-    """The write id a sector shows (0: never written), None when it is no
-    whole write's sector (torn or foreign)."""
-    if data == bytes(SECTOR):
-        return 0
-    try:
-        wid = int(data[1:7])
-    except ValueError:
-        return None
-    return wid if data == sector_data(wid, vi, sector) else None
-
-
-class Model:
-    """Host writes as issued and acknowledged, A's content as the host
-    knows it, and that content at each CG's CR switch."""
-
-    def __init__(self, names: list[str], sectors: int) -> None:
-        self.names = names
-        self.sectors = sectors
-        self.content: dict[tuple[int, int], int] = {}  # (vi, sector) -> last acked write id
-        self.issued: dict[tuple[int, int], list[int]] = {}  # every write id issued to a sector
-        self.cgs: dict[int, dict] = {}  # CG seq -> content at its CR switch
-        self.next_wid = 1
-        self.acked = 0
-        self.unacked: list[int] = []
-
-    def on_event(self, event: Event) -> None:
-        if event.obj == "cg" and event.action == "change" and event.fields.get("phase") == "draining":
-            self.cgs[event.fields["seq"]] = dict(self.content)
-
-    async def write(self, primary: Primary, vi: int, sector: int, count: int) -> None:
-        wid = self.next_wid
-        self.next_wid += 1
-        for s in range(sector, sector + count):
-            self.issued.setdefault((vi, s), []).append(wid)
-        data = b"".join(sector_data(wid, vi, s) for s in range(sector, sector + count))
-        try:
-            await primary.write(self.names[vi], sector * SECTOR, data)
-        except BaseException:
-            self.unacked.append(wid)
-            raise
-        for s in range(sector, sector + count):
-            self.content[(vi, s)] = wid
-        self.acked += 1
-
-    def lost_from(self, image: list[bytes]) -> list[str]:
-        """Check (a) on A's image (one bytes per volume): sectors that do not
-        show their last acked write or a write issued after it."""
-        bad = []
-        for vi, data in enumerate(image):
-            for s in range(self.sectors):
-                shown = decode_sector(data[s * SECTOR : (s + 1) * SECTOR], vi, s)
-                want = self.content.get((vi, s), 0)
-                later = [w for w in self.issued.get((vi, s), []) if w > want]
-                if shown != want and shown not in later:
-                    bad.append(f"{self.names[vi]} sector {s}: shows {_shown(shown)}, acked write {want}")
-        return bad
-
-    def differs(self, image: list[bytes], content: dict) -> list[str]:
-        """Sectors where an image of C is not exactly ``content``."""
-        bad = []
-        for vi, data in enumerate(image):
-            for s in range(self.sectors):
-                shown = decode_sector(data[s * SECTOR : (s + 1) * SECTOR], vi, s)
-                want = content.get((vi, s), 0)
-                if shown != want:
-                    bad.append(f"{self.names[vi]} sector {s}: shows {_shown(shown)}, the CG holds write {want}")
-        return bad
-
-
-def _shown(wid: int | None) -> str:
-    return "a torn or foreign sector" if wid is None else f"write {wid}"
+# The pair (PowerPair, PowerRemote, MemRegion) and the shadow model (Model,
+# sector_data) are the simulator's (testbench/sim/): one of each.
 
 
 # ================================================================ scenarios
