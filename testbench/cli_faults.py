@@ -4,10 +4,12 @@ counter is 0.
 
 Parts (``--only`` picks some): crash (SIGKILL at every declared crash point),
 link (LinkProxy faults and an outage), device (FaultyDevice EIO/latency under
-A and B), fuzz (nbd, link, console, trace, config), load (8 clients x QD32),
+A and B), fuzz (nbd, link, control, console, trace and config, 100,000 cases per
+target; testbench/faults/fuzz.py), load (8 clients x QD32),
 power (a power cut at every persist point of small workloads in virtual time,
-then ``power cut`` to real controllers on volatile+ devices and NVRAM).
-Default about 5 minutes in all; ``--quick`` about 1 minute.
+then ``power cut`` to real controllers on volatile+ devices and NVRAM), dos
+(issue 16's attacks on a running pair, budgets in testbench/faults/dos.py).
+Default about 10 minutes in all on 2 cores; ``--quick`` about 2.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PARTS = ("fuzz", "device", "link", "load", "crash", "power")
+PARTS = ("fuzz", "device", "link", "load", "crash", "power", "dos")
 
 
 def add_arguments(p) -> None:
@@ -42,10 +44,11 @@ def empty_results(seed: int) -> dict:
         "crash": {"injected": 0, "acked_writes_lost": 0, "inconsistent_copies": 0, "full_resyncs": 0},
         "link": {"faults": 0, "corrupt_applied": 0, "resync_bytes": 0, "oos_bytes": 0},
         "device": {"faults": 0, "silent_losses": 0},
-        "fuzz": {k: {"cases": 0, "crashes": 0} for k in ("nbd", "link", "console", "trace", "config")},
+        "fuzz": {k: {"cases": 0, "crashes": 0} for k in ("nbd", "link", "control", "console", "trace", "config")},
         "load": {"clients": 8, "queue_depth": 32, "seconds": 0, "writes": 0, "lost": 0, "peak_rss_mib": 0},
         "power": {"cut_points": 0, "states_checked": 0, "acked_writes_lost": 0, "inconsistent_copies": 0,
                   "full_resyncs": 0, "process_cuts": 0},
+        "dos": {"nbd_peak_rss_mib": 0, "link_peak_rss_mib": 0, "good_client_p99_ms": 0},
         "skipped": {},
         "errors": {},
     }
@@ -60,12 +63,15 @@ def failures(res: dict) -> list[str]:
         if res[part].get(key):
             bad.append(f"{part}.{key} = {res[part][key]}")
     for name, f in res["fuzz"].items():
-        if f.get("crashes"):
+        if isinstance(f, dict) and f.get("crashes"):
             bad.append(f"fuzz.{name}.crashes = {f['crashes']}")
     if res["link"].get("c_consistent") is False:
         bad.append("link: C is not a consistent cut")
     if res["load"].get("c_consistent") is False:
         bad.append("load: C is not a consistent cut")
+    from testbench.faults.dos import failures as dos_failures
+
+    bad += dos_failures(res["dos"])
     bad += [f"{part}: {err}" for part, err in res["errors"].items()]
     bad += [f"crash: {e}" for e in res["crash"].get("errors", [])]
     bad += [f"power: {e}" for e in res["power"].get("errors", [])]
@@ -97,7 +103,7 @@ def run(args) -> int:
     def fuzz():
         from testbench.faults.fuzz import run_fuzz
 
-        res["fuzz"] = run_fuzz(60 if quick else 400, seed, progress=_progress)
+        res["fuzz"] = run_fuzz(3000 if quick else 100_000, seed, progress=_progress)
 
     def device():
         from testbench.faults.device import run_device
@@ -128,7 +134,12 @@ def run(args) -> int:
 
         res["power"] = run_power(work / "power", seed=seed, quick=quick, progress=_progress)
 
-    runners = {"fuzz": fuzz, "device": device, "link": link, "load": load, "crash": crash, "power": power}
+    def dos():
+        from testbench.faults.dos import run_dos
+
+        res["dos"] = run_dos(work / "dos", seed=seed, seconds=6 if quick else 20, quick=quick, progress=_progress)
+
+    runners = {"dos": dos, "fuzz": fuzz, "device": device, "link": link, "load": load, "crash": crash, "power": power}
     t_all = time.monotonic()
     for name in PARTS:
         if name not in parts:
@@ -169,8 +180,12 @@ def summary(res: dict) -> str:
         f"link    faults {lk['faults']}  corrupt_applied {lk['corrupt_applied']}  resync_bytes {lk['resync_bytes']}  "
         f"oos_bytes {lk['oos_bytes']}",
         f"device  faults {d['faults']}  silent_losses {d['silent_losses']}",
-        "fuzz    " + "  ".join(f"{k} {v.get('cases')}/{v.get('crashes')}" for k, v in res["fuzz"].items())
-        + "  (cases/crashes)",
+        "fuzz    " + "  ".join(f"{k} {v.get('cases')}/{v.get('crashes')} {v.get('cases_per_s', '?')}/s"
+                              for k, v in res["fuzz"].items() if isinstance(v, dict))
+        + f"  (cases/crashes cases/s, {res['fuzz'].get('engine', '?')})",
+        f"dos     primary peak {res['dos'].get('nbd_peak_rss_mib')} MiB  secondary peak "
+        f"{res['dos'].get('link_peak_rss_mib')} MiB  good client p99 {res['dos'].get('good_client_p99_ms')} ms  "
+        f"CGs {res['dos'].get('cgs_during_attack', '-')}",
         f"load    {ld['clients']} clients x QD{ld['queue_depth']}  {ld['seconds']} s  writes {ld['writes']}  "
         f"lost {ld['lost']}  peak_rss_mib {ld['peak_rss_mib']}",
         f"power   cut_points {pw['cut_points']} ({pw['process_cuts']} in processes)  states_checked "
