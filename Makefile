@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml setup.py drivers/osio/_ioctl_build.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# io_uring (liburing, built from source) is optional: without it its tests skip and say so.
-	$(BIN)/python -m pip install -q -e '.[test,fast,uring]' || $(BIN)/python -m pip install -q -e '.[test,fast]'
+	# atheris (coverage-guided fuzzing in make faults) is optional too: without it a mutation fuzzer runs.
+	$(BIN)/python -m pip install -q -e '.[test,fast,uring,fuzz]' || $(BIN)/python -m pip install -q -e '.[test,fast,uring]' \
+	  || $(BIN)/python -m pip install -q -e '.[test,fast]'
 	touch $@
 
 # Debian packages the tests drive as real peers. Apt when root; otherwise say
