@@ -8,7 +8,10 @@ A and B), fuzz (nbd, link, control, console, trace and config, 100,000 cases per
 target; testbench/faults/fuzz.py), load (8 clients x QD32),
 power (a power cut at every persist point of small workloads in virtual time,
 then ``power cut`` to real controllers on volatile+ devices and NVRAM), dos
-(issue 16's attacks on a running pair, budgets in testbench/faults/dos.py).
+(issue 16's attacks on a running pair, budgets in testbench/faults/dos.py), multi
+(3 controllers in one session: SIGKILL of the master, a subordinate and a secondary
+at each CG phase, and a subordinate slower than the coordination time;
+testbench/faults/multi.py).
 Default about 10 minutes in all on 2 cores; ``--quick`` about 2.
 """
 
@@ -21,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PARTS = ("fuzz", "device", "link", "load", "crash", "power", "dos")
+PARTS = ("fuzz", "device", "link", "load", "crash", "power", "dos", "multi")
 
 
 def add_arguments(p) -> None:
@@ -49,6 +52,7 @@ def empty_results(seed: int) -> dict:
         "power": {"cut_points": 0, "states_checked": 0, "acked_writes_lost": 0, "inconsistent_copies": 0,
                   "full_resyncs": 0, "process_cuts": 0},
         "dos": {"nbd_peak_rss_mib": 0, "link_peak_rss_mib": 0, "good_client_p99_ms": 0},
+        "multi": {"controllers": 3, "injected": 0, "acked_writes_lost": 0, "inconsistent_copies": 0, "split_cgs": 0},
         "skipped": {},
         "errors": {},
     }
@@ -59,7 +63,8 @@ def failures(res: dict) -> list[str]:
     bad = []
     for part, key in (("crash", "acked_writes_lost"), ("crash", "inconsistent_copies"), ("link", "corrupt_applied"),
                       ("device", "silent_losses"), ("load", "lost"), ("power", "acked_writes_lost"),
-                      ("power", "inconsistent_copies"), ("power", "full_resyncs")):
+                      ("power", "inconsistent_copies"), ("power", "full_resyncs"), ("multi", "acked_writes_lost"),
+                      ("multi", "inconsistent_copies"), ("multi", "split_cgs")):
         if res[part].get(key):
             bad.append(f"{part}.{key} = {res[part][key]}")
     for name, f in res["fuzz"].items():
@@ -75,6 +80,7 @@ def failures(res: dict) -> list[str]:
     bad += [f"{part}: {err}" for part, err in res["errors"].items()]
     bad += [f"crash: {e}" for e in res["crash"].get("errors", [])]
     bad += [f"power: {e}" for e in res["power"].get("errors", [])]
+    bad += [f"multi: {e}" for e in res["multi"].get("errors", [])]
     return bad
 
 
@@ -139,7 +145,13 @@ def run(args) -> int:
 
         res["dos"] = run_dos(work / "dos", seed=seed, seconds=6 if quick else 20, quick=quick, progress=_progress)
 
-    runners = {"dos": dos, "fuzz": fuzz, "device": device, "link": link, "load": load, "crash": crash, "power": power}
+    def multi():
+        from testbench.faults.multi import run_multi
+
+        res["multi"] = run_multi(work / "multi", seed=seed, quick=quick, seconds_per_round=2 if quick else 4,
+                                 progress=_progress)
+
+    runners = {"multi": multi, "dos": dos, "fuzz": fuzz, "device": device, "link": link, "load": load, "crash": crash, "power": power}
     t_all = time.monotonic()
     for name in PARTS:
         if name not in parts:
@@ -191,6 +203,10 @@ def summary(res: dict) -> str:
         f"power   cut_points {pw['cut_points']} ({pw['process_cuts']} in processes)  states_checked "
         f"{pw['states_checked']}  acked_writes_lost {pw['acked_writes_lost']}  inconsistent_copies "
         f"{pw['inconsistent_copies']}  full_resyncs {pw['full_resyncs']}",
+        f"multi   {res['multi']['controllers']} controllers  injected {res['multi']['injected']}  acked_writes_lost "
+        f"{res['multi']['acked_writes_lost']}  inconsistent_copies {res['multi']['inconsistent_copies']}  split_cgs "
+        f"{res['multi']['split_cgs']}" + (f"  not hit: {', '.join(res['multi']['not_hit'])}"
+                                         if res["multi"].get("not_hit") else ""),
     ]
     lines += [f"FAIL: {b}" for b in res["failures"]]
     lines += [f"skipped {k}: {v}" for k, v in res["skipped"].items()]
