@@ -9,6 +9,15 @@ sent) goes to the console log when ``log_path`` is given.
 ``token`` (or ``token_file``): sent as ``auth TOKEN`` before anything else,
 for a TCP console that has a token (drivers/console.py).
 
+``run`` pairs one command with the next prompt, so it must start with
+nothing owed: a line the caller sent itself (``send``/``sendline``) may
+still have a reply and a prompt on the way. A streaming ``events`` ended by
+``sendline("")`` answers with a prompt nobody has read; the next ``run``
+took that prompt as its own and returned the stream's tail, and every later
+``run`` the previous command's reply. So after a raw send, ``run`` first
+resynchronises (``sync``: a marker command and its prompt), which also ends
+a stream still running.
+
 A pty is one line: a terminal program attached to it (picocom, screen) and
 this client would each read part of the other's replies. So a pty this
 client opens is refused with one line, ``busy: ... attached by NAME (pid
@@ -149,13 +158,14 @@ class ConsoleClient:
         self.before = b""
         self.after = b""
         self.match: re.Match | None = None
+        self._in_step = False  # nothing owed: no reply or prompt on the way (see run)
         self._log: IO[bytes] | None = open(log_path, "ab") if log_path else None  # noqa: SIM115
         if token is None and token_file is not None:
             token = read_token(token_file)
         self.serial = open_serial(url)
         try:
             if token is not None:
-                self.send(f"auth {token}\n".encode())
+                self._write(f"auth {token}\n".encode())
             if sync:
                 self.sync()
         except ConsoleError:
@@ -165,7 +175,11 @@ class ConsoleClient:
     # ---- pexpect-shaped primitives ------------------------------------------
 
     def send(self, data: str | bytes) -> None:
-        raw = data.encode() if isinstance(data, str) else bytes(data)
+        """Write bytes as they are; the next ``run`` resynchronises first."""
+        self._in_step = False
+        self._write(data.encode() if isinstance(data, str) else bytes(data))
+
+    def _write(self, raw: bytes) -> None:
         try:
             self.serial.write(raw)
             self.serial.flush()
@@ -242,8 +256,8 @@ class ConsoleClient:
         marker = f"__sync_{secrets.token_hex(4)}"
         # The blank line first: a session left streaming events by an earlier
         # client (a pty outlives its clients) ends the stream on any line.
-        self.sendline("")
-        self.sendline(f"help {marker}")
+        self._write(b"\n")
+        self._write(f"help {marker}\n".encode())
         # The marker followed by a quote is only in the error reply, never in an echo.
         try:
             self.expect(re.escape(marker) + r"'[^\n]*\n", timeout)
@@ -255,6 +269,7 @@ class ConsoleClient:
             raise ConsoleTimeout(f"console {self.url}: " + (refusal or (
                 f"no answer within {wait} s (is the controller running, or another program reading "
                 "its line?)")), exc.seen) from None
+        self._in_step = True
 
     # ---- labgrid-shaped commands --------------------------------------------
 
@@ -262,8 +277,12 @@ class ConsoleClient:
         """Run one command; (output lines, 0 on success / 1 on an error reply)."""
         if "\n" in command or "\r" in command:
             raise ValueError("run takes one line")
-        self.sendline(command)
+        if not self._in_step:
+            self.sync(timeout)
+        self._in_step = False  # until its prompt is read (a timeout leaves it owed)
+        self._write(f"{command}\n".encode())
         self.expect(self.prompt, timeout)
+        self._in_step = True
         text = self.before.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
         lines = text.split("\n")
         if lines and lines[0].strip() == command.strip():  # the console's echo
