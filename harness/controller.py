@@ -52,7 +52,10 @@ log = logging.getLogger(__name__)
 
 # The replication link's frames carry their own length: the TCP driver reads
 # the header, asks the protocol how much follows, then reads that.
-LINK_FRAMING = Framing(protocol.HEADER_BYTES, protocol.rest_length)
+# Before a peer is authenticated its frames are capped (a stranger cannot make
+# us buffer a 64 MiB frame); the cap lifts once this side sends a sealed frame.
+LINK_FRAMING = Framing(protocol.HEADER_BYTES, protocol.rest_length, preauth_bytes=protocol.PREAUTH_FRAME_BYTES,
+                       opens=protocol.is_sealed)
 CRASHPOINTS_ENV = "MIRRORFW_CRASHPOINTS"
 STOP_TIMEOUT_S = 30.0
 
@@ -324,7 +327,7 @@ class PrimaryController(Controller):
             return await connect_replication_link(host, port)
 
         self.remote = LinkRemote(link_factory, cfg.secret, random_bytes=os.urandom, clock=self.clock,
-                                 events=self.events)
+                                 events=self.events, encrypt=cfg.link_encrypt)
         self._close_on_exit(self.remote.close)
         self.primary = Primary(volumes, nvram, self.clock, params, self.remote, session_id=cfg.session_id,
                                events=self.events, crashpoints=self.crashpoints)
@@ -437,7 +440,9 @@ class SecondaryController(Controller):
                                    session_member=cfg.session_member)
         await self._open_firmware(self.secondary)
         self.service = ReplicationService(self.secondary, cfg.secret, cfg.session_id, random_bytes=os.urandom,
-                                          clock=self.clock, events=self.events)
+                                          clock=self.clock, events=self.events, encrypt=cfg.link_encrypt,
+                                          max_handshakes=cfg.link_max_handshakes,
+                                          handshake_timeout_s=cfg.link_handshake_timeout_s)
         serve = self.service.serve
         if cfg.session_member:  # session recovery (FlashPort) on the same port, on the control link's channel
             from firmware.control_service import ControlService, serve_link_or_control
