@@ -239,6 +239,8 @@ class CgCycle:
                 self.fail_now(reason, event)
             return False, reason
         finally:
+            if not body.done():  # guard itself was cancelled (stop): the body must not outlive it
+                body.cancel()
             self._fail_fut = None
             self.body = None
             if self.machine.phase is Phase.IDLE or not self.driven:  # a driven step may end mid-CG

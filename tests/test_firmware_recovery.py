@@ -185,3 +185,36 @@ def test_both_policies_produce_the_same_consistent_copy():
         c2, a2 = await run("send-first")
         assert c1 == c2 and a1 == a2 and c1 != a1
     asyncio.run(main())
+
+
+def test_stop_in_the_middle_of_a_cg_leaves_no_body_running():
+    """Root cause: stop cancelled the CG loop while form_cg waited on its
+    body; form_cg's cleanup forgot the body, which went on draining and then
+    signalled DRAINED to a machine stop had already failed to idle
+    (InvalidTransition in a task nobody awaited, logged at ERROR on SIGTERM)."""
+    async def main():
+        rig = await make_rig(form_cgs=False)
+        p = rig.primary
+        for t in range(8):
+            await p.write("vol0", t * 65536, b"s" * 65536)
+        gate = asyncio.Event()
+        send = rig.remote.send_track
+
+        async def slow_send(*a):
+            await gate.wait()
+            await send(*a)
+
+        rig.remote.send_track = slow_send
+        p.cycle.start_loop()
+        for _ in range(50):
+            await asyncio.sleep(0)
+            if p.machine.phase.value == "draining":
+                break
+        assert p.machine.phase.value == "draining"
+        body = p.cycle.body
+        await p.stop()
+        gate.set()
+        await asyncio.sleep(0)
+        await asyncio.gather(body, return_exceptions=True)
+        assert body.cancelled(), f"the CG body outlived stop: {body}"
+    asyncio.run(main())
