@@ -43,6 +43,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import struct
 import subprocess
 import sys
@@ -828,6 +829,7 @@ def _worker(name: str, cases: int, seed: int, out: Path, engine: str) -> None:
             counter.one(data)
             if counter.n >= cases:
                 target.close()
+                shutil.rmtree(corpus, ignore_errors=True)
                 os._exit(0)  # libFuzzer would go on past -runs by the seeds' count
 
         atheris.Setup([sys.argv[0], f"-runs={cases + len(target.seeds) + 10}", f"-seed={seed}",
