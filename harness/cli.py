@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "console": ("harness.cmd_console", "talk to a controller console (socket://, rfc2217://, pty://); one command or interactive"),
     "bench": ("testbench.cli_bench", "run the benchmarks side by side and write bench/results.json"),
     "faults": ("testbench.cli_faults", "seeded fault campaign (crash, link, device, fuzz, load); writes faults/results.json"),
+    "sim": ("testbench.cli_sim", "deterministic simulation of whole sessions from seeds (--seeds A:B, --dask, --matrix); coverage, repro lines, shrinking"),
     "completion": ("harness.cmd_completion", "print a shell completion script (bash, zsh, tcsh) or the man page"),
 }
 ALL = "*"  # build_parser(ALL): every command's options (completion, man page)

@@ -24,6 +24,10 @@ A run is ``config(seed)`` (controllers, policy, CG parameters) and
 - ``["cmd", t, ctl, name, arg]`` an operator command: pause, resume,
   suspend, resume_pair, set (``arg`` = "name=value")
 
+A fault event may end with ``"at:PHASE"`` (quiescing, draining,
+committing, idle): from ``t`` on it waits (at most a virtual second) for
+that controller's CG to enter the phase, and strikes right there.
+
 Everything else is seeded by the run's seed too: each device call and link
 hop takes an exponential virtual time or a few bare yields (so the
 firmware's tasks interleave differently per seed), and the loop is run
@@ -144,32 +148,33 @@ def faults(seed: int, cfg: Config) -> list[list]:
     rng = random.Random(f"mirrorfw-sim-faults:{seed}")
     out = []
     for _ in range(rng.randint(1, 5)):
+        at = [f"at:{rng.choice(PHASES[:4])}"] if rng.random() < 0.6 else []
         t = round(rng.uniform(0.05, cfg.duration_s), 6)
         ctl = rng.randrange(cfg.controllers)
         down = round(rng.choice((0.0, 0.01, 0.2, 0.6)), 3)
         kind = rng.choice(("power", "power", "crash", "arm", "arm", "arm", "linkdown", "loss", "eio", "eio",
                            "cmd", "cmd") + (("ctldown",) if cfg.controllers > 1 and ctl else ()))
         if kind == "power":
-            out.append(["power", t, ctl, rng.choice(("primary", "secondary", "site")), rng.randrange(1000), down])
+            out.append(["power", t, ctl, rng.choice(("primary", "secondary", "site")), rng.randrange(1000), down] + at)
         elif kind == "crash":
-            out.append(["crash", t, ctl, rng.choice(("primary", "secondary")), down])
+            out.append(["crash", t, ctl, rng.choice(("primary", "secondary")), down] + at)
         elif kind == "arm":
             out.append(["arm", t, ctl, rng.choice(("primary", "secondary")), rng.randint(1, 40), down])
         elif kind == "linkdown":
-            out.append(["linkdown", t, ctl, round(rng.choice((0.005, 0.05, 0.3, 1.0)), 3)])
+            out.append(["linkdown", t, ctl, round(rng.choice((0.005, 0.05, 0.3, 1.0)), 3)] + at)
         elif kind == "ctldown":
-            out.append(["ctldown", t, ctl, round(rng.choice((0.005, 0.05, 0.3)), 3)])
+            out.append(["ctldown", t, ctl, round(rng.choice((0.005, 0.05, 0.3)), 3)] + at)
         elif kind == "loss":
-            out.append(["loss", t, ctl, rng.choice((0.05, 0.2, 0.5)), round(rng.choice((0.1, 0.5, 1.0)), 3)])
+            out.append(["loss", t, ctl, rng.choice((0.05, 0.2, 0.5)), round(rng.choice((0.1, 0.5, 1.0)), 3)] + at)
         elif kind == "eio":
-            out.append(["eio", t, ctl, f"{rng.choice('abc')}{rng.randrange(2)}", rng.randint(1, 3)])
+            out.append(["eio", t, ctl, f"{rng.choice('abc')}{rng.randrange(2)}", rng.randint(1, 3)] + at)
         else:
             name = rng.choice(("pause", "suspend", "set", "resume", "resume_pair"))
             arg = ""
             if name == "set":
                 key, values = rng.choice(SETTABLE)
                 arg = f"{key}={rng.choice(values)}"
-            out.append(["cmd", t, ctl, name, arg])
+            out.append(["cmd", t, ctl, name, arg] + at)
             if name in ("pause", "suspend") and rng.random() < 0.7:  # the operator undoes it, mostly
                 out.append(["cmd", round(t + rng.uniform(0.01, 0.5), 6), ctl,
                             "resume" if name == "pause" else "resume_pair", ""])
@@ -181,6 +186,12 @@ def scenario(seed: int, cfg: Config | None = None) -> list[list]:
     events = workload(seed, cfg) + faults(seed, cfg)
     order = sorted(range(len(events)), key=lambda i: (events[i][1], i))
     return [events[i] for i in order]
+
+
+def phase_of(ev: list) -> str | None:
+    """The phase a fault waits for (None: it strikes at its time)."""
+    last = ev[-1]
+    return last[3:] if isinstance(last, str) and last.startswith("at:") else None
 
 
 def fault_kind(ev: list) -> str | None:
@@ -252,6 +263,7 @@ class World:
         self.down_for: dict[tuple[int, str], float] = {}  # an armed cut's power-off time
         self.dead_seen: set[tuple[int, str]] = set()
         self.writing: dict[tuple[int, int], list[tuple[int, int, asyncio.Task]]] = {}
+        self.waiting: list[tuple[float, list]] = []  # (deadline, event): faults waiting for a CG phase
         self.tasks: set[asyncio.Task] = set()
 
     # -- the event log -------------------------------------------------------------------
@@ -268,6 +280,13 @@ class World:
                     self.res.cgs_failed += 1
             if side == "p" and event.fields.get("full_copy"):
                 self.full_copies[ctl] += 1
+            if side == "p" and self.waiting and event.obj == "cg":
+                entered = ("idle" if event.action == "destroy" else event.fields.get("phase")
+                           if "acks" not in event.fields else None)
+                for item in list(self.waiting):
+                    if item[1][2] == ctl and phase_of(item[1]) == entered and item in self.waiting:
+                        self.waiting.remove(item)
+                        self.strike(item[1])  # right as the phase is entered, in the firmware's own step
         return on
 
     def role(self, ctl: int) -> str:
@@ -296,12 +315,15 @@ class World:
         while True:
             await self.settle()
             self._notice_deaths()
+            for item in [w for w in self.waiting if w[0] <= self.clock.now()]:
+                self.waiting.remove(item)
+                self.strike(item[1])  # the phase did not come: strike anyway
             if self.restarts and self.restarts[0][0] <= self.clock.now():
                 _, ctl, role = self.restarts.pop(0)
                 await self.restart(ctl, role)
                 continue
-            nxt = [d for d in (self.clock.next_deadline(), self.restarts[0][0] if self.restarts else None)
-                   if d is not None]
+            nxt = [d for d in (self.clock.next_deadline(), self.restarts[0][0] if self.restarts else None,
+                               min((w[0] for w in self.waiting), default=None)) if d is not None]
             step_to = min([target, *nxt])
             if step_to > self.clock.now():
                 self.clock.advance(step_to - self.clock.now())
@@ -417,6 +439,13 @@ class World:
 
     # -- events ---------------------------------------------------------------------------------------
     def apply(self, ev: list) -> None:
+        if phase_of(ev) is not None and phase_of(ev) != self.phase(ev[2]):
+            self.note("event waits " + json.dumps(ev))
+            self.waiting.append((self.clock.now() + 1.0, ev))
+            return
+        self.strike(ev)
+
+    def strike(self, ev: list) -> None:
         kind, ctl = ev[0], ev[2]
         sim, pair = self.sim, self.pairs[ctl]
         fk = fault_kind(ev)
@@ -435,7 +464,7 @@ class World:
                     dom.cut(seed=ev[4])
                 else:
                     dom.cut(mode="keep")
-                self.down_for[(ctl, role)] = ev[-1]
+                self.down_for[(ctl, role)] = ev[5] if kind == "power" else ev[4]
         elif kind == "arm":
             role = ev[3]
             dom = pair.domain(role)
@@ -580,6 +609,7 @@ class World:
         """Heal every fault, power everything on, resume, and form CGs until
         every C is A; then the final checks."""
         self.note("converge")
+        self.waiting.clear()
         self.sim.heal()
         for pair in self.pairs:
             pair.pdom.disarm()
@@ -601,7 +631,7 @@ class World:
             if await self._converged():
                 break
         else:
-            return [f"(c) no convergence in {CONVERGE_S:g} s: "
+            return await self.check("after healing") + [f"(c) no convergence in {CONVERGE_S:g} s: "
                     + "; ".join(f"c{i} state {p.primary.copy_state.value} phase {p.primary.machine.phase.value} "
                                 f"oos {p.primary.oos_tracks()} cr {p.primary.cr_tracks()} C at CG "
                                 f"{p.secondary.committed_cg}" for i, p in enumerate(self.pairs))]
@@ -669,9 +699,10 @@ async def _run(seed: int, events: list[list], res: Result, cfg: Config) -> None:
             t.cancel()
 
 
-def run_seed(seed: int, events: list[list] | None = None, *, keep_log: bool = True) -> Result:
-    """One run of ``seed`` (its own scenario, or ``events``)."""
-    cfg = config(seed)
+def run_seed(seed: int, events: list[list] | None = None, *, keep_log: bool = True,
+             cfg: Config | None = None) -> Result:
+    """One run of ``seed`` (its own config and scenario, or these)."""
+    cfg = cfg or config(seed)
     events = scenario(seed, cfg) if events is None else events
     res = Result(seed, cfg.as_dict(), len(events))
     quiet = [logging.getLogger(n) for n in ("asyncio", "firmware", "drivers")]

@@ -1,0 +1,387 @@
+"""Seeds by the thousand: run them (here or on Dask), shrink a failing one,
+tabulate coverage, and write one JSON and one JUnit file (issue 14).
+
+- ``run_chunk(seeds)`` runs seeds in this process and returns a summary
+  (what a Dask task returns); ``merge`` adds summaries up.
+- ``run_campaign(seeds, dask=..., scheduler=...)``: in this process, or on a
+  Dask ``LocalCluster`` (``dask="local"``, worker processes on 127.0.0.1),
+  or on a running scheduler (``scheduler="tcp://HOST:8786"``, lab servers
+  running ``dask worker`` with mirrorfw installed).
+- ``shrink(seed, events)``: delta debugging (ddmin) over the run's event
+  list, down to a shortest list that still fails the same way.
+- The trace-replay matrix: traces x CG parameters x collision policy x
+  faults from a small TOML (``matrix.toml`` beside this file), each cell one
+  simulated run with the trace's writes as the host workload.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+import tomllib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+from testbench.sim.engine import (
+    FAULT_KINDS,
+    PHASES,
+    ROLES,
+    SECTORS,
+    Config,
+    config,
+    run_seed,
+    scenario,
+)
+from testbench.sim.model import SECTOR
+
+HERE = Path(__file__).resolve().parent
+REGRESSIONS = HERE / "regressions.txt"
+MATRIX = HERE / "matrix.toml"
+SHRINK_RUNS = 400  # at most this many runs to shrink one seed
+
+
+def repro(seed: int, events: list | None = None) -> str:
+    line = f"mirrorfw sim --seed {seed}"
+    if events is not None:
+        line += " --events '" + json.dumps(events, separators=(",", ":")) + "'"
+    return line
+
+
+def violation_kind(text: str) -> str:
+    """What a shrunk run must still show: the check that failed."""
+    return text.split(" ", 1)[0] if text.startswith("(") else text.split(":", 1)[0]
+
+
+# ================================================================ running seeds
+def run_chunk(seeds: Iterable[int], *, shrink_failures: bool = False) -> dict:
+    """Run seeds here; a summary ``merge`` can add to others."""
+    out = empty()
+    t0, c0 = time.monotonic(), time.process_time()
+    for seed in seeds:
+        res = run_seed(seed, keep_log=False)
+        out["seeds"] += 1
+        out["cg_steps"] += res.cgs_committed + res.cgs_failed
+        out["acked"] += res.acked
+        out["virtual_s"] += res.virtual_s
+        for cell in res.cells:
+            out["coverage"]["|".join(cell)] = out["coverage"].get("|".join(cell), 0) + 1
+        for kp in {f"{k} x {p}" for k, p, _ in res.cells}:  # RESULTS.md's "FAULT x PHASE", over every role
+            out["fault_x_phase"][kp] = out["fault_x_phase"].get(kp, 0) + 1
+        if res.violations:
+            v = {"seed": seed, "config": res.config, "found": res.violations[:6], "repro": repro(seed),
+                 "digest": res.log_digest}
+            if shrink_failures:
+                v.update(shrink(seed))
+            out["violations"].append(v)
+    out["cpu_s"] += time.process_time() - c0
+    out["wall_s"] += time.monotonic() - t0
+    return out
+
+
+def empty() -> dict:
+    return {"seeds": 0, "violations": [], "coverage": {}, "fault_x_phase": {}, "cg_steps": 0, "acked": 0, "virtual_s": 0.0,
+            "cpu_s": 0.0, "wall_s": 0.0}
+
+
+def merge(a: dict, b: dict) -> dict:
+    for k in ("seeds", "cg_steps", "acked", "virtual_s", "cpu_s"):
+        a[k] += b[k]
+    a["violations"] += b["violations"]
+    for key in ("coverage", "fault_x_phase"):
+        for cell, n in b[key].items():
+            a[key][cell] = a[key].get(cell, 0) + n
+    return a
+
+
+def chunks(seeds: list[int], size: int) -> list[list[int]]:
+    return [seeds[i : i + size] for i in range(0, len(seeds), size)]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``A:B`` (B excluded), ``N`` or ``A,B,C``."""
+    if ":" in text:
+        a, b = text.split(":", 1)
+        return list(range(int(a), int(b)))
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def dask_client(dask: str | None, scheduler: str | None, workers: int):
+    """A distributed Client: on ``scheduler``, or a LocalCluster of
+    ``workers`` processes (one thread each: a seed is CPU bound)."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        return Client(scheduler), None
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address=None, silence_logs=40)
+    return Client(cluster), cluster
+
+
+def run_campaign(seeds: list[int], *, dask: str | None = None, scheduler: str | None = None, workers: int = 2,
+                 chunk: int = 50, shrink_failures: bool = True,
+                 progress: Callable[[str], None] | None = None) -> dict:
+    """Every seed, here (``dask`` None and no scheduler) or on Dask; failures
+    shrunk where they ran. Returns the merged summary with the rates."""
+    t0 = time.monotonic()
+    total = empty()
+    parts = chunks(seeds, chunk)
+    if dask is None and scheduler is None:
+        for _i, part in enumerate(parts):
+            merge(total, run_chunk(part, shrink_failures=shrink_failures))
+            if progress:
+                progress(f"sim: {total['seeds']}/{len(seeds)} seeds, {len(total['violations'])} violations")
+        total["workers"] = 1
+    else:
+        from distributed import as_completed
+
+        client, cluster = dask_client(dask, scheduler, workers)
+        try:
+            total["workers"] = len(client.scheduler_info().get("workers", {})) or workers
+            futures = client.map(run_chunk, parts, shrink_failures=shrink_failures, pure=False)
+            for fut in as_completed(futures):
+                merge(total, fut.result())
+                if progress:
+                    progress(f"sim (dask): {total['seeds']}/{len(seeds)} seeds, "
+                             f"{len(total['violations'])} violations")
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    total["wall_s"] = time.monotonic() - t0
+    total["violations"].sort(key=lambda v: v["seed"])
+    return finish(total)
+
+
+def finish(total: dict) -> dict:
+    cpu = max(total["cpu_s"], 1e-9)
+    total["scenarios_per_s"] = round(total["seeds"] / cpu, 2)  # per core: per CPU second of the workers
+    total["cg_steps_per_s"] = round(total["cg_steps"] / cpu, 1)
+    total["scenarios_per_s_wall"] = round(total["seeds"] / max(total["wall_s"], 1e-9), 2)
+    for k in ("virtual_s", "cpu_s", "wall_s"):
+        total[k] = round(total[k], 2)
+    return total
+
+
+# ================================================================ shrinking
+def fails_like(seed: int, events: list, kind: str, cfg: Config | None = None) -> bool:
+    res = run_seed(seed, events, keep_log=False, cfg=cfg)
+    return any(violation_kind(v) == kind for v in res.violations)
+
+
+def ddmin(items: list, test: Callable[[list], bool], budget: int = SHRINK_RUNS) -> tuple[list, int]:
+    """Zeller's delta debugging: a 1-minimal sublist of ``items`` on which
+    ``test`` still holds (within ``budget`` tests). Returns it and the tests run."""
+    runs = 0
+    n = 2
+    while len(items) >= 2 and runs < budget:
+        size = math.ceil(len(items) / n)
+        subsets = [items[i : i + size] for i in range(0, len(items), size)]
+        for cand in subsets + [[x for j, s in enumerate(subsets) if j != i for x in s] for i in range(len(subsets))]:
+            if runs >= budget:
+                break
+            runs += 1
+            if cand and len(cand) < len(items) and test(cand):
+                items = cand
+                n = max(n - 1, 2)
+                break
+        else:
+            if n >= len(items):
+                break
+            n = min(len(items), 2 * n)
+    return items, runs
+
+
+def shrink(seed: int, events: list | None = None, cfg: Config | None = None, budget: int = SHRINK_RUNS) -> dict:
+    """The shortest event list (ddmin) that fails the way ``seed`` fails."""
+    cfg = cfg or config(seed)
+    events = scenario(seed, cfg) if events is None else events
+    first = run_seed(seed, events, keep_log=False, cfg=cfg)
+    if not first.violations:
+        return {"shrunk": None}
+    kind = violation_kind(first.violations[0])
+    if first.failed_at is not None and fails_like(seed, events[: first.failed_at + 1], kind, cfg):
+        events = events[: first.failed_at + 1]  # what came after the failing check does not matter
+    small, runs = ddmin(events, lambda evs: fails_like(seed, evs, kind, cfg), budget)
+    found = run_seed(seed, small, keep_log=False, cfg=cfg).violations
+    return {"shrunk": small, "shrunk_from": len(scenario(seed, cfg)), "shrink_runs": runs + 2, "kind": kind,
+            "shrunk_found": found[:3], "shrunk_repro": repro(seed, small)}
+
+
+# ================================================================ coverage
+def coverage_table(coverage: dict, seeds: int) -> str:
+    """fault kind x CG phase, one block per controller role present: seeds per cell."""
+    cells = {tuple(k.split("|")): n for k, n in coverage.items()}
+    lines = []
+    for role in ROLES:
+        if not any(r == role for _, _, r in cells):
+            continue
+        lines.append(f"role {role}  (seeds hitting each cell, of {seeds})")
+        lines.append(f"  {'fault':<17}" + "".join(f"{p:>11}" for p in PHASES))
+        for kind in FAULT_KINDS:
+            row = [cells.get((kind, p, role), 0) for p in PHASES]
+            if any(row):
+                lines.append(f"  {kind:<17}" + "".join(f"{n:>11}" for n in row))
+    return "\n".join(lines)
+
+
+def report(total: dict) -> str:
+    lines = [f"sim: {total['seeds']} seeds, {len(total['violations'])} violations; "
+             f"{total['scenarios_per_s']} scenarios/s per core, {total['cg_steps_per_s']} CG steps/s per core, "
+             f"{total['scenarios_per_s_wall']} scenarios/s on {total.get('workers', 1)} worker(s); "
+             f"{total['virtual_s']} virtual s, {total['acked']} acked writes",
+             coverage_table(total["coverage"], total["seeds"])]
+    for v in total["violations"]:
+        lines.append(f"VIOLATION seed {v['seed']} {v['config']}")
+        lines += [f"    {x}" for x in v["found"][:3]]
+        lines.append(f"    repro: {v['repro']}")
+        if v.get("shrunk") is not None:
+            lines.append(f"    shrunk to {len(v['shrunk'])} of {v['shrunk_from']} events "
+                         f"({v['shrink_runs']} runs): {v['shrunk_repro']}")
+    return "\n".join(lines)
+
+
+# ================================================================ outputs
+def write_junit(path: str | os.PathLike, suites: list[tuple[str, list[tuple[str, str | None, float]]]]) -> None:
+    """``suites``: (name, [(case name, failure text or None, seconds)])."""
+    out = ['<?xml version="1.0" encoding="UTF-8"?>', "<testsuites>"]
+    for name, cases in suites:
+        fails = sum(1 for _, f, _ in cases if f)
+        out.append(f"  <testsuite name={quoteattr(name)} tests=\"{len(cases)}\" failures=\"{fails}\">")
+        for case, failure, secs in cases:
+            out.append(f"    <testcase classname={quoteattr(name)} name={quoteattr(case)} time=\"{secs:.3f}\">")
+            if failure:
+                first = failure.splitlines()[0] if failure else ""
+                out.append(f"      <failure message={quoteattr(first)}>{escape(failure)}</failure>")
+            out.append("    </testcase>")
+        out.append("  </testsuite>")
+    out.append("</testsuites>")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(out) + "\n")
+
+
+def sim_junit_cases(total: dict, seeds: list[int], chunk: int) -> list[tuple[str, str | None, float]]:
+    bad = {v["seed"]: v for v in total["violations"]}
+    cases = []
+    for part in chunks(seeds, chunk):
+        failing = [s for s in part if s in bad]
+        text = "\n".join(f"seed {s}: {bad[s]['found'][0]}\n  repro: {bad[s]['repro']}" for s in failing) or None
+        cases.append((f"seeds {part[0]}:{part[-1] + 1}", text, 0.0))
+    return cases
+
+
+# ================================================================ regression seeds
+def regression_seeds(path: str | os.PathLike = REGRESSIONS) -> list[tuple[int, str]]:
+    """(seed, what it found) per line ``SEED  # note``; blank lines and comments skipped."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        text = line.split("#", 1)
+        if text[0].strip():
+            out.append((int(text[0].strip()), text[1].strip() if len(text) > 1 else ""))
+    return out
+
+
+# ================================================================ the trace-replay matrix
+def trace_writes(spec: str, ctls: int, limit: int, duration_s: float) -> list[list]:
+    """The first ``limit`` writes of a trace (a path, or ``gen:SEED``), mapped
+    onto the simulated volumes (device d -> controller d//2 % ctls, volume
+    d % 2; offsets folded into the volume) and spread over ``duration_s``."""
+    from testbench.traces import read_trace
+
+    if spec.startswith("gen:"):
+        from testbench.generate import GeneratorParams, generate
+
+        records = generate(GeneratorParams(seed=int(spec[4:]), duration_s=10.0, iops=200.0, devices=4))
+    else:
+        path = Path(spec)
+        if not path.is_absolute():
+            path = HERE.parent.parent / spec
+        records = read_trace(path)
+    devices: dict[str, int] = {}
+    picked = []
+    for rec in records:
+        if rec.op != "W":
+            continue
+        picked.append(rec)
+        if len(picked) >= limit:
+            break
+    if not picked:
+        return []
+    t0, t1 = picked[0].ts_ns, max(picked[-1].ts_ns, picked[0].ts_ns + 1)
+    out = []
+    for rec in picked:
+        d = devices.setdefault(rec.device, len(devices))
+        count = max(1, min(16, rec.length_bytes // SECTOR))
+        sector = (rec.offset_bytes // SECTOR) % (SECTORS - count + 1)
+        t = round((rec.ts_ns - t0) / (t1 - t0) * duration_s, 6)
+        out.append(["w", t, (d // 2) % ctls, d % 2, sector, count])
+    return out
+
+
+FAULT_RECIPES: dict[str, list[list]] = {
+    # [kind, t, ...] with ctl 0; t within the 2 s a cell runs
+    "none": [],
+    "power-primary": [["power", 0.7, 0, "primary", 1, 0.1]],
+    "power-secondary": [["power", 0.7, 0, "secondary", 1, 0.1]],
+    "site": [["power", 0.9, 0, "site", 2, 0.2]],
+    "crash-primary": [["crash", 0.8, 0, "primary", 0.05]],
+    "linkdown": [["linkdown", 0.5, 0, 0.4]],
+    "loss": [["loss", 0.3, 0, 0.2, 1.0]],
+    "eio-b": [["eio", 0.6, 0, "b0", 2]],
+    "cut-primary": [["arm", 0.6, 0, "primary", 7, 0.1]],
+    "cut-secondary": [["arm", 0.6, 0, "secondary", 5, 0.1]],
+}
+
+
+def matrix_cells(path: str | os.PathLike = MATRIX) -> list[dict]:
+    spec = tomllib.loads(Path(path).read_text())
+    m = spec["matrix"]
+    cells = []
+    for trace in m["traces"]:
+        for params in m["params"]:
+            for policy in m["policies"]:
+                for fault in m["faults"]:
+                    if fault not in FAULT_RECIPES:
+                        raise ValueError(f"{path}: unknown fault {fault!r}; known: {', '.join(FAULT_RECIPES)}")
+                    cells.append({"trace": trace, "params": dict(params), "policy": policy, "fault": fault,
+                                  "controllers": int(m.get("controllers", 1)), "writes": int(m.get("writes", 30)),
+                                  "seed": int(m.get("seed", 1))})
+    return cells
+
+
+def cell_name(cell: dict) -> str:
+    params = ",".join(f"{k}={v}" for k, v in sorted(cell["params"].items()))
+    return f"{cell['trace']} [{params}] {cell['policy']} {cell['fault']}"
+
+
+def run_cell(cell: dict) -> dict:
+    t0 = time.monotonic()
+    cfg = Config(controllers=cell["controllers"], policy=cell["policy"],
+                 cg_interval_s=float(cell["params"].get("cg_interval_s", 0.02)),
+                 drain_inflight=int(cell["params"].get("drain_inflight", 2)), duration_s=2.0, writes=cell["writes"])
+    events = trace_writes(cell["trace"], cfg.controllers, cfg.writes, cfg.duration_s)
+    events = sorted(events + [list(e) for e in FAULT_RECIPES[cell["fault"]]], key=lambda e: e[1])
+    res = run_seed(cell["seed"], events, keep_log=False, cfg=cfg)
+    return {"cell": cell_name(cell), **cell, "violations": res.violations[:4], "acked": res.acked,
+            "cgs": res.cgs_committed + res.cgs_failed, "seconds": round(time.monotonic() - t0, 3)}
+
+
+def run_matrix(path: str | os.PathLike = MATRIX, *, dask: str | None = None, scheduler: str | None = None,
+               workers: int = 2) -> list[dict]:
+    cells = matrix_cells(path)
+    if dask is None and scheduler is None:
+        return [run_cell(c) for c in cells]
+    client, cluster = dask_client(dask, scheduler, workers)
+    try:
+        return client.gather(client.map(run_cell, cells, pure=False))
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def sample_seeds(n: int, seed: int = 0) -> list[int]:
+    return random.Random(seed).sample(range(1_000_000), n)
