@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml setup.py drivers/osio/_ioctl_build.py
 	# atheris (coverage-guided fuzzing in make faults) is optional too: without it a mutation fuzzer runs.
 	$(BIN)/python -m pip install -q -e '.[test,fast,uring,fuzz]' || $(BIN)/python -m pip install -q -e '.[test,fast,uring]' \
 	  || $(BIN)/python -m pip install -q -e '.[test,fast]'
+	# labgrid (harness/lab) is optional as well: without it the lab tests skip and say so.
+	$(BIN)/python -m pip install -q -e '.[lab]' || echo "venv: labgrid not installed; the lab tests will skip"
 	touch $@
 
 # Debian packages the tests drive as real peers. Apt when root; otherwise say
