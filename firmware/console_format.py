@@ -16,7 +16,7 @@ STATUS_KEYS = (
     "copy_state", "fatal_reason", "severity", "recoverable", "phase", "cg_seq",
     "last_cg_time", "data_exposure_s", "total_successful_cgs", "total_failed_cgs",
     "consecutive_failures", "cg_interval_s", "max_coord_ms", "max_drain_s",
-    "collision_policy", "oos_tracks", "cr_tracks", "held_ack_ms", "drain_bytes", "link",
+    "collision_policy", "oos_tracks", "cr_tracks", "held_ack_ms", "drain_bytes", "link", "cache_full_waits",
 )
 CACHE_KEYS = ("slots", "used", "dual", "dirty", "hits", "misses", "destaged", "occupancy")
 SECONDARY_STATUS_KEYS = ("role", "session_id", "committed_cg", "last_commit_time", "prepared_cg",

@@ -344,6 +344,7 @@ class Primary:
             "drain_bytes": self.drain_bytes,
             "link": "up" if self.link_up else "down",
             "fallbacks": self.fallbacks,
+            "cache_full_waits": self.cache.counters.full_waits,  # host writes that waited: NVRAM truly full
         } | ({"members": self.session_master.members_status()} if self.session_master is not None else {})
 
     def volumes_info(self) -> list[dict]:

@@ -118,7 +118,8 @@ def part_nbd(res: dict, seconds: float, work: Path) -> None:
     mod = importlib.import_module("testbench.bench.nbd")
     out = _call(mod.run_nbd_bench, seconds=seconds, workdir=str(work / "nbd"))
     res["systems"]["mirrorfw_local"] = out
-    res["ratios"]["randread_4k_vs_nbdkit"] = _find(out, "randread_4k_vs_nbdkit")
+    for key in ("randread_4k_vs_nbdkit", "randwrite_4k_local_vs_nbdkit", "seqwrite_1m_local_vs_nbdkit"):
+        res["ratios"][key] = _find(out, key)
     if res["systems"]["nbdkit"] is None and isinstance(out, dict):
         res["systems"]["nbdkit"] = _find(out, "nbdkit")
 
@@ -133,6 +134,7 @@ def part_replicating(res: dict, seconds: float, work: Path) -> None:
     res["held_ack_ms"] = {k: out["held_ack_ms"].get(k) for k in STAT_KEYS}
     res["rpo_s"] = {k: out["rpo_s"].get(k) for k in STAT_KEYS}
     res["rss_mib"] = out["rss_mib"]
+    res["link_bytes_per_host_byte"] = out.get("link_bytes_per_host_byte")
 
 
 def part_cg(res: dict, seconds: float, work: Path) -> None:
