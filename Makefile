@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml setup.py drivers/osio/_ioctl_build.py
 	  || $(BIN)/python -m pip install -q -e '.[test,fast]'
 	# labgrid (harness/lab) is optional as well: without it the lab tests skip and say so.
 	$(BIN)/python -m pip install -q -e '.[lab]' || echo "venv: labgrid not installed; the lab tests will skip"
+	# Dask (the campaign extra: mirrorfw sim and faults on a LocalCluster or lab servers) is optional too:
+	# without it campaigns run in one process and the Dask test skips.
+	$(BIN)/python -m pip install -q -e '.[campaign]' || echo "venv: dask not installed; campaigns run in one process"
 	touch $@
 
 # Debian packages the tests drive as real peers. Apt when root; otherwise say

@@ -11,7 +11,11 @@ then ``power cut`` to real controllers on volatile+ devices and NVRAM), dos
 (issue 16's attacks on a running pair, budgets in testbench/faults/dos.py), multi
 (3 controllers in one session: SIGKILL of the master, a subordinate and a secondary
 at each CG phase, and a subordinate slower than the coordination time;
-testbench/faults/multi.py).
+testbench/faults/multi.py), sim (seeds of the deterministic simulator,
+testbench/sim/: whole sessions in virtual time with every fault; the coverage
+table fault kind x CG phase x role). ``--dask`` runs the parts (and the sim
+seeds in chunks) on a Dask LocalCluster, ``--scheduler tcp://HOST:8786`` on
+lab servers running ``dask worker``; either way one JSON and one JUnit file.
 Default about 10 minutes in all on 2 cores; ``--quick`` about 2.
 """
 
@@ -24,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PARTS = ("fuzz", "device", "link", "load", "crash", "power", "dos", "multi")
+PARTS = ("fuzz", "device", "link", "load", "crash", "power", "dos", "multi", "sim")
 
 
 def add_arguments(p) -> None:
@@ -35,6 +39,10 @@ def add_arguments(p) -> None:
                    help=f"run only this part (repeatable): {', '.join(PARTS)}")
     p.add_argument("--points", help="crash points to use, comma-separated (default: every declared point)")
     p.add_argument("--workdir", help="folder for the pairs' files (default: a fresh one under /tmp)")
+    p.add_argument("--sim-seeds", help="seeds of the sim part, A:B (default 0:2000; --quick 0:300)")
+    p.add_argument("--junit", help="JUnit XML of the parts (default: beside --out, NAME-junit.xml)")
+    p.add_argument("--dask", action="store_true", help="run the parts on a Dask LocalCluster (2 workers)")
+    p.add_argument("--scheduler", help="run the parts on this Dask scheduler (tcp://HOST:8786)")
 
 
 def _progress(text: str) -> None:
@@ -53,6 +61,7 @@ def empty_results(seed: int) -> dict:
                   "full_resyncs": 0, "process_cuts": 0},
         "dos": {"nbd_peak_rss_mib": 0, "link_peak_rss_mib": 0, "good_client_p99_ms": 0},
         "multi": {"controllers": 3, "injected": 0, "acked_writes_lost": 0, "inconsistent_copies": 0, "split_cgs": 0},
+        "sim": {"seeds": 0, "violations": 0, "scenarios_per_s": 0.0, "coverage": {}},
         "skipped": {},
         "errors": {},
     }
@@ -64,7 +73,7 @@ def failures(res: dict) -> list[str]:
     for part, key in (("crash", "acked_writes_lost"), ("crash", "inconsistent_copies"), ("link", "corrupt_applied"),
                       ("device", "silent_losses"), ("load", "lost"), ("power", "acked_writes_lost"),
                       ("power", "inconsistent_copies"), ("power", "full_resyncs"), ("multi", "acked_writes_lost"),
-                      ("multi", "inconsistent_copies"), ("multi", "split_cgs")):
+                      ("multi", "inconsistent_copies"), ("multi", "split_cgs"), ("sim", "violations")):
         if res[part].get(key):
             bad.append(f"{part}.{key} = {res[part][key]}")
     for name, f in res["fuzz"].items():
@@ -151,21 +160,52 @@ def run(args) -> int:
         res["multi"] = run_multi(work / "multi", seed=seed, quick=quick, seconds_per_round=2 if quick else 4,
                                  progress=_progress)
 
-    runners = {"multi": multi, "dos": dos, "fuzz": fuzz, "device": device, "link": link, "load": load, "crash": crash, "power": power}
+    def sim():
+        from testbench.sim.campaign import parse_seeds, run_sim_part
+
+        seeds = parse_seeds(args.sim_seeds or ("0:300" if quick else "0:2000"))
+        res["sim"] = run_sim_part(seeds, client=client, progress=_progress)
+
+    runners = {"sim": sim, "multi": multi, "dos": dos, "fuzz": fuzz, "device": device, "link": link, "load": load, "crash": crash, "power": power}
     t_all = time.monotonic()
-    for name in PARTS:
-        if name not in parts:
-            res["skipped"][name] = "not selected (--only)"
-            continue
-        _progress(f"{name} ...")
-        t0 = time.monotonic()
-        try:
-            runners[name]()
-        except Exception as e:  # noqa: BLE001 - a broken part is reported and fails the campaign
-            logging.getLogger(__name__).debug("part %s", name, exc_info=True)
-            res["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        _progress(f"{name} done in {time.monotonic() - t0:.1f} s: "
-                  f"{json.dumps({k: v for k, v in res[name].items() if not isinstance(v, dict | list)})}")
+    client = cluster = None
+    if args.dask or args.scheduler:
+        from testbench.sim.campaign import dask_client
+
+        client, cluster = dask_client("local" if args.dask else None, args.scheduler, 2)
+    part_s: dict[str, float] = {}
+
+    def part_result(name: str) -> dict:  # what a Dask task runs (cloudpickled with its closure)
+        runners[name]()
+        return res[name]
+
+    remote = {}
+    if client is not None:  # every part but sim is one task; sim sends its seeds in chunks itself
+        remote = {name: client.submit(part_result, name, pure=False) for name in PARTS
+                  if name in parts and name != "sim"}
+    try:
+        for name in PARTS:
+            if name not in parts:
+                res["skipped"][name] = "not selected (--only)"
+                continue
+            _progress(f"{name} ...")
+            t0 = time.monotonic()
+            try:
+                if name in remote:
+                    res[name] = remote[name].result()
+                else:
+                    runners[name]()
+            except Exception as e:  # noqa: BLE001 - a broken part is reported and fails the campaign
+                logging.getLogger(__name__).debug("part %s", name, exc_info=True)
+                res["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            part_s[name] = time.monotonic() - t0
+            _progress(f"{name} done in {part_s[name]:.1f} s: "
+                      f"{json.dumps({k: v for k, v in res[name].items() if not isinstance(v, dict | list)})}")
+    finally:
+        if client is not None:
+            client.close()
+            if cluster is not None:
+                cluster.close()
     res["seconds"] = round(time.monotonic() - t_all, 1)
     bad = failures(res)
     res["passed"] = not bad
@@ -173,12 +213,18 @@ def run(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    from testbench.sim.campaign import write_junit
+
+    cases = [(name, "\n".join(b for b in bad if b.startswith((f"{name}.", f"{name}:"))) or None, part_s.get(name, 0.0))
+             for name in PARTS if name in parts]
+    args.junit = args.junit or str(out.with_name(out.stem + "-junit.xml"))
+    write_junit(args.junit, [("mirrorfw.faults", cases)])
     if not args.workdir:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
     print(summary(res))
-    print(f"results: {out}")
+    print(f"results: {out}  junit: {args.junit}")
     return 0 if not bad else 1
 
 
@@ -203,6 +249,8 @@ def summary(res: dict) -> str:
         f"power   cut_points {pw['cut_points']} ({pw['process_cuts']} in processes)  states_checked "
         f"{pw['states_checked']}  acked_writes_lost {pw['acked_writes_lost']}  inconsistent_copies "
         f"{pw['inconsistent_copies']}  full_resyncs {pw['full_resyncs']}",
+        f"sim     seeds {res['sim']['seeds']}  violations {res['sim']['violations']}  "
+        f"{res['sim']['scenarios_per_s']} scenarios/s per core  {res['sim'].get('cg_steps_per_s', 0)} CG steps/s",
         f"multi   {res['multi']['controllers']} controllers  injected {res['multi']['injected']}  acked_writes_lost "
         f"{res['multi']['acked_writes_lost']}  inconsistent_copies {res['multi']['inconsistent_copies']}  split_cgs "
         f"{res['multi']['split_cgs']}" + (f"  not hit: {', '.join(res['multi']['not_hit'])}"

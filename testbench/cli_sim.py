@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes (default 2)")
     p.add_argument("--chunk", type=int, default=50, help="seeds per Dask task (default 50)")
     p.add_argument("--out", default="faults/sim.json", help="results JSON (default faults/sim.json)")
-    p.add_argument("--junit", default="faults/sim-junit.xml", help="JUnit XML (default faults/sim-junit.xml)")
+    p.add_argument("--junit", help="JUnit XML (default: beside --out, NAME-junit.xml)")
 
 
 def _progress(text: str) -> None:
@@ -65,7 +65,13 @@ def run(args) -> int:
                                                                   r["seconds"]) for r in rows])])
         return 1 if bad else 0
     if args.regressions:
-        seeds = [s for s, _ in campaign.regression_seeds()]
+        bad = 0
+        for seed, events, note in campaign.regression_seeds():
+            res = run_seed(seed, events, keep_log=False)
+            bad += bool(res.violations)
+            print(f"{'FAIL' if res.violations else 'ok  '} {campaign.repro(seed, events)}  # {note}"
+                  + "".join(f"\n    {v}" for v in res.violations[:3]))
+        return 1 if bad else 0
     else:
         seeds = campaign.parse_seeds(args.seeds)
     total = campaign.run_campaign(seeds, dask=dask, scheduler=args.scheduler, workers=args.workers,
@@ -81,5 +87,6 @@ def _write(args, data: dict, suites) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    args.junit = args.junit or str(out.with_name(out.stem + "-junit.xml"))
     write_junit(args.junit, suites)
     print(f"results: {out}  junit: {args.junit}")

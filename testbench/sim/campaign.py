@@ -41,7 +41,8 @@ from testbench.sim.model import SECTOR
 HERE = Path(__file__).resolve().parent
 REGRESSIONS = HERE / "regressions.txt"
 MATRIX = HERE / "matrix.toml"
-SHRINK_RUNS = 400  # at most this many runs to shrink one seed
+SHRINK_RUNS = 400  # at most this many runs to shrink one seed (mirrorfw sim --seed)
+CAMPAIGN_SHRINK_RUNS = 60  # in a campaign: a first cut; `mirrorfw sim --seed N` shrinks further
 
 
 def repro(seed: int, events: list | None = None) -> str:
@@ -60,9 +61,11 @@ def violation_kind(text: str) -> str:
 def run_chunk(seeds: Iterable[int], *, shrink_failures: bool = False) -> dict:
     """Run seeds here; a summary ``merge`` can add to others."""
     out = empty()
-    t0, c0 = time.monotonic(), time.process_time()
+    t0 = time.monotonic()
     for seed in seeds:
+        c0 = time.process_time()
         res = run_seed(seed, keep_log=False)
+        out["cpu_s"] += time.process_time() - c0  # the rates count runs, not shrinking
         out["seeds"] += 1
         out["cg_steps"] += res.cgs_committed + res.cgs_failed
         out["acked"] += res.acked
@@ -75,9 +78,8 @@ def run_chunk(seeds: Iterable[int], *, shrink_failures: bool = False) -> dict:
             v = {"seed": seed, "config": res.config, "found": res.violations[:6], "repro": repro(seed),
                  "digest": res.log_digest}
             if shrink_failures:
-                v.update(shrink(seed))
+                v.update(shrink(seed, budget=CAMPAIGN_SHRINK_RUNS))
             out["violations"].append(v)
-    out["cpu_s"] += time.process_time() - c0
     out["wall_s"] += time.monotonic() - t0
     return out
 
@@ -274,13 +276,16 @@ def sim_junit_cases(total: dict, seeds: list[int], chunk: int) -> list[tuple[str
 
 
 # ================================================================ regression seeds
-def regression_seeds(path: str | os.PathLike = REGRESSIONS) -> list[tuple[int, str]]:
-    """(seed, what it found) per line ``SEED  # note``; blank lines and comments skipped."""
+def regression_seeds(path: str | os.PathLike = REGRESSIONS) -> list[tuple[int, list | None, str]]:
+    """(seed, its shrunk events or None: the seed's own, what it found) per
+    line ``SEED [EVENTS-JSON]  # note``; blank lines and comments skipped.
+    The events make a line independent of how scenarios are drawn later."""
     out = []
     for line in Path(path).read_text().splitlines():
-        text = line.split("#", 1)
-        if text[0].strip():
-            out.append((int(text[0].strip()), text[1].strip() if len(text) > 1 else ""))
+        text, _, note = line.partition("#")
+        if text.strip():
+            seed, _, events = text.strip().partition(" ")
+            out.append((int(seed), json.loads(events) if events.strip() else None, note.strip()))
     return out
 
 
@@ -385,3 +390,41 @@ def run_matrix(path: str | os.PathLike = MATRIX, *, dask: str | None = None, sch
 
 def sample_seeds(n: int, seed: int = 0) -> list[int]:
     return random.Random(seed).sample(range(1_000_000), n)
+
+
+# ================================================================ the faults campaign's sim part
+def sim_results(total: dict) -> dict:
+    """faults/results.json "sim" (RESULTS.md keys, and the rest of the story)."""
+    return {"seeds": total["seeds"], "violations": len(total["violations"]),
+            "scenarios_per_s": total["scenarios_per_s"], "cg_steps_per_s": total["cg_steps_per_s"],
+            "coverage": dict(sorted(total["fault_x_phase"].items())),
+            "coverage_by_role": dict(sorted(total["coverage"].items())),
+            "failing": [{"seed": v["seed"], "found": v["found"][:2], "repro": v["repro"],
+                         "shrunk_repro": v.get("shrunk_repro")} for v in total["violations"]],
+            "cpu_s": total["cpu_s"], "wall_s": total["wall_s"], "workers": total.get("workers", 1)}
+
+
+def run_sim_part(seeds: list[int], *, client=None, progress: Callable[[str], None] | None = None,
+                 chunk: int = 50) -> dict:
+    """The faults campaign's sim part: on ``client`` (a Dask client the
+    campaign runs on), else on a LocalCluster of two workers when Dask is
+    installed, else here."""
+    if client is not None:
+        t0 = time.monotonic()
+        total = empty()
+        for part in client.gather(client.map(run_chunk, chunks(seeds, chunk), shrink_failures=True, pure=False)):
+            merge(total, part)
+        total["workers"] = len(client.scheduler_info().get("workers", {}))
+        total["wall_s"] = time.monotonic() - t0
+        total["violations"].sort(key=lambda v: v["seed"])
+        total = finish(total)
+    else:
+        try:
+            import distributed  # noqa: F401 - only asks whether the campaign extra is installed
+            dask = "local"
+        except ImportError:
+            dask = None
+        total = run_campaign(seeds, dask=dask, chunk=chunk, progress=progress)
+    if progress:
+        progress(report(total))
+    return sim_results(total)
