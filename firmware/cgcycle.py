@@ -1,5 +1,6 @@
-"""Where a consistency group forms: the steps of one CG, how one fails, and
-the loop that forms them one after another (DESIGN.md section 1, "Cycle").
+"""Where a consistency group forms: the steps of one CG and how one fails
+(DESIGN.md section 1, "Cycle"). The loop that forms them one after another
+is firmware/cgloop.py.
 
 A CG: quiesce (hold acks) -> CR created, acks released (``run``) -> drain
 every OOS track (firmware/drain.py) -> two-phase commit at the secondary ->
@@ -15,7 +16,7 @@ by hand) ``request_fail`` fails the machine at once. Entering idle on a
 failure opens the gate, folds CR back into OOS, and wakes everyone waiting
 for the CG to end (``wait_cg_end``).
 
-Driven mode (``driven``, a session member, firmware/session.py): the CG loop
+Driven mode (``driven``, a session member, firmware/session_member.py): the CG loop
 is off and a session master calls the steps one by one, each under ``guard``
 (the same failure path as ``form_cg``). The master gives the CG its sequence
 (``quiesce(seq)``), the acks stay held after the CR switch until the master
@@ -84,13 +85,9 @@ class CgCycle:
         self.prepared_seq = 0  # the CG whose prepare the secondary answered (driven: not aborted by ourselves)
         self.remote_committed = 0
         self.connected = False  # hello done on the current link; False: say hello before the next CG
-        self.total_loop_errors = 0  # unexpected errors the CG loop survived (each logged)
         self.last_write_wall = 0.0
         self.cut_wall = 0.0
-        self.stopping = False
-        self.loop_task: asyncio.Task | None = None
-        self.kick: asyncio.Event | None = None
-        self._write_seen: asyncio.Event | None = None
+        self.stopping = False  # a stop is under way: no CG may start
         self._fail_fut: asyncio.Future | None = None
         self._fail_reason = ""
         self.body: asyncio.Task | None = None
@@ -103,16 +100,8 @@ class CgCycle:
         return self.machine.recording and seq == self.seq
 
     def note_write(self) -> None:
-        """A host write landed (the interval wait wakes for it)."""
+        """A host write landed (the CG loop's interval wait wakes for it)."""
         self.last_write_wall = self.clock.wall()
-        if self._write_seen is not None:
-            self._write_seen.set()
-
-    def arm(self) -> None:
-        """Create the loop's events (in the running loop)."""
-        self.kick = asyncio.Event()
-        self._write_seen = asyncio.Event()
-        self.stopping = False
 
     # ================================================================ the pair
     async def connect(self) -> RemoteState:
@@ -388,89 +377,3 @@ class CgCycle:
             self.session.to(CopyState.PAUSED)
         if self.driven and self.body is None:
             self._wake_cg_end()  # no guard runs to wake them (failed between two of the master's steps)
-
-    # ================================================================ the CG loop
-    def start_loop(self) -> None:
-        self.loop_task = asyncio.ensure_future(self._loop())
-
-    async def stop_loop(self) -> None:
-        self.stopping = True
-        if self.loop_task is not None:
-            if self.body is not None and not self.body.done():
-                self.request_fail("stopping", Event.FAIL)
-            self.loop_task.cancel()
-            await asyncio.gather(self.loop_task, return_exceptions=True)
-            self.loop_task = None
-        if self.body is not None and not self.body.done():
-            self.body.cancel()
-            await asyncio.gather(self.body, return_exceptions=True)
-        if self.machine.phase is not Phase.IDLE:
-            self.fail_now("stopping", Event.FAIL)
-
-    async def _loop(self) -> None:
-        while not self.stopping:
-            try:
-                await self._loop_step()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the loop must outlive any one CG's bug
-                # A silent death of this task left a primary that never formed
-                # another CG (link "down", phase idle). Log it, fail the CG in
-                # flight so CR folds back into OOS, and go on.
-                log.exception("CG loop: unexpected error in CG %d; failing it and going on", self.seq)
-                self.total_loop_errors += 1
-                if self.machine.phase is not Phase.IDLE:
-                    try:
-                        self.fail_now("internal error", Event.FAIL)
-                    except Exception:  # noqa: BLE001
-                        log.exception("CG loop: could not fail CG %d", self.seq)
-                self.link_lost()  # reconnect and say hello again before the next CG
-                await self.clock.sleep(0.5)
-
-    async def _loop_step(self) -> None:
-        """One turn of the CG loop: connect if needed, form one CG, wait the interval."""
-        if self.session.state is not CopyState.RUNNING:
-            self.kick.clear()
-            await self.kick.wait()
-            return
-        if not self.connected:
-            try:
-                await self.connect()
-            except RemoteError:
-                return
-            except LINK_ERRORS:
-                await self.clock.sleep(1.0)
-                return
-        rec = self.region.record
-        before = rec["successful"] + rec["failed"]
-        committed = await self.form_cg()
-        if rec["successful"] + rec["failed"] == before:
-            await self.clock.sleep(0.1)  # the CG did not even start
-        if self.session.state is CopyState.PAUSING:
-            self.session.to(CopyState.PAUSED)
-        if not committed and not self.connected:
-            return
-        await self._interval_wait(committed)
-
-    async def _interval_wait(self, committed: bool) -> None:
-        # The loop's kick (a `set`, resume, run, pair resume) ends any wait:
-        # a wait that only slept once outlived every command, so a long
-        # interval set by mistake could not be undone. A kick from before
-        # this wait began was for the CG that just ran.
-        self.kick.clear()
-        interval = self.params.cg_interval_s
-        if interval > 0:
-            wakers = [self.clock.sleep(interval)]
-        elif committed and not self.region.oos_tracks() and self.last_write_wall <= self.cut_wall:
-            # Nothing written since the cut: wait for a write (or a second) instead of spinning.
-            self._write_seen.clear()
-            wakers = [self._write_seen.wait(), self.clock.sleep(1.0)]
-        else:
-            await asyncio.sleep(0)
-            return
-        tasks = [asyncio.ensure_future(w) for w in (self.kick.wait(), *wakers)]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()

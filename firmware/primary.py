@@ -3,7 +3,8 @@ façade of commands and status over the rooms that do the work:
 
 - firmware/region.py    the NVRAM: layout, format, recovery, OOS/CR, CG record
 - firmware/hostpath.py  where a host write lands and a host read is answered
-- firmware/cgcycle.py   where a CG forms, fails, and the loop that forms them
+- firmware/cgcycle.py   where a CG forms and fails
+- firmware/cgloop.py    the loop that forms them one after another
 - firmware/drain.py     how an old image reaches the secondary
 - firmware/copystate.py Running / Paused / Suspended / Fatal, one table
 
@@ -17,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from firmware.cg import Event, Phase
-from firmware.cgcycle import CgCycle
+from firmware.cgloop import CgLoop
 from firmware.copystate import CopyState, CopyStateMachine
 from firmware.crashpoints import CrashPoints
 from firmware.destage import Destager
@@ -51,13 +52,13 @@ class Primary:
         crashpoints = crashpoints if crashpoints is not None else CrashPoints()
         self.region = PrimaryRegion(nvram)
         self.session = CopyStateMachine(self.events)
-        self.cycle = CgCycle(self.volumes, self.region, remote, params, clock, self.events, crashpoints,
-                             self.session, session_id)
+        self.cycle = CgLoop(self.volumes, self.region, remote, params, clock, self.events, crashpoints,
+                            self.session, session_id)
         self.host = HostPath(self.volumes, self.region, self.cycle, params, crashpoints)
         self.cycle.before_switch = self.host.landed_whole
         self.destager: Destager | None = None
         self.recovered: dict = {}
-        self.session_master = None  # firmware/session.py SessionMaster, when this primary is a session's master
+        self.session_master = None  # firmware/session_master.py SessionMaster, when this primary is a session's master
         self._start_wall = 0.0
         self._opened = False
 
