@@ -1,9 +1,10 @@
 """The session control link's frames: how a master's MemberPort calls reach
 a subordinate primary (DESIGN.md section 3).
 
-The framing is the replication link's (firmware/protocol.py): the same
+The framing is the replication link's (firmware/frames.py): the same
 ``Header`` (magic, version, kind, flags, seq, length), the same CRC32C
-trailer, the same ``rest_length`` for the TCP driver, and the same frame
+trailer, the same ``rest_length`` for the TCP driver, the same codec
+(firmware/codec.py, with this link's frame table) and the same frame
 classes built on ``Frame`` with a ``BODY`` declaration. The handshake
 reuses the data link's ``AuthChallenge``, ``AuthResponse`` and ``Error``
 frames; the kinds below (``ControlKind``, numbered from 32 so they never
@@ -31,15 +32,14 @@ replayed or reordered frame even on the same connection.
 from __future__ import annotations
 
 import enum
-import hmac
 import math
 from dataclasses import dataclass
 
 import construct as cs
-import crc32c
 
-from firmware import protocol as p
+from firmware import frames as p
 from firmware import seal
+from firmware.codec import Codec
 from firmware.member import MemberState
 
 CONTROL_VERSION = 1
@@ -68,7 +68,7 @@ class ControlKind(enum.IntEnum):
     FLASH_REPORT = 60  # reply to FLASH_STATE and FLASH_RESTORE
 
 
-# Both links refuse a frame with the same errors (firmware/protocol.py).
+# Both links refuse a frame with the same errors (firmware/frames.py).
 BadMac = p.BadMac
 BadSequence = p.BadSequence
 
@@ -240,10 +240,10 @@ REQUESTS = (MemberHello, MemberStatus, MemberStart, MemberRun, MemberDrain, Memb
 # The requests a session's secondary answers (FlashPort, session recovery).
 FLASH_REQUESTS = (FlashState, FlashCommit, FlashRevert, FlashRestore)
 
-# The data link's body adapter (dataclass in Python, its BODY on the wire,
-# trailing bytes refused), one per control frame class.
-Body = cs.Switch(cs.this.kind, {cls.KIND.name: p._FrameBody(cls) for cls in FRAMES.values()}, default=cs.Error)
-_BODY_ERRORS = (cs.ConstructError, ValueError, TypeError, OverflowError, UnicodeError)
+# The codec both links share (firmware/codec.py), with the control link's
+# frames; its only flag is REPLY (its sealed frames carry no FLAG_SEALED).
+CONTROL = Codec("control link", FRAMES.values(), REPLY_KINDS, known_flags=p.FLAG_REPLY, sealed_flag=0)
+Body = CONTROL.body
 
 
 # -- keys and MACs ---------------------------------------------------------------
@@ -265,67 +265,13 @@ def encode(frame: p.Frame, *, key: bytes | None = None, role: str = "") -> bytes
     """The bytes of one frame; sealed with ``key`` as ``role`` when a key is
     given (every frame after the handshake). ProtocolError for a value that
     does not fit."""
-    kind = frame.KIND
-    if FRAMES.get(kind.value) is not type(frame):
+    if FRAMES.get(frame.KIND.value) is not type(frame):
         raise p.BadKind(f"{type(frame).__name__} is not a control link frame")
-    flags = frame.flags | (p.FLAG_REPLY if kind.value in REPLY_KINDS else 0)
-    try:
-        fields = Body.build(frame, kind=kind.name)
-    except _BODY_ERRORS as e:
-        raise p.BadBody(f"cannot encode {kind.name}: {e}") from None
-    length = len(fields) + (MAC_BYTES if key is not None else 0)
-    if length > p.MAX_BODY_BYTES:
-        raise p.BadLength(f"{kind.name} body is {length} bytes, more than {p.MAX_BODY_BYTES}")
-    try:
-        header = p.HEADER.pack(p.MAGIC, p.PROTOCOL_VERSION, kind.value, flags, frame.seq, length)
-    except Exception as e:  # struct.error: a seq or flags that does not fit
-        raise p.BadBody(f"cannot encode {kind.name} header: {e}") from None
-    parts = [header, fields]
-    if key is not None:
-        parts.append(seal_mac(key, role, frame.seq, header + fields))
-    body_crc = crc32c.crc32c(b"".join(parts))
-    parts.append(body_crc.to_bytes(p.CRC_BYTES, "big"))
-    return b"".join(parts)
+    return CONTROL.encode(frame, CONTROL.flags(frame), mac_key=key, role=role)
 
 
 def decode(buf: bytes, *, key: bytes | None = None, role: str = "") -> p.Frame:
     """One frame from exactly its bytes; with ``key``, a sealed frame from
     ``role`` whose MAC is checked before its body is parsed. ProtocolError
     (BadMac for a MAC that does not match) says what is wrong."""
-    view = memoryview(buf).cast("B")
-    size = len(view)
-    if size < p.HEADER_BYTES + p.CRC_BYTES:
-        raise p.BadLength(f"frame of {size} bytes is shorter than header and CRC")
-    magic, version, kind_value, flags, seq, length = p.HEADER.unpack_from(view)
-    if magic != p.MAGIC:
-        raise p.BadMagic(f"bad magic {bytes(magic)!r} (expected {p.MAGIC!r})")
-    if version != p.PROTOCOL_VERSION:
-        raise p.BadVersion(f"frame version {version} not supported (this side speaks {p.PROTOCOL_VERSION})")
-    if size != p.HEADER_BYTES + length + p.CRC_BYTES:
-        raise p.BadLength(f"frame is {size} bytes but its header says {p.HEADER_BYTES + length + p.CRC_BYTES}")
-    crc = int.from_bytes(view[-p.CRC_BYTES:], "big")
-    actual = crc32c.crc32c(view[: -p.CRC_BYTES])
-    if crc != actual:
-        raise p.BadCrc(f"CRC32C mismatch: frame says {crc:#010x}, bytes give {actual:#010x}")
-    cls = FRAMES.get(kind_value)
-    if cls is None:
-        raise p.BadKind(f"frame kind {kind_value} is not a control link frame")
-    kind = cls.KIND
-    # The control link's only flag is REPLY (its sealed frames carry no FLAG_SEALED).
-    if flags & ~p.FLAG_REPLY or bool(flags & p.FLAG_REPLY) != (kind_value in REPLY_KINDS):
-        raise p.BadBody(f"{kind.name}: flags {flags:#x} do not fit the kind")
-    end = size - p.CRC_BYTES
-    if key is not None:
-        if length < MAC_BYTES:
-            raise BadMac(f"{kind.name} seq {seq}: no MAC (an unsealed frame after the handshake)")
-        end -= MAC_BYTES
-        if not hmac.compare_digest(seal_mac(key, role, seq, view[:end]), view[end : end + MAC_BYTES]):
-            raise BadMac(f"{kind.name} seq {seq}: MAC mismatch (rewritten, forged, or from another connection)")
-    try:
-        return Body.parse(bytes(view[p.HEADER_BYTES : end]), kind=kind.name, seq=seq,
-                          flags=flags & ~p.FLAG_REPLY)
-    except cs.TerminatedError:
-        raise p.BadBody(f"{kind.name} body has trailing bytes") from None
-    except (cs.ConstructError, UnicodeError, ValueError, OverflowError) as e:
-        text = str(e) or type(e).__name__
-        raise p.BadBody(f"{kind.name} body does not parse: {text.splitlines()[0]}") from None
+    return CONTROL.decode(buf, mac_key=key, role=role)
