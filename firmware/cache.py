@@ -10,18 +10,10 @@ volume A. Only ``cur`` images are ever destaged, so A never receives a new
 image before the old one has been sent; ``promote`` (after the old image was
 sent) merges the old image into the holes of the new one and discards it.
 
-Persistence order: slot data first, then the directory entry that makes it
-valid (two copies per slot, generation + CRC32C; see firmware/layout.py). An
-entry is always written over the slot's older copy, so a torn entry write
-leaves the slot's previous entry, never an older one.
-
-Overwriting sectors an image already holds is not atomic in NVRAM (a power
-cut tears unpersisted stores per 8-byte word), and those sectors hold
-acknowledged data. So ``apply`` first saves their old contents to a free
-slot and seals an undo journal entry there (state JOURNAL); ``load`` puts
-them back when the image's entry was not rewritten after the journal, so
-each sector is old or new, never a mix. A clean image needs no journal: its
-entry first drops those sectors (A holds them), then the write lands.
+The directory entries that make slots valid, their persistence order,
+``format`` and ``load`` are in firmware/cache_directory.py; the journal that
+makes an overwrite of acknowledged sectors power-cut safe is in
+firmware/cache_journal.py. WriteCache inherits both.
 
 Each image also keeps a *segment mask* (``segs``, a bit per 4 KiB segment):
 what of its track was written since the track was last made durable in B,
@@ -42,45 +34,15 @@ from dataclasses import dataclass
 
 from bitarray import bitarray
 
-from firmware.errors import CacheFull, NvramError
-from firmware.layout import (
-    SECTOR_BYTES,
-    SEGMENT_BYTES,
-    STATE_CUR,
-    STATE_FREE,
-    STATE_JOURNAL,
-    STATE_NEW,
-    RegionPlan,
-    pack_entry,
-    unpack_entry,
-)
+from firmware.cache_directory import CacheEntry, Key, valid_runs
+from firmware.cache_journal import CacheJournal
+from firmware.errors import CacheFull
+from firmware.layout import SECTOR_BYTES, SEGMENT_BYTES, STATE_CUR, STATE_NEW, RegionPlan
 from hal.nvram import NvramRegion
 
 log = logging.getLogger(__name__)
 
-Key = tuple[int, int]  # (volume index, track)
 EVICT_SCAN = 64  # clean images looked at for one whose track owes nothing, before the LRU one goes
-
-
-@dataclass(eq=False)
-class CacheEntry:
-    slot: int
-    volume: int
-    track: int
-    state: int
-    valid: bitarray
-    dirty: bool = True
-    seq: int = 0  # bumped on every data change: a destage only cleans the version it wrote
-    copy: int = -1  # directory copy holding the newest version
-    gen: int = 0
-    segs: int = 0  # segment mask (bit i: segment i written since the track was last durable in B)
-    epoch: int = 0  # the mask epoch ``segs`` was kept under; another one means "all segments"
-    after: int = 0  # segments written since the track was sent (while ``tracking``), in memory only
-    tracking: bool = False  # sent in the CG being formed, B not yet durable for it
-
-    @property
-    def key(self) -> Key:
-        return (self.volume, self.track)
 
 
 @dataclass
@@ -96,20 +58,7 @@ class CacheCounters:
     full_waits: int = 0  # host writes that waited for a slot: every slot dirty or new (NVRAM truly full)
 
 
-def valid_runs(valid: bitarray, start: int, end: int):
-    """Yield [first, past) runs of set bits of ``valid`` within [start, end)."""
-    pos = start
-    while pos < end:
-        first = valid.find(1, pos, end)
-        if first < 0:
-            return
-        past = valid.find(0, first, end)
-        past = end if past < 0 else past
-        yield first, past
-        pos = past
-
-
-class WriteCache:
+class WriteCache(CacheJournal):
     def __init__(self, nvram: NvramRegion, plan: RegionPlan) -> None:
         self.nvram = nvram
         self.view = nvram.view
@@ -134,97 +83,6 @@ class WriteCache:
         self._gen = 1
         self._space_waiters: list[asyncio.Future] = []
         self._dirty_waiters: list[asyncio.Future] = []
-
-    # -- format / recovery ---------------------------------------------------------
-    def format(self) -> None:
-        start, n = self.plan.dir_offset, self.n_slots * 2 * self.entry_bytes
-        self.view[start : start + n] = bytes(n)
-        self.nvram.persist(start, n)
-        self._reset()
-        self._free = list(range(self.n_slots - 1, -1, -1))
-        self._slot_copy = [-1] * self.n_slots
-
-    def _reset(self) -> None:
-        self._index.clear()
-        self._clean.clear()
-        self._dirty.clear()
-        self.with_new.clear()
-        self.destaging.clear()
-
-    def load(self, volume_tracks: list[int]) -> dict:
-        """Rebuild the directory from NVRAM. Duplicate images of one role keep the
-        highest generation (a crash during ``promote``). Returns a small report."""
-        self._reset()
-        self._free = []
-        found: list[tuple[int, int, dict]] = []  # (slot, copy, entry)
-        journals: list[tuple[int, dict]] = []  # (slot, entry)
-        self._slot_copy = [-1] * self.n_slots
-        max_gen = 0
-        for slot in range(self.n_slots):
-            best = None
-            for copy in (0, 1):
-                at = self._entry_offset(slot, copy)
-                e = unpack_entry(self.view[at : at + self.entry_bytes], self.valid_bytes, self.seg_bytes)
-                if e is not None and (best is None or e["gen"] > best[1]["gen"]):
-                    best = (copy, e)
-            if best is not None:
-                max_gen = max(max_gen, best[1]["gen"])
-                self._slot_copy[slot] = best[0]
-                if best[1]["state"] == STATE_JOURNAL:
-                    journals.append((slot, best[1]))
-            if best is None or best[1]["state"] in (STATE_FREE, STATE_JOURNAL):
-                self._free.append(slot)
-                continue
-            e = best[1]
-            if e["volume"] >= len(volume_tracks) or e["track"] >= volume_tracks[e["volume"]] \
-                    or e["state"] not in (STATE_CUR, STATE_NEW):
-                raise NvramError(f"cache directory slot {slot} names volume {e['volume']} track {e['track']}"
-                                 f" state {e['state']}, outside this region's geometry")
-            found.append((slot, best[0], e))
-        self._gen = max_gen + 1
-        dropped = 0
-        for slot, copy, e in sorted(found, key=lambda f: f[2]["gen"]):
-            valid = bitarray(endian="little")
-            valid.frombytes(e["valid"])
-            del valid[self.sectors :]
-            entry = CacheEntry(slot, e["volume"], e["track"], e["state"], valid, bool(e["dirty"]),
-                               copy=copy, gen=e["gen"], segs=int.from_bytes(e["segments"], "little"),
-                               epoch=e["mask_epoch"])
-            pair = self._index.setdefault(entry.key, [None, None])
-            role = 0 if entry.state == STATE_CUR else 1
-            older = pair[role]
-            if older is not None:  # newer generation wins; the older copy was already merged into it
-                self._write_free(older)
-                self._free.append(older.slot)
-                dropped += 1
-            pair[role] = entry
-        for key, (cur, new) in self._index.items():
-            if cur is not None:
-                (self._dirty.__setitem__(key, None) if cur.dirty else self._clean.__setitem__(key, cur))
-            if new is not None:
-                self.with_new.add(key)
-        undone = sum(self._undo(slot, e) for slot, e in journals)
-        self._free.reverse()
-        return {"images": len(found) - dropped, "dropped_duplicates": dropped, "new_images": len(self.with_new),
-                "journal_undone": undone}
-
-    def _undo(self, slot: int, journal: dict) -> bool:
-        """Recovery: put back the sectors a journal saved, unless the image
-        it names was rewritten after it (the overwrite completed, or the
-        image is gone). Then the journal is freed, before its slot is reused."""
-        pair = self._index.get((journal["volume"], journal["track"]))
-        target = pair[1 if journal["dirty"] else 0] if pair else None
-        undo = target is not None and target.gen < journal["gen"]
-        if undo:
-            saved = bitarray(endian="little")
-            saved.frombytes(journal["valid"])
-            del saved[self.sectors :]
-            src, dst = self._slot_bytes(slot), self.slot_view(target)
-            for a, b in valid_runs(saved, 0, self.sectors):
-                dst[a * SECTOR_BYTES : b * SECTOR_BYTES] = src[a * SECTOR_BYTES : b * SECTOR_BYTES]
-            self.nvram.persist(self.plan.slots_offset + target.slot * self.track_bytes, self.track_bytes)
-        self._write_free_slot(slot)
-        return undo
 
     # -- lookups ----------------------------------------------------------------------
     def images(self, volume: int, track: int) -> tuple[CacheEntry | None, CacheEntry | None]:
@@ -321,52 +179,6 @@ class WriteCache:
             entry.after |= segs
         self._touch(entry)  # a newer generation than the journal: the overwrite stands
 
-    def _journal(self, entry: CacheEntry, s0: int, s1: int) -> None:
-        """Save the held sectors of [s0, s1) of ``entry`` to a free slot and
-        seal a journal entry naming them; the slot stays free (the journal
-        is void once ``entry``'s own entry is rewritten, a moment later)."""
-        slot = self._borrow_slot(entry)
-        if slot is None:  # every slot holds a dirty image or one this landing may still apply to
-            self.counters.unjournaled += 1
-            return
-        saved = bitarray(self.sectors, endian="little")
-        saved.setall(0)
-        saved[s0:s1] = entry.valid[s0:s1]
-        src, dst = self.slot_view(entry), self._slot_bytes(slot)
-        lo, hi = saved.find(1), s1
-        while not saved[hi - 1]:
-            hi -= 1
-        for a, b in valid_runs(saved, lo, hi):
-            dst[a * SECTOR_BYTES : b * SECTOR_BYTES] = src[a * SECTOR_BYTES : b * SECTOR_BYTES]
-        self.nvram.persist(self.plan.slots_offset + slot * self.track_bytes + lo * SECTOR_BYTES,
-                           (hi - lo) * SECTOR_BYTES)
-        role = 0 if entry.state == STATE_CUR else 1
-        self._write_slot_entry(slot, pack_entry(self._next_gen(), STATE_JOURNAL, role, entry.volume, entry.track,
-                                                saved.tobytes(), bytes(self.seg_bytes)))
-        self._free.append(slot)
-        self.counters.journaled += 1
-
-    def _borrow_slot(self, entry: CacheEntry) -> int | None:
-        """A slot to journal in: a free one, else the slot of an evicted
-        clean image that is not ``entry``'s track and not a later track of
-        its volume (a landing applies to its tracks in order, and those
-        images must stay)."""
-        if self._free:
-            return self._free.pop()
-        for key, victim in self._clean.items():  # LRU first
-            if key[0] == entry.volume and key[1] >= entry.track:
-                continue
-            del self._clean[key]
-            self._drop(victim)
-            self._write_free(victim)
-            self.counters.evictions += 1
-            return victim.slot
-        return None
-
-    def _slot_bytes(self, slot: int) -> memoryview:
-        at = self.plan.slots_offset + slot * self.track_bytes
-        return self.view[at : at + self.track_bytes]
-
     def _touch(self, entry: CacheEntry) -> None:
         entry.dirty = True
         entry.seq += 1
@@ -376,10 +188,6 @@ class WriteCache:
             if entry.key not in self._dirty:
                 self._dirty[entry.key] = None
                 self._wake(self._dirty_waiters)
-
-    def slot_view(self, entry: CacheEntry) -> memoryview:
-        at = self.plan.slots_offset + entry.slot * self.track_bytes
-        return self.view[at : at + self.track_bytes]
 
     def overlay(self, volume: int, track: int, out: bytearray | memoryview, out_offset: int,
                 start: int, end: int, *, include_new: bool = True) -> bool:
@@ -544,41 +352,6 @@ class WriteCache:
                 "destaged": self.counters.destaged, "evictions": self.counters.evictions,
                 "full_waits": self.counters.full_waits,
                 "occupancy": used / self.n_slots if self.n_slots else 0.0}
-
-    # -- directory writes -------------------------------------------------------------------
-    def _entry_offset(self, slot: int, copy: int) -> int:
-        return self.plan.dir_offset + (slot * 2 + copy) * self.entry_bytes
-
-    def _next_gen(self) -> int:
-        gen = self._gen
-        self._gen += 1
-        return gen
-
-    def _write_slot_entry(self, slot: int, raw: bytes) -> int:
-        """Write one directory entry of ``slot`` over its older copy (so a torn
-        write leaves the slot's last entry standing). Returns the copy written."""
-        last = self._slot_copy[slot]
-        copy = 1 - last if last >= 0 else 0
-        at = self._entry_offset(slot, copy)
-        self.view[at : at + len(raw)] = raw
-        self.nvram.persist(at, len(raw))
-        self._slot_copy[slot] = copy
-        return copy
-
-    def _write_entry(self, entry: CacheEntry) -> None:
-        entry.gen = self._next_gen()
-        raw = pack_entry(entry.gen, entry.state, int(entry.dirty), entry.volume, entry.track,
-                         entry.valid.tobytes(), entry.segs.to_bytes(self.seg_bytes, "little"), entry.epoch)
-        entry.copy = self._write_slot_entry(entry.slot, raw)
-
-    def _write_free(self, entry: CacheEntry) -> None:
-        entry.copy = self._write_free_slot(entry.slot)
-
-    def _write_free_slot(self, slot: int) -> int:
-        copy = self._write_slot_entry(slot, pack_entry(self._next_gen(), STATE_FREE, 0, 0, 0,
-                                                       bytes(self.valid_bytes), bytes(self.seg_bytes)))
-        self._wake(self._space_waiters)
-        return copy
 
     def _drop(self, entry: CacheEntry) -> None:
         pair = self._index.get(entry.key)

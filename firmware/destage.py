@@ -7,7 +7,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from firmware.cache import CacheEntry, WriteCache
+from firmware.cache import WriteCache
+from firmware.cache_directory import CacheEntry
 from hal.block import BlockDevice
 
 log = logging.getLogger(__name__)
