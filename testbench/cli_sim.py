@@ -19,6 +19,7 @@ def add_arguments(p) -> None:
     p.add_argument("--events", help="with --seed: this event list (JSON, as a repro line gives it) instead of the seed's")
     p.add_argument("-q", "--quiet", action="store_true", help="with --seed: no event log")
     p.add_argument("--no-shrink", action="store_true", help="do not shrink failing seeds")
+    p.add_argument("--shrinks", type=int, default=5, help="how many failing seeds a campaign shrinks (default 5)")
     p.add_argument("--regressions", action="store_true", help="replay the checked-in regression seeds")
     p.add_argument("--matrix", nargs="?", const="", metavar="TOML",
                    help="run the trace-replay matrix (default testbench/sim/matrix.toml)")
@@ -75,7 +76,8 @@ def run(args) -> int:
     else:
         seeds = campaign.parse_seeds(args.seeds)
     total = campaign.run_campaign(seeds, dask=dask, scheduler=args.scheduler, workers=args.workers,
-                                  chunk=args.chunk, shrink_failures=not args.no_shrink, progress=_progress)
+                                  chunk=args.chunk, shrinks=0 if args.no_shrink else args.shrinks,
+                                  progress=_progress)
     print(campaign.report(total))
     _write(args, total, [("mirrorfw.sim", campaign.sim_junit_cases(total, seeds, args.chunk))])
     return 1 if total["violations"] else 0

@@ -43,6 +43,7 @@ REGRESSIONS = HERE / "regressions.txt"
 MATRIX = HERE / "matrix.toml"
 SHRINK_RUNS = 400  # at most this many runs to shrink one seed (mirrorfw sim --seed)
 CAMPAIGN_SHRINK_RUNS = 60  # in a campaign: a first cut; `mirrorfw sim --seed N` shrinks further
+MAX_SHRINKS = 5  # failing seeds a campaign shrinks (the first ones)
 
 
 def repro(seed: int, events: list | None = None) -> str:
@@ -58,7 +59,7 @@ def violation_kind(text: str) -> str:
 
 
 # ================================================================ running seeds
-def run_chunk(seeds: Iterable[int], *, shrink_failures: bool = False) -> dict:
+def run_chunk(seeds: Iterable[int]) -> dict:
     """Run seeds here; a summary ``merge`` can add to others."""
     out = empty()
     t0 = time.monotonic()
@@ -75,11 +76,8 @@ def run_chunk(seeds: Iterable[int], *, shrink_failures: bool = False) -> dict:
         for kp in {f"{k} x {p}" for k, p, _ in res.cells}:  # RESULTS.md's "FAULT x PHASE", over every role
             out["fault_x_phase"][kp] = out["fault_x_phase"].get(kp, 0) + 1
         if res.violations:
-            v = {"seed": seed, "config": res.config, "found": res.violations[:6], "repro": repro(seed),
-                 "digest": res.log_digest}
-            if shrink_failures:
-                v.update(shrink(seed, budget=CAMPAIGN_SHRINK_RUNS))
-            out["violations"].append(v)
+            out["violations"].append({"seed": seed, "config": res.config, "found": res.violations[:6],
+                                      "repro": repro(seed), "digest": res.log_digest})
     out["wall_s"] += time.monotonic() - t0
     return out
 
@@ -114,8 +112,11 @@ def parse_seeds(text: str) -> list[int]:
 def dask_client(dask: str | None, scheduler: str | None, workers: int):
     """A distributed Client: on ``scheduler``, or a LocalCluster of
     ``workers`` processes (one thread each: a seed is CPU bound)."""
+    import logging
+
     from distributed import Client, LocalCluster
 
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # a line per worker start and connection
     if scheduler:
         return Client(scheduler), None
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
@@ -124,35 +125,47 @@ def dask_client(dask: str | None, scheduler: str | None, workers: int):
 
 
 def run_campaign(seeds: list[int], *, dask: str | None = None, scheduler: str | None = None, workers: int = 2,
-                 chunk: int = 50, shrink_failures: bool = True,
+                 chunk: int = 50, shrinks: int = MAX_SHRINKS, client=None,
                  progress: Callable[[str], None] | None = None) -> dict:
-    """Every seed, here (``dask`` None and no scheduler) or on Dask; failures
-    shrunk where they ran. Returns the merged summary with the rates."""
+    """Every seed, here (``dask`` None, no scheduler, no client) or on Dask;
+    then the first ``shrinks`` failing seeds shrunk (the same way). Returns
+    the merged summary with the rates."""
     t0 = time.monotonic()
     total = empty()
     parts = chunks(seeds, chunk)
-    if dask is None and scheduler is None:
-        for _i, part in enumerate(parts):
-            merge(total, run_chunk(part, shrink_failures=shrink_failures))
+    if dask is None and scheduler is None and client is None:
+        for part in parts:
+            merge(total, run_chunk(part))
             if progress:
                 progress(f"sim: {total['seeds']}/{len(seeds)} seeds, {len(total['violations'])} violations")
         total["workers"] = 1
+        total["violations"].sort(key=lambda v: v["seed"])
+        for v in total["violations"][:shrinks]:
+            v.update(shrink(v["seed"], budget=CAMPAIGN_SHRINK_RUNS))
     else:
         from distributed import as_completed
 
-        client, cluster = dask_client(dask, scheduler, workers)
+        own = client is None
+        cluster = None
+        if own:
+            client, cluster = dask_client(dask, scheduler, workers)
         try:
             total["workers"] = len(client.scheduler_info().get("workers", {})) or workers
-            futures = client.map(run_chunk, parts, shrink_failures=shrink_failures, pure=False)
-            for fut in as_completed(futures):
+            for fut in as_completed(client.map(run_chunk, parts, pure=False)):
                 merge(total, fut.result())
                 if progress:
                     progress(f"sim (dask): {total['seeds']}/{len(seeds)} seeds, "
                              f"{len(total['violations'])} violations")
+            total["violations"].sort(key=lambda v: v["seed"])
+            first = total["violations"][:shrinks]
+            for v, s in zip(first, client.gather(client.map(shrink, [v["seed"] for v in first],
+                                                            budget=CAMPAIGN_SHRINK_RUNS, pure=False)), strict=True):
+                v.update(s)
         finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+            if own:
+                client.close()
+                if cluster is not None:
+                    cluster.close()
     total["wall_s"] = time.monotonic() - t0
     total["violations"].sort(key=lambda v: v["seed"])
     return finish(total)
@@ -409,22 +422,14 @@ def run_sim_part(seeds: list[int], *, client=None, progress: Callable[[str], Non
     """The faults campaign's sim part: on ``client`` (a Dask client the
     campaign runs on), else on a LocalCluster of two workers when Dask is
     installed, else here."""
-    if client is not None:
-        t0 = time.monotonic()
-        total = empty()
-        for part in client.gather(client.map(run_chunk, chunks(seeds, chunk), shrink_failures=True, pure=False)):
-            merge(total, part)
-        total["workers"] = len(client.scheduler_info().get("workers", {}))
-        total["wall_s"] = time.monotonic() - t0
-        total["violations"].sort(key=lambda v: v["seed"])
-        total = finish(total)
-    else:
+    dask = None
+    if client is None:
         try:
             import distributed  # noqa: F401 - only asks whether the campaign extra is installed
             dask = "local"
         except ImportError:
-            dask = None
-        total = run_campaign(seeds, dask=dask, chunk=chunk, progress=progress)
+            pass
+    total = run_campaign(seeds, dask=dask, client=client, chunk=chunk, progress=progress)
     if progress:
         progress(report(total))
     return sim_results(total)

@@ -55,7 +55,8 @@ from dataclasses import dataclass, field
 from drivers.powerloss import PowerDomain, PowerLost
 from firmware.cg import Phase
 from firmware.copystate import CopyState
-from firmware.session import LocalMember, SessionMaster
+from firmware.session_master import SessionMaster
+from firmware.session_member import LocalMember
 from hal.clock import VirtualClock
 from testbench.generate import GeneratorParams, generate
 from testbench.sim.model import SECTOR, Model
@@ -396,7 +397,11 @@ class World:
         if role != "primary" or pair.primary is None:
             return
         p = pair.primary
-        doomed = [p.cycle.loop_task, p.cycle.body, *p.cycle._bg, getattr(p.destager, "_task", None)]
+        # Its own tasks would die at their next I/O (PowerLost) anyway; cancelled
+        # now so none outlives the box by a timer. getattr: internals, not API.
+        cycle = p.cycle
+        doomed = [getattr(cycle, "loop_task", None), getattr(cycle, "body", None), *getattr(cycle, "_bg", ()),
+                  getattr(p.destager, "_task", None)]
         if self.session and ctl == 0 and self.master is not None:
             doomed.append(self.master.loop_task)
             self.master.stopping = True
