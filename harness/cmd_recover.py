@@ -56,8 +56,8 @@ async def recover_from_config(cfg, *, failover: bool = False, settle_s: float = 
                               timeout_s: float = 10.0) -> dict:
     """Recover every member's secondary; returns {"members": rows, "cg": N[, "grains": {...}]}."""
     from firmware.control_remote import ControlRemote
-    from firmware.session import failover as fast_reverse_restore_all
-    from firmware.session import recover_members
+    from firmware.session_recovery import failover as fast_reverse_restore_all
+    from firmware.session_recovery import recover_members
     from harness.controller import connect_replication_link
 
     remotes = {}

@@ -13,8 +13,9 @@ on ``[control] listen`` in front of a ``LocalMember`` of its Primary and
 forms no CGs of its own; the master connects a ``ControlRemote`` per
 ``[session] subordinates`` entry (in the background, with backoff) and
 hands them to a ``SessionMaster`` over its own Primary, which forms every
-CG. Both come from firmware/session.py through ``local_member`` and
-``session_master`` below, the only two places this module depends on it.
+CG. Both come from firmware/session_member.py and session_master.py
+through ``local_member`` and ``session_master`` below, the only two places
+this module depends on them.
 A session's secondaries (``[session] member = true``) keep a prepared CG in
 doubt across a restart and answer session recovery on their replication
 port; the master reaches them there (``[session] secondaries``).
@@ -75,17 +76,17 @@ async def listen_replication_links(host: str, port: int, on_link) -> asyncio.Ser
     return await listen_links(host, port, on_link, framing=LINK_FRAMING)
 
 
-# -- a session's members (firmware/session.py) ---------------------------------------
+# -- a session's members (firmware/session_member.py, session_master.py) --------------
 # The control link carries MemberPort calls; what answers them in process is
-# session.py's. These two are the whole of the harness's dependence on it.
+# theirs. These two are the whole of the harness's dependence on them.
 
 
 def local_member(primary, name: str):
-    """This controller's Primary as a MemberPort (session.py's LocalMember)."""
+    """This controller's Primary as a MemberPort (session_member.py's LocalMember)."""
     try:
-        from firmware.session import LocalMember
+        from firmware.session_member import LocalMember
     except ImportError as e:
-        raise ControllerError(f"a session member needs firmware/session.py: {e}") from None
+        raise ControllerError(f"a session member needs firmware/session_member.py: {e}") from None
     return LocalMember(primary, name=name)
 
 
@@ -94,9 +95,9 @@ def session_master(primary, subordinates: list, *, name: str = "master", seconda
     subordinates, with each member's secondary for session recovery;
     ``start_loop()`` begins forming CGs, Primary.stop() ends it."""
     try:
-        from firmware.session import SessionMaster
+        from firmware.session_master import SessionMaster
     except ImportError as e:
-        raise ControllerError(f"a session master needs firmware/session.py: {e}") from None
+        raise ControllerError(f"a session master needs firmware/session_master.py: {e}") from None
     return SessionMaster(primary, subordinates, name=name, secondaries=secondaries)
 
 
@@ -318,7 +319,7 @@ class PrimaryController(Controller):
 
         if cfg.session_role:  # its crash points (session.*) are declared on import
             with contextlib.suppress(ImportError):  # said in one line by local_member/session_master
-                import firmware.session  # noqa: F401
+                import firmware.session_master  # noqa: F401
         self._arm_crashpoints()
         volumes = {v.name: self._open_device(v.url) for v in cfg.volumes}
         host, port = cfg.link_peer

@@ -84,7 +84,7 @@ log = logging.getLogger(__name__)
 
 COPY_STATES = ("Running", "Paused", "Pause in Progress", "Suspended", "Fatal")  # firmware/copystate.py
 SEVERITIES = ("Normal", "Warning", "Severe")
-MEMBER_STATES = ("joining", "ok", "failed", "unreachable", "in doubt")  # firmware/session.py
+MEMBER_STATES = ("joining", "ok", "failed", "unreachable", "in doubt")  # firmware/session_master.py
 HELD_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 CG_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 240.0)
 NBD_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)

@@ -1,4 +1,4 @@
-"""The harness's session wiring, in process, with session.py's two pieces
+"""The harness's session wiring, in process, with the session's two pieces
 (LocalMember, SessionMaster) replaced by fakes: a subordinate primary
 serves ControlService on [control] listen and forms no CGs of its own; a
 master connects a ControlRemote per subordinate, hands them with its own
@@ -146,14 +146,14 @@ def test_without_session_py_a_session_config_fails_with_one_line(tmp_path, monke
     real_import = builtins.__import__
 
     def no_session(name, *args, **kw):
-        if name == "firmware.session":
-            raise ImportError("No module named 'firmware.session'")
+        if name in ("firmware.session_member", "firmware.session_master"):
+            raise ImportError(f"No module named {name!r}")
         return real_import(name, *args, **kw)
 
     monkeypatch.setattr(builtins, "__import__", no_session)
-    with pytest.raises(ctl_mod.ControllerError, match="needs firmware/session.py"):
+    with pytest.raises(ctl_mod.ControllerError, match="needs firmware/session_member.py"):
         ctl_mod.local_member(None, name="x")
-    with pytest.raises(ctl_mod.ControllerError, match="needs firmware/session.py"):
+    with pytest.raises(ctl_mod.ControllerError, match="needs firmware/session_master.py"):
         ctl_mod.session_master(None, [])
 
 

@@ -1,7 +1,7 @@
 """One consistency group across several primary controllers (issue 13), in
 process: 3 controllers, each with its own Primary, Secondary and LocalRemote
 on mem:// devices, one VirtualClock, a SessionMaster on the first driving
-every member through MemberPort (firmware/session.py).
+every member through MemberPort (firmware/session_master.py).
 
 The test the issue exists for: a host writes on controller 1, sees the ack,
 THEN writes on controller 2 while CGs form. With the hold on every member C
@@ -21,19 +21,14 @@ from firmware_doubles import Crash, MemNvram, raising_crashpoints
 
 from drivers.mem import open as open_mem
 from firmware.cg import Phase
+from firmware.local_remote import LocalRemote
 from firmware.member import MemberError, MemberPort, RecoveryState
 from firmware.params import SessionParams
 from firmware.primary import Primary
-from firmware.secondary import LocalRemote, Secondary
-from firmware.session import (
-    AFTER_MEMBER_COMMIT,
-    AFTER_PREPARE_ALL,
-    LocalMember,
-    SessionMaster,
-    failover,
-    plan_recovery,
-    recover,
-)
+from firmware.secondary import Secondary
+from firmware.session_master import AFTER_MEMBER_COMMIT, AFTER_PREPARE_ALL, SessionMaster
+from firmware.session_member import LocalMember
+from firmware.session_recovery import failover, plan_recovery, recover
 from hal.clock import VirtualClock
 from testbench import stamp
 from testbench.checker import check_copy

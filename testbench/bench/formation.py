@@ -207,10 +207,11 @@ def _vm_hwm_mib(pid: int) -> float | None:
 # ============================================================================ in process
 async def _in_process(n: int, seconds: float) -> dict:
     from drivers.mem import open as open_mem
+    from firmware.local_remote import LocalRemote
     from firmware.params import SessionParams
     from firmware.primary import Primary
-    from firmware.secondary import LocalRemote, Secondary
-    from firmware.session import SessionMaster
+    from firmware.secondary import Secondary
+    from firmware.session_master import SessionMaster
     from hal.clock import AsyncioClock
     from testbench.bench.cg import BytesNvram
 
@@ -242,7 +243,7 @@ async def _in_process(n: int, seconds: float) -> dict:
     if n == 1:
         await primaries[0].start()
     else:
-        from firmware.session import LocalMember
+        from firmware.session_member import LocalMember
 
         for p in primaries:
             await p.start(form_cgs=False)

@@ -106,7 +106,7 @@ def multi_points() -> list[str]:
     """The declared points the rounds use (each must exist)."""
     import firmware.primary  # noqa: F401 - importing declares the points
     import firmware.secondary  # noqa: F401
-    import firmware.session  # noqa: F401
+    import firmware.session_master  # noqa: F401
     from firmware.crashpoints import POINTS
 
     used = sorted({r.point for r in ROUNDS if r.point})
