@@ -1,6 +1,7 @@
 """Secondary: receives each CG into B and keeps C, the consistent copy, as a
-no-copy FlashCopy of B (firmware/flashcopy.py). ``LocalRemote`` lets a
-Primary in the same process call it directly (the link helper's LinkRemote
+no-copy FlashCopy of B (firmware/flashcopy.py). C is exported read-only by
+firmware/secondary_export.py; firmware/local_remote.py's ``LocalRemote``
+lets a Primary in the same process call it directly (the link's LinkRemote
 carries the same calls over frames).
 
 A secondary of a multi-controller session (``session_member=True``) keeps a
@@ -31,12 +32,13 @@ from firmware.layout import (
     region_is_blank,
 )
 from firmware.member import RecoveryState
-from firmware.pins import DEFAULT_MAX_PINNED_BYTES, SNAPSHOT_SEP, PinnedVolume, Snapshots
+from firmware.pins import DEFAULT_MAX_PINNED_BYTES, SNAPSHOT_SEP, Snapshots
 from firmware.region import format_region, read_region
-from firmware.remote import RemoteError, RemotePort, RemoteState, VolumeGeometry
+from firmware.remote import RemoteError, RemoteState, VolumeGeometry
+from firmware.secondary_export import SecondaryTarget
 from hal.block import BlockDevice
 from hal.clock import Clock
-from hal.host import HostTarget, HostVolume
+from hal.host import HostTarget
 from hal.nvram import NvramRegion
 
 log = logging.getLogger(__name__)
@@ -333,100 +335,3 @@ class Secondary:
                          "copied_grains": self.fc.copied(i).count()}
                         for i, (n, b, c) in enumerate(zip(self.names, self.b, self.c, strict=False))],
         }
-
-
-class SecondaryVolume(HostVolume):
-    """C, exported read-only."""
-
-    read_only = True
-
-    def __init__(self, secondary: Secondary, name: str) -> None:
-        b = secondary.b[secondary._vi(name)]
-        self.secondary = secondary
-        self.name = name
-        self.size_bytes = b.info.size_bytes
-        self.block_size = b.info.block_size
-
-    async def read(self, offset: int, length: int) -> bytes:
-        return await self.secondary.read_c(self.name, offset, length)
-
-    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
-        raise PermissionError(f"{self.name}: C is the consistent copy and is exported read-only")
-
-    async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
-        raise PermissionError(f"{self.name}: C is the consistent copy and is exported read-only")
-
-    async def trim(self, offset: int, length: int) -> None:
-        raise PermissionError(f"{self.name}: C is the consistent copy and is exported read-only")
-
-    async def flush(self) -> None:
-        return None
-
-    def can_multi_conn(self) -> bool:
-        return False  # each connection reads its own CG (SecondaryTarget.open)
-
-
-class SecondaryTarget(HostTarget):
-    """C of every volume, and every volume of each named snapshot as
-    VOLUME@NAME, read-only. A connection to a volume reads one CG, the one
-    committed when it opened the export (its own pin, dropped at its close)."""
-
-    def __init__(self, secondary: Secondary) -> None:
-        self.secondary = secondary
-        self._volumes = {n: SecondaryVolume(secondary, n) for n in secondary.names}
-
-    def volumes(self) -> dict[str, HostVolume]:
-        out: dict[str, HostVolume] = dict(self._volumes)
-        for snap in self.secondary.snapshots.names():
-            for name in self.secondary.names:
-                out[f"{name}{SNAPSHOT_SEP}{snap}"] = self.open(f"{name}{SNAPSHOT_SEP}{snap}")
-        return out
-
-    def open(self, name: str) -> HostVolume | None:
-        s = self.secondary
-        volume, sep, snap = name.partition(SNAPSHOT_SEP)
-        if volume not in self._volumes:
-            return None
-        vi = s._vi(volume)
-        b = s.b[vi]
-        if sep:
-            pin = s.snapshots.get(snap)
-            if pin is None:
-                return None
-            return PinnedVolume(s.fc.pins, pin, vi, name, b.info.size_bytes, b.info.block_size, own=False)
-        pin = s.fc.pins.take(f"a connection to {volume}", {vi: range(s.fc.grain_count(vi))})
-        return PinnedVolume(s.fc.pins, pin, vi, name, b.info.size_bytes, b.info.block_size, own=True)
-
-
-class LocalRemote(RemotePort):
-    """RemotePort by direct calls into a Secondary in the same process."""
-
-    def __init__(self, secondary: Secondary) -> None:
-        self.secondary = secondary
-        self.sent_tracks = 0
-
-    async def connect(self, session_id: str, volumes: list[VolumeGeometry], generation: int = 0) -> RemoteState:
-        return await self.secondary.hello(session_id, volumes, generation)
-
-    async def send_track(self, volume: str, track: int, cg_seq: int, data: bytes,
-                         runs: list[tuple[int, int]] | None = None) -> None:
-        self.sent_tracks += 1
-        if runs is None:
-            await self.secondary.receive_track(volume, track, cg_seq, bytes(data))
-        else:
-            await self.secondary.receive_track(volume, track, cg_seq, bytes(data), list(runs))
-
-    async def sync(self, cg_seq: int) -> None:
-        await self.secondary.sync(cg_seq)
-
-    async def drain_done(self, cg_seq: int) -> None:
-        await self.secondary.drain_done(cg_seq)
-
-    async def prepare(self, cg_seq: int) -> None:
-        await self.secondary.prepare(cg_seq)
-
-    async def commit(self, cg_seq: int) -> None:
-        await self.secondary.commit(cg_seq)
-
-    async def abort(self, cg_seq: int) -> None:
-        await self.secondary.abort(cg_seq)

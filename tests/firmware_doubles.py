@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from drivers.mem import open as open_mem
 from firmware.crashpoints import CrashPoints
 from firmware.events import EventBus
+from firmware.local_remote import LocalRemote
 from firmware.params import SessionParams
 from firmware.primary import Primary
-from firmware.secondary import LocalRemote, Secondary
+from firmware.secondary import Secondary
 from hal.block import BlockDevice
 from hal.clock import VirtualClock
 from hal.nvram import NvramRegion

@@ -20,9 +20,10 @@ import time
 
 from drivers.mem import CHUNK, MemDevice
 from drivers.mem import open as open_mem
+from firmware.local_remote import LocalRemote
 from firmware.params import SessionParams
 from firmware.primary import Primary
-from firmware.secondary import LocalRemote, Secondary
+from firmware.secondary import Secondary
 from hal.clock import AsyncioClock
 from hal.nvram import NvramRegion
 from testbench import stats

@@ -11,9 +11,10 @@ from pathlib import Path
 from drivers import open_device, open_nvram
 from firmware.crashpoints import CrashPoints
 from firmware.events import EventBus
+from firmware.local_remote import LocalRemote
 from firmware.params import SessionParams
 from firmware.primary import Primary
-from firmware.secondary import LocalRemote, Secondary
+from firmware.secondary import Secondary
 from hal.block import BlockDevice
 from hal.clock import AsyncioClock
 
