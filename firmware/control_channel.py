@@ -26,7 +26,7 @@ from __future__ import annotations
 from functools import partial
 
 from firmware import control_protocol as cp
-from firmware import protocol as p
+from firmware import frames as p
 from firmware.link_handshake import NONCE_BYTES, RandomBytes, auth_mac, check_mac
 from firmware.sealed import SealedChannel
 from hal.link import Link, LinkDown

@@ -26,11 +26,12 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from firmware import control_protocol as cp
-from firmware import protocol as p
+from firmware import frames as p
 from firmware.control_channel import ControlRefused, SealedChannel, open_master
 from firmware.events import EventBus
 from firmware.link_handshake import HANDSHAKE_TIMEOUT_S, RandomBytes, with_deadline
 from firmware.member import MemberError, MemberPort, MemberState, RecoveryState
+from firmware.remote_tasks import cancel_tasks, fail_pending
 from hal.clock import AsyncioClock, Clock
 from hal.link import Link, LinkDown
 
@@ -150,9 +151,7 @@ class ControlRemote(MemberPort):
             self.last_error = why
             log.warning("member %s: control link to %s down: %s", self.name, channel.peer, why)
             self._emit("down", peer=channel.peer, reason=why)
-        for fut, owner in list(self._pending.values()):
-            if owner is channel and not fut.done():
-                fut.set_exception(LinkDown(f"member {self.name}: control link down: {why}"))
+        fail_pending(self._pending, channel, LinkDown(f"member {self.name}: control link down: {why}"))
         await channel.close()
         self._start_reconnector()
 
@@ -278,13 +277,7 @@ class ControlRemote(MemberPort):
 
     async def close(self) -> None:
         self._closed = True
-        for task in (self._reconnector, self._reader):
-            if task is not None and not task.done():
-                task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
-                    pass
+        await cancel_tasks(self._reconnector, self._reader)
         channel = self._channel
         if channel is not None:
             await self._drop(channel, "closed")

@@ -48,7 +48,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from firmware import control_protocol as cp
-from firmware import protocol as p
+from firmware import frames as p
 from firmware.control_channel import ControlRefused, SealedChannel, accept_subordinate
 from firmware.events import EventBus
 from firmware.link_handshake import HANDSHAKE_TIMEOUT_S, RandomBytes, with_deadline

@@ -36,6 +36,7 @@ from firmware import link_handshake as hs
 from firmware import protocol as p
 from firmware.events import EventBus
 from firmware.remote import RemoteError, RemotePort, RemoteState, VolumeGeometry
+from firmware.remote_tasks import cancel_tasks, fail_pending
 from firmware.sealed import SealedChannel
 from hal.clock import AsyncioClock, Clock
 from hal.link import Link, LinkDown
@@ -287,9 +288,7 @@ class LinkRemote(RemotePort):
             # Our own close() (a clean stop) is no trouble worth a warning.
             (log.info if self._closed else log.warning)("link to %s down: %s", link.peer, why)
             self._emit("change", state="down", peer=link.peer, reason=why)
-        for _seq, (fut, owner) in list(self._pending.items()):
-            if owner is link and not fut.done():
-                fut.set_exception(LinkDown(f"link down: {why}"))
+        fail_pending(self._pending, link, LinkDown(f"link down: {why}"))
         await link.close()
         if not self._closed:
             self._start_reconnector()
@@ -390,13 +389,7 @@ class LinkRemote(RemotePort):
 
     async def close(self) -> None:
         self._closed = True
-        for task in (self._reconnector, self._reader):
-            if task is not None and not task.done():
-                task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
-                    pass
+        await cancel_tasks(self._reconnector, self._reader)
         link = self._link
         if link is not None:
             await self._drop(link, "closed")

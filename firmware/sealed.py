@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from firmware import protocol as p
+from firmware import frames as p
 from hal.link import Link, LinkDown
 
 Seal = Callable[[p.Frame], bytes]  # the frame (seq set) -> its sealed bytes
