@@ -16,6 +16,7 @@ from console_fakes import LoopThread, MemNvram, RecordingRemote
 from drivers import open_device
 from firmware import primary as primary_mod
 from firmware import secondary as sec_mod
+from firmware.local_remote import LocalRemote
 from harness.console_client import ConsoleClient
 from harness.console_session import start_console
 
@@ -53,7 +54,7 @@ class Site:
                 self.secondary = sec_mod.Secondary({"vol0": (b, c)}, MemNvram(16 << 20), AsyncioClock(),
                                                    session_id="console")
                 await self.secondary.open(format=True)
-                self.remote = sec_mod.LocalRemote(self.secondary)
+                self.remote = LocalRemote(self.secondary)
             else:
                 self.remote = RecordingRemote()
             self.primary = primary_mod.Primary({"vol0": self.a}, MemNvram(16 << 20), AsyncioClock(),
