@@ -153,7 +153,7 @@ class EntryState(enum.IntEnum):
     # An undo journal, in a free slot: the old contents of the sectors (its
     # ``valid`` bits) of the image of (volume, track) whose role ``dirty``
     # names (0 cur, 1 new), saved before they are overwritten in place. Undone
-    # at recovery unless that image's entry was rewritten after it (firmware/cache.py).
+    # at recovery unless that image's entry was rewritten after it (firmware/cache_journal.py).
     JOURNAL = 3
 
 

@@ -2,7 +2,7 @@
 secondary answers.
 
 The primary programs against RemotePort only. ``LocalRemote`` (in
-firmware/secondary.py) calls a Secondary in the same process; the link
+firmware/local_remote.py) calls a Secondary in the same process; the link
 implementation (firmware/link_primary.py) encodes the same calls as frames
 over a hal ``Link``. Every method returns when the secondary has done it,
 so "the secondary has the block" is the return of ``send_track``. Many
