@@ -1112,7 +1112,6 @@ def run_fuzz(cases: int, seed: int, progress=None, *, live_cases: int | None = N
                       "min_target_cases": min(r["cases"] for t, r in parts.items() if not t.startswith("live_")),
                       "examples": [e for r in parts.values() for e in r.get("examples", [])][:EXAMPLES],
                       "targets": parts}
-    out["engine"] = engine or engine_available()
     return out
 
 
