@@ -517,14 +517,21 @@ class World:
             return
         entry = (sector, end, asyncio.current_task())
         busy.append(entry)
+        dom, primary = pair.pdom, pair.primary
+        wid, data = model.issue(vi, sector, count)
         try:
-            await model.write(pair.primary, vi, sector, count)
+            await primary.write(pair.names[vi], sector * SECTOR, data)
         except BaseException as e:  # noqa: BLE001 - the host sees an error: the write is not acknowledged
-            self.note(f"c{ctl} write v{vi}@{sector}+{count} failed: {type(e).__name__}")
+            self.note(f"c{ctl} write {wid} v{vi}@{sector}+{count} failed: {type(e).__name__}")
             if isinstance(e, asyncio.CancelledError):
                 raise
+            return
         finally:
             busy.remove(entry)
+        if dom.dead:  # a dead box released it (its gate opened as it failed): no ack ever left it
+            self.note(f"c{ctl} write {wid} v{vi}@{sector}+{count} lost with the power")
+            return
+        model.ack(wid, vi, sector, count)
 
     async def command(self, ctl: int, name: str, arg: str) -> None:
         pair = self.pairs[ctl]

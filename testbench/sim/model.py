@@ -45,6 +45,7 @@ def _shown(wid: int | None) -> str:
 class CgContent:
     content: dict  # (vi, sector) -> last acked write id at the switch
     next_wid: int  # the first write id issued after the switch
+    acks: int  # how many acks came before the switch (a write acked later was in flight at it)
 
 
 class Model:
@@ -56,7 +57,7 @@ class Model:
         self.sectors = sectors
         self.content: dict[tuple[int, int], int] = {}  # (vi, sector) -> last acked write id
         self.issued: dict[tuple[int, int], list[int]] = {}  # every write id issued to a sector
-        self.acked_wids: set[int] = set()
+        self.acked_at: dict[int, int] = {}  # write id -> its place in the order of acks
         self.cgs: dict[int, CgContent] = {}  # CG seq -> content at its CR switch
         self.next_wid = 1
         self.acked = 0
@@ -65,7 +66,7 @@ class Model:
     def on_event(self, event: Event) -> None:
         if event.obj == "cg" and event.action == "change" and event.fields.get("phase") == "draining" \
                 and "acks" not in event.fields:  # a session member's run repeats the phase; the switch was before
-            self.cgs[event.fields["seq"]] = CgContent(dict(self.content), self.next_wid)
+            self.cgs[event.fields["seq"]] = CgContent(dict(self.content), self.next_wid, self.acked)
 
     def issue(self, vi: int, sector: int, count: int, wid: int | None = None) -> tuple[int, bytes]:
         """Record a write as issued; returns its id and data."""
@@ -80,8 +81,8 @@ class Model:
         for s in range(sector, sector + count):
             if self.content.get((vi, s), 0) < wid:  # an older write acked late does not undo a newer one
                 self.content[(vi, s)] = wid
-        self.acked_wids.add(wid)
         self.acked += 1
+        self.acked_at[wid] = self.acked
 
     async def write(self, primary, vi: int, sector: int, count: int) -> None:
         wid, data = self.issue(vi, sector, count)
@@ -93,10 +94,15 @@ class Model:
         self.ack(wid, vi, sector, count)
 
     # -- what an image may show ---------------------------------------------------------
-    def may_show(self, vi: int, s: int, want: int, before: int | None = None) -> set[int]:
-        """``want`` or a write not acknowledged, issued after it (and before ``before``)."""
-        later = {w for w in self.issued.get((vi, s), []) if w > want and w not in self.acked_wids
-                 and (before is None or w < before)}
+    def may_show(self, vi: int, s: int, want: int, cg: CgContent | None = None) -> set[int]:
+        """``want`` or a write issued after it that was not acknowledged (at
+        CG ``cg``'s switch: issued before it, acknowledged after it or never)."""
+        never = self.acked + 1  # never acknowledged: after every switch
+        if cg is None:
+            later = {w for w in self.issued.get((vi, s), []) if w > want and w not in self.acked_at}
+        else:
+            later = {w for w in self.issued.get((vi, s), []) if want < w < cg.next_wid
+                     and self.acked_at.get(w, never) > cg.acks}
         return {want} | later
 
     def lost_from(self, image: list[bytes]) -> list[str]:
@@ -121,7 +127,7 @@ class Model:
                 shown = decode_sector(data[s * SECTOR : (s + 1) * SECTOR], vi, s)
                 if isinstance(content, CgContent):
                     want = content.content.get((vi, s), 0)
-                    ok = shown in self.may_show(vi, s, want, content.next_wid)
+                    ok = shown in self.may_show(vi, s, want, content)
                 else:
                     want = content.get((vi, s), 0)
                     ok = shown == want

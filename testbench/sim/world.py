@@ -13,6 +13,7 @@ a new controller on them.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import random
 
@@ -23,7 +24,7 @@ from firmware.events import EventBus
 from firmware.member import MemberPort, MemberState, RecoveryState
 from firmware.params import SessionParams
 from firmware.primary import Primary
-from firmware.remote import RemotePort, RemoteState, VolumeGeometry
+from firmware.remote import RemoteError, RemotePort, RemoteState, VolumeGeometry
 from firmware.secondary import Secondary
 from hal.block import BlockDevice, DeviceError
 from hal.clock import VirtualClock
@@ -58,6 +59,11 @@ class MemRegion(NvramRegion):
 
 
 # ================================================================ seeded timing and faults
+# The checks read without latency or faults; only they (and the tasks they
+# start): a context variable, so the world's own tasks run on as they were.
+_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("mirrorfw_sim_quiet", default=False)
+
+
 class Sim:
     """The seeded choices of one run that are not the scenario's events:
     how long each device call and link hop takes (virtual seconds, or a few
@@ -71,11 +77,18 @@ class Sim:
         self.clock = clock
         self.dev_latency = dev_latency
         self.link_latency = link_latency
-        self.quiet = False  # the checks read without latency or faults
         self.link_down_until: dict[int, float] = {}  # controller -> virtual time
         self.loss: dict[int, tuple[float, float]] = {}  # controller -> (probability, until)
         self.eio: dict[tuple[int, str], int] = {}  # (controller, device key) -> errors left
         self.ctl_down_until: dict[int, float] = {}  # a subordinate's control link to the master
+
+    @property
+    def quiet(self) -> bool:
+        return _QUIET.get()
+
+    @quiet.setter
+    def quiet(self, value: bool) -> None:
+        _QUIET.set(value)
 
     async def delay(self, mean: float) -> None:
         if self.quiet:
@@ -143,15 +156,25 @@ class SimDevice(BlockDevice):
 
 # ================================================================ the pair
 class PowerRemote(RemotePort):
-    """LocalRemote across two power domains: a call reaches whichever
-    Secondary the pair has now; the secondary losing power in a call is, to
+    """LocalRemote across two power domains, as the link remote behaves
+    (firmware/link_primary.py): the secondary losing power in a call is, to
     the primary, a dropped link (ConnectionError); a primary without power
-    sends nothing. With ``pair.sim``: a seeded hop each way, and a link that
-    is down or lossy drops the request or the answer (ConnectionError)."""
+    sends nothing. A restarted secondary is reached by a transparent
+    reconnect: its handshake says hello again (session, volumes, generation
+    of the last ``connect``) and the calls go on, unless it answers ``new``
+    where it was not before: then they raise RemoteError until ``connect``.
+    With ``pair.sim``: a seeded hop each way, and a link that is down or
+    lossy drops the request or the answer (ConnectionError)."""
 
     def __init__(self, pair: PowerPair, pdom: PowerDomain | None = None) -> None:
         self.pair = pair
         self.pdom = pdom  # the domain of the primary this remote belongs to (None: the pair's current one)
+        self.bound: Secondary | None = None  # the secondary the link's last handshake reached
+        self.hello_args: tuple | None = None
+        self.known_new = False
+        self.stale = ""
+        self.epoch = 0  # a new hello drops the link: calls in flight on the old one fail
+        self.handshake: asyncio.Future | None = None  # a hello in flight
 
     @property
     def link_up(self) -> bool:
@@ -170,7 +193,25 @@ class PowerRemote(RemotePort):
             raise ConnectionError(f"link of c{self.pair.ctl}: {what} lost (sim)")
 
     async def _call(self, name: str, *args):
+        if name == "hello":
+            # A new hello drops the link (the calls in flight fail), and the
+            # calls made meanwhile wait for its handshake (LinkRemote._usable).
+            self.epoch += 1
+            done = asyncio.get_running_loop().create_future()
+            self.handshake = done
+            try:
+                return await self._call_once(name, *args)
+            finally:
+                done.set_result(None)
+                if self.handshake is done:
+                    self.handshake = None
+        while self.handshake is not None:
+            await asyncio.shield(self.handshake)
+        return await self._call_once(name, *args)
+
+    async def _call_once(self, name: str, *args):
         pair = self.pair
+        epoch = self.epoch
         if self._primary_dead():
             raise PowerLost("the primary has no power")
         if pair.sim is not None:
@@ -180,6 +221,10 @@ class PowerRemote(RemotePort):
         secondary, sdom = pair.secondary, pair.sdom
         if sdom.dead or secondary is None:
             raise ConnectionError("the secondary has no power")
+        if name == "hello":
+            self.stale = ""
+        elif secondary is not self.bound:
+            await self._reconnect(secondary, sdom)
         try:
             out = await getattr(secondary, name)(*args)
         except PowerLost:
@@ -188,9 +233,32 @@ class PowerRemote(RemotePort):
             raise
         if pair.sim is not None:
             await self._hop(f"{name} answer")
+        if epoch != self.epoch:
+            raise ConnectionError(f"{name}: the link was dropped for a new hello")
+        if name == "hello":
+            self.bound, self.known_new = secondary, out.new
         return out
 
+    async def _reconnect(self, secondary: Secondary, sdom: PowerDomain) -> None:
+        """The link's background reconnect to a restarted secondary: its
+        handshake's hello, then the calls go on (LinkRemote._reconnect_loop)."""
+        if self.stale:
+            raise RemoteError(self.stale)
+        if self.hello_args is None:
+            raise ConnectionError("not connected: call connect() first")
+        try:
+            state = await secondary.hello(*self.hello_args)
+        except PowerLost:
+            if sdom.dead and not self._primary_dead():
+                raise ConnectionError("the secondary lost power") from None
+            raise
+        if state.new and not self.known_new:
+            self.stale = f"the secondary changed while the link was down (new={state.new}); connect again"
+            raise RemoteError(self.stale)
+        self.bound = secondary
+
     async def connect(self, session_id: str, volumes: list[VolumeGeometry], generation: int = 0) -> RemoteState:
+        self.hello_args = (session_id, volumes, generation)
         return await self._call("hello", session_id, volumes, generation)
 
     async def send_track(self, volume: str, track: int, cg_seq: int, data: bytes) -> None:
