@@ -97,7 +97,8 @@ def test_a_subordinate_slower_than_the_coordination_time_fails_every_cg_then_the
     r = run_delay(tmp_path / "delay", seed=2, seconds=2.0)
     assert r["hit"] and not r.get("problems"), r
     assert r["failed_cgs"] >= 1 and r["committed_cgs_while_delayed"] == 0, r
-    assert "not answered within 50 ms" in r["last_reason"], r
+    # The delay may begin inside a CG: the first to fail may be waiting for c1's start or its run.
+    assert r["last_reason"].startswith(f"{r['proxy']}: ") and "not answered within" in r["last_reason"], r
     assert len(set(r["cs_held"])) == 1 and len(set(r["cs_after"])) == 1 and r["cs_after"][0] > r["cs_held"][0], r
     assert (r["acked_writes_lost"], r["inconsistent_copies"], r["split_cgs"]) == (0, 0, 0), r
     assert [c["tag"] for c in r["checks"]] == ["while-delayed", "after-delay"] and all(
