@@ -120,7 +120,7 @@ def dask_client(dask: str | None, scheduler: str | None, workers: int):
     if scheduler:
         return Client(scheduler), None
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address=None, silence_logs=40)
+                           dashboard_address=":0", silence_logs=40)  # any free port: campaigns may overlap
     return Client(cluster), cluster
 
 
