@@ -147,6 +147,11 @@ class LocalMember(MemberPort):
             c.remote_committed = max(c.remote_committed, seq)
             c.events.emit("change", "cg", seq=seq, result="committed", in_doubt="resolved")
             return
+        if c.machine.phase is Phase.IDLE and c.remote_committed >= seq:
+            # Committed at our secondary already (the answer was lost, or this
+            # member restarted after its commit): a repeated commit is done, not
+            # refused. What the member folded back is resent in the next CG.
+            return
         self._check(seq, "commit")
         await self._step(seq, "commit", c.commit_prepared)
 

@@ -107,9 +107,6 @@ def test_a_subordinate_slower_than_the_coordination_time_fails_every_cg_then_the
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, reason="firmware: a subordinate restarted after primary.after_commit refuses the "
-                                       "master's commit of the CG it already finished, and the master keeps it in "
-                                       "doubt and forms no CG again (reported with a repro)")
 def test_subordinate_killed_after_its_commit_rejoins_the_session(tmp_path):
     res = run_multi(tmp_path, seed=1, rounds=["subordinate/committing"], seconds_per_round=2.0, delay=False,
                     progress=lambda _: None)
