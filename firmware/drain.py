@@ -76,7 +76,9 @@ class Drainer:
         self.in_cg = in_cg
         self.on_link_error = on_link_error
         self.inflight: dict[tuple[int, int], asyncio.Future] = {}
-        self.sent: set[tuple[int, int]] = set()  # sent in the CG being formed, OOS bit set until sync
+        # Sent in the CG being formed, OOS bit set until sync: track -> the
+        # remote's link epoch the secondary acknowledged it on.
+        self.sent: dict[tuple[int, int], int] = {}
         self._syncing: asyncio.Future | None = None
         self.drain_bytes = 0  # bytes sent, in total
         self.cg_tracks = 0  # tracks sent for the CG being formed
@@ -157,12 +159,22 @@ class Drainer:
         Concurrent callers share one sync per batch."""
         while self._syncing is not None:
             await asyncio.shield(self._syncing)
-        batch = set(self.sent)
+        batch = dict(self.sent)
         if not batch or not self.in_cg(seq):
             return
         self._syncing = asyncio.get_running_loop().create_future()
         try:
+            epoch = self.remote.epoch
+            # A track acknowledged on an earlier link may have been in the
+            # volatile cache of a secondary that restarted since (the link
+            # reconnected underneath): a sync now would flush nothing of it.
+            stale = sum(1 for e in batch.values() if e != epoch)
+            if stale:
+                raise CgFailed(f"CG {seq}: {stale} track(s) went to the secondary before its link was "
+                               "re-established; they are sent again")
             await self.remote.sync(seq)
+            if self.remote.epoch != epoch:
+                raise CgFailed(f"CG {seq}: the link was re-established during the sync; the batch is sent again")
             self.crashpoints.hit(BEFORE_OOS_CLEAR)
             if self.in_cg(seq):
                 oos = self.region.oos
@@ -170,7 +182,8 @@ class Drainer:
                 for vi, t in batch:
                     oos[vi].clear(t)
                     cache.synced(vi, t)  # after the bit: a mask is never less than the bit needs
-                self.sent -= batch
+                for key in batch:
+                    self.sent.pop(key, None)
         except BaseException as e:
             if isinstance(e, LINK_ERRORS):
                 self.on_link_error()
@@ -208,7 +221,7 @@ class Drainer:
                 cache = self.region.cache
                 if not cache.promote(vi, t):
                     cache.sent(vi, t)
-                self.sent.add(key)
+                self.sent[key] = self.remote.epoch  # the link the secondary acknowledged it on
                 self.drain_bytes += len(data)
                 self.cg_tracks += 1
             fut.set_result(None)

@@ -181,6 +181,7 @@ class LinkRemote(RemotePort):
             await link.close()
             raise
         self.stats["handshakes"] += 1
+        self.epoch += 1  # a new link: what was acknowledged on the old one is not synced by this one
         self._index = {v.name: i for i, v in enumerate(self._volumes)}
         self._link = channel
         self._up.set()

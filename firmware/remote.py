@@ -42,6 +42,12 @@ class RemoteState:
 
 
 class RemotePort(abc.ABC):
+    # Counts the hellos said on new links (a link remote reconnects underneath
+    # its callers). A secondary reached on a later epoch may have restarted and
+    # lost what sat in its volatile cache: the drain syncs only what it sent on
+    # the sync's own epoch.
+    epoch: int = 0
+
     @property
     def link_up(self) -> bool:
         """Whether the secondary can be reached now. An in-process remote

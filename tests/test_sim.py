@@ -70,12 +70,12 @@ def test_single_controller_seeds_hold_every_check():
 async def _clears_oos_before_the_sync(self, seq):
     """The drain's sync with the bug put in: the OOS bits of the sent tracks
     are cleared before the secondary says B is durable (claim 9 broken)."""
-    batch = set(self.sent)
+    batch = list(self.sent)
     if not batch or not self.in_cg(seq):
         return
     for vi, t in batch:
         self.region.oos[vi].clear(t)
-    self.sent -= batch
+        self.sent.pop((vi, t), None)
     await self.remote.sync(seq)
 
 

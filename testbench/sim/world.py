@@ -225,6 +225,7 @@ class PowerRemote(RemotePort):
             self.stale = ""
         elif secondary is not self.bound:
             await self._reconnect(secondary, sdom)
+            epoch = self.epoch  # this call goes on, on the new link
         try:
             out = await getattr(secondary, name)(*args)
         except PowerLost:
@@ -256,6 +257,7 @@ class PowerRemote(RemotePort):
             self.stale = f"the secondary changed while the link was down (new={state.new}); connect again"
             raise RemoteError(self.stale)
         self.bound = secondary
+        self.epoch += 1  # a new link, as LinkRemote counts it: calls on the old one fail
 
     async def connect(self, session_id: str, volumes: list[VolumeGeometry], generation: int = 0) -> RemoteState:
         self.hello_args = (session_id, volumes, generation)
