@@ -239,7 +239,9 @@ class Secondary:
         for c in self.c:
             await c.flush()  # copied grains durable before the bits that point at them are dropped
         self.crashpoints.hit(MID_COMMIT)
-        self.fc.commit(cg_seq, self.clock.wall(), self._primary_generation)
+        # After a restart no hello may have come yet (an in-process remote):
+        # the generation stays the one the record holds.
+        self.fc.commit(cg_seq, self.clock.wall(), self._primary_generation or self.fc.record["primary_generation"])
         self.events.emit("destroy", "cg", seq=cg_seq, result="committed", role="secondary")
 
     async def abort(self, cg_seq: int) -> None:

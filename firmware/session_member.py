@@ -141,8 +141,15 @@ class LocalMember(MemberPort):
 
     async def commit(self, seq: int) -> None:
         c = self.cycle
-        if seq == self.in_doubt_seq:  # the CG failed here after prepare; another member committed it
-            await c.remote.commit(seq)
+        # The CG failed here after prepare and another member committed it; or
+        # this member restarted with the CG in doubt at its secondary (its
+        # record lost the prepare, so in_doubt_seq says nothing): commit there.
+        restarted_in_doubt = (c.machine.phase is Phase.IDLE and seq == c.seq and c.remote_committed < seq)
+        if seq == self.in_doubt_seq or restarted_in_doubt:
+            if not c.connected:
+                await c.connect()
+            if c.remote_committed < seq:
+                await c.remote.commit(seq)
             self._resolved = seq
             c.remote_committed = max(c.remote_committed, seq)
             c.events.emit("change", "cg", seq=seq, result="committed", in_doubt="resolved")
