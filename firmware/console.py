@@ -49,6 +49,7 @@ from firmware.console_grammar import (
     Grammar,
 )
 from firmware.console_inspect import InspectCommands
+from firmware.errors import FirmwareError
 from firmware.events import EventBus
 from firmware.params import describe
 
@@ -194,6 +195,9 @@ class CommandSet(CopyCommands, InspectCommands, AdminCommands):
             data, text, stream = await command.run(args, flags, as_json)
         except CommandError as exc:
             return self._error(command, str(exc), as_json)
+        except FirmwareError as exc:  # the controller refused (a state, a bound): a reply, not a bug
+            what = command.name if command else "console"
+            return self._error(command, f"{what}: {fmt.one_line(exc)}", as_json)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the console's one catch-all: a reply, never a crash

@@ -247,6 +247,8 @@ class Primary:
         cycle.kick.set()
 
     async def cg_pause(self) -> None:
+        if self.copy_state in (CopyState.SUSPENDED, CopyState.FATAL):
+            raise CgFailed(f"the pair is {self.copy_state.value}: no CG is being formed, nothing to pause")
         if self.machine.phase is Phase.IDLE:
             self.session.to(CopyState.PAUSED)
         else:

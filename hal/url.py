@@ -69,7 +69,10 @@ class DeviceUrl:
 def parse_url(url: str) -> DeviceUrl:
     if "://" not in url:
         raise UrlError(f"{url!r} is not a URL (expected scheme://..., e.g. file:///tmp/a.img?size=1GiB)")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # a host like "[" (urllib: "Invalid IPv6 URL")
+        raise UrlError(f"{url}: {e}") from None
     try:
         port = parts.port
     except ValueError as e:

@@ -194,7 +194,7 @@ def test_cg_commands_refused_by_the_primary_leave_it_unchanged(loop, tmp_path):
         with ConsoleClient(site.url) as con:
             before = con.run_json("status")["data"]
             lines, status = con.run("cg fail")  # no CG in flight
-            assert status == 1 and re.match(r"error: cg fail failed: InvalidTransition", lines[0])
+            assert status == 1 and re.match(r"error: cg fail: event 'fail' is not allowed in phase 'idle'", lines[0])
             assert con.run_json("status")["data"] == before
     finally:
         site.close()

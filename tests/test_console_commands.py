@@ -371,3 +371,24 @@ def test_fuzz_no_line_raises_and_refused_lines_change_nothing(line):
         assert controller_state(fake) == before, line
     if "--json" in line.split() and len(line) <= MAX_LINE_CHARS:
         json.loads(reply.text)
+
+
+def test_a_refused_command_is_one_line_not_a_traceback(caplog):
+    """The console fuzz found `cg pause` on a Suspended primary logging a
+    traceback (InvalidTransition through the catch-all): a refusal by the
+    controller is an error reply, and the log holds no traceback."""
+    import asyncio
+
+    from firmware_doubles import make_rig
+
+    from firmware.console import CommandSet
+
+    async def main():
+        rig = await make_rig(start=False)
+        reply = await CommandSet(rig.primary).execute("cg pause")
+        return reply
+
+    with caplog.at_level("WARNING"):
+        reply = asyncio.run(main())
+    assert not reply.ok and "Suspended" in reply.text and "nothing to pause" in reply.text, reply.text
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]

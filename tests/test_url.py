@@ -28,6 +28,7 @@ def test_url_parts():
 @pytest.mark.parametrize("url, what", [
     ("/tmp/a.img", "not a URL"),
     ("nbd://h:99999999/x", "bad port"),
+    ("nvram://[/p.nvram", "Invalid IPv6 URL"),  # urllib raised ValueError (the config fuzz found it)
     ("mem://?size=1&size=2", "given twice"),
 ])
 def test_bad_urls_say_what_is_wrong(url, what):
