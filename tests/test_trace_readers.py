@@ -181,3 +181,19 @@ def test_reader_streams_without_loading_the_file(tmp_path):
         for _ in it:
             pass
     assert info.value.line_no == 200_003
+
+
+def test_a_damaged_gzip_trace_is_a_trace_error(tmp_path):
+    """The trace fuzz found BadGzipFile escaping the readers (82 in 20k cases):
+    a gzip header with a bad compression method, or a cut-off stream."""
+    import gzip
+
+    from testbench.errors import TraceError
+    from testbench.traces import read_trace
+
+    good = gzip.compress(b"0 replay 8:0 0 W 0 8\n" * 50)
+    for name, raw in (("method.gz", b"\x1f\x8b\x32" + good[3:]), ("cut.gz", good[: len(good) // 2])):
+        path = tmp_path / name
+        path.write_bytes(raw)
+        with pytest.raises(TraceError, match=name):
+            list(read_trace(str(path), "blkparse"))

@@ -876,6 +876,9 @@ def run_targets(names: list[str], cases: int, seed: int, *, engine: str | None =
     tmp = Path(tempfile.mkdtemp(prefix="mirrorfw-fuzz-", dir=_scratch()))
     pending = list(names)
     running: dict[str, tuple[subprocess.Popen, Path, float]] = {}
+    # A worker's stderr goes to a file, never a pipe: libFuzzer writes its
+    # stats there all along, and a full pipe nobody reads until the worker
+    # exits blocked the worker for good (the trace target hung at 64 KiB).
     try:
         while pending or running:
             while pending and len(running) < jobs:
@@ -883,8 +886,9 @@ def run_targets(names: list[str], cases: int, seed: int, *, engine: str | None =
                 path = tmp / f"{name}.json"
                 cmd = [sys.executable, "-m", "testbench.faults.fuzz", "--worker", name, "--cases", str(cases),
                        "--seed", str(seed), "--out", str(path), "--engine", engine]
-                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        cwd=Path(__file__).resolve().parents[2])
+                with open(tmp / f"{name}.err", "wb") as errf:
+                    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf,
+                                            cwd=Path(__file__).resolve().parents[2])
                 running[name] = (proc, path, time.monotonic())
             time.sleep(0.2)
             for name, (proc, path, t0) in list(running.items()):
@@ -894,7 +898,8 @@ def run_targets(names: list[str], cases: int, seed: int, *, engine: str | None =
                 timed_out = proc.poll() is None
                 if timed_out:
                     proc.kill()
-                _, err = proc.communicate()
+                proc.wait()
+                err = (tmp / f"{name}.err").read_bytes()
                 del running[name]
                 res = json.loads(path.read_text()) if path.exists() else {"cases": 0, "crashes": 0, "examples": []}
                 if timed_out or proc.returncode or res["cases"] < cases:

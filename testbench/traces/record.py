@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -37,11 +38,22 @@ def _is_gzip(path: str | os.PathLike) -> bool:
         return f.read(2) == b"\x1f\x8b"
 
 
+class _TraceGzip(gzip.GzipFile):
+    """A gzip'd trace whose damage is a TraceError naming the file (gzip
+    raises BadGzipFile, EOFError or zlib.error from any read)."""
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return super().read(size)
+        except (OSError, EOFError, zlib.error) as e:
+            raise TraceError(str(self.name), 0, f"not a readable gzip file: {e}") from None
+
+
 def open_binary(path: str | os.PathLike) -> io.BufferedIOBase:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such trace file")
     if _is_gzip(path):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
+        return _TraceGzip(path, "rb")  # type: ignore[return-value]
     return open(path, "rb", buffering=1 << 20)
 
 
@@ -49,7 +61,7 @@ def head_bytes(path: str | os.PathLike, n: int = 8192) -> bytes:
     with open_binary(path) as f:
         try:
             return f.read(n)
-        except (OSError, EOFError):  # a truncated gzip still sniffs by what it has
+        except TraceError:  # a truncated or damaged gzip sniffs as nothing
             return b""
 
 
