@@ -13,6 +13,8 @@ import re
 import crc32c
 import pytest
 
+from drivers import memlink
+from drivers.memlink import MemLink
 from firmware import control_protocol as cp
 from firmware import protocol as p
 from firmware.control_channel import ControlRefused, accept_subordinate, open_master
@@ -29,48 +31,8 @@ SECRET = b"the session's shared secret"
 KEY = bytes(range(32))
 
 
-class MemLink(Link):
-    """One end of an in-memory connection; closing either end breaks both.
-    ``tap`` (on the sending end) sees each frame and says what to deliver."""
-
-    def __init__(self, name: str) -> None:
-        self.inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.other: MemLink
-        self.closed = False
-        self.name = name
-        self.tap = None
-        self.sent: list[bytes] = []
-
-    @property
-    def peer(self) -> str:
-        return self.other.name
-
-    async def send(self, frame: bytes) -> None:
-        if self.closed:
-            raise LinkDown("memory link closed")
-        self.sent.append(bytes(frame))
-        for out in (self.tap(bytes(frame)) if self.tap else [bytes(frame)]):
-            self.other.inbox.put_nowait(out)
-
-    async def recv(self) -> bytes:
-        if self.closed:
-            raise LinkDown("memory link closed")
-        frame = await self.inbox.get()
-        if frame is None:
-            raise LinkDown("memory link closed")
-        return frame
-
-    async def close(self) -> None:
-        for end in (self, self.other):
-            if not end.closed:
-                end.closed = True
-                end.inbox.put_nowait(None)
-
-
 def mem_pair(n: int) -> tuple[MemLink, MemLink]:
-    a, b = MemLink(f"master#{n}"), MemLink(f"subordinate#{n}")
-    a.other, b.other = b, a
-    return a, b
+    return memlink.mem_pair(f"master#{n}", f"subordinate#{n}")
 
 
 class FakeMember(MemberPort):

@@ -12,6 +12,8 @@ import random
 
 import pytest
 
+from drivers import memlink
+from drivers.memlink import MemLink
 from firmware import protocol as p
 from firmware.events import EventBus
 from firmware.link_handshake import auth_mac
@@ -26,43 +28,8 @@ SECRET = b"correct horse battery staple"
 GEOMETRY = [VolumeGeometry("vol0", 1 << 20, 65536), VolumeGeometry("vol1", 1 << 19, 65536)]
 
 
-class MemLink(Link):
-    """One end of an in-memory connection; closing either end breaks both."""
-
-    def __init__(self, name: str) -> None:
-        self.inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.other: MemLink
-        self.closed = False
-        self.name = name
-
-    @property
-    def peer(self) -> str:
-        return self.other.name
-
-    async def send(self, frame: bytes) -> None:
-        if self.closed:
-            raise LinkDown("memory link closed")
-        self.other.inbox.put_nowait(bytes(frame))
-
-    async def recv(self) -> bytes:
-        if self.closed:
-            raise LinkDown("memory link closed")
-        frame = await self.inbox.get()
-        if frame is None:
-            raise LinkDown("memory link closed")
-        return frame
-
-    async def close(self) -> None:
-        for end in (self, self.other):
-            if not end.closed:
-                end.closed = True
-                end.inbox.put_nowait(None)
-
-
 def mem_pair(n: int) -> tuple[MemLink, MemLink]:
-    a, b = MemLink(f"primary#{n}"), MemLink(f"secondary#{n}")
-    a.other, b.other = b, a
-    return a, b
+    return memlink.mem_pair(f"primary#{n}", f"secondary#{n}")
 
 
 class FakeSecondary:
