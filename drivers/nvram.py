@@ -47,13 +47,7 @@ class MmapNvram(NvramRegion):
         return self._view
 
     def persist(self, offset: int, length: int) -> None:
-        if self._view is None:
-            raise DeviceError(errno.EBADF, "persist on a closed NVRAM region", self.url)
-        if offset < 0 or length < 0 or offset + length > self.size_bytes:
-            raise DeviceError(
-                errno.EINVAL, f"persist [{offset}, {offset + length}) outside the region ({self.size_bytes} bytes)",
-                self.url,
-            )
+        self._check_persist(self._view, offset, length)
         if length == 0 or not self.msync:
             return
         # msync wants a page-aligned start; widen the range to whole pages.

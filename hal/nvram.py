@@ -8,11 +8,25 @@ durable against power loss where the backing supports it (msync).
 from __future__ import annotations
 
 import abc
+import errno
+
+from hal.block import DeviceError
 
 
 class NvramRegion(abc.ABC):
     url: str
     size_bytes: int
+
+    def _check_persist(self, view: memoryview | None, offset: int, length: int) -> None:
+        """What every ``persist`` checks first: the region is open and the
+        range inside it."""
+        if view is None:
+            raise DeviceError(errno.EBADF, "persist on a closed NVRAM region", self.url)
+        if offset < 0 or length < 0 or offset + length > self.size_bytes:
+            raise DeviceError(
+                errno.EINVAL, f"persist [{offset}, {offset + length}) outside the region ({self.size_bytes} bytes)",
+                self.url,
+            )
 
     @property
     @abc.abstractmethod
