@@ -99,7 +99,11 @@ def test_a_subordinate_slower_than_the_coordination_time_fails_every_cg_then_the
     assert r["failed_cgs"] >= 1 and r["committed_cgs_while_delayed"] == 0, r
     # The delay may begin inside a CG: the first to fail may be waiting for c1's start or its run.
     assert r["last_reason"].startswith(f"{r['proxy']}: ") and "not answered within" in r["last_reason"], r
-    assert len(set(r["cs_held"])) == 1 and len(set(r["cs_after"])) == 1 and r["cs_after"][0] > r["cs_held"][0], r
+    # cs_after is read while CGs keep forming: the master commits a moment before the
+    # subordinates, so one read may straddle a commit (seen: [12, 13, 13]). That every C
+    # is at one CG is checked at a pause, by the after-delay check and split_cgs below.
+    assert len(set(r["cs_held"])) == 1 and min(r["cs_after"]) > r["cs_held"][0], r
+    assert max(r["cs_after"]) - min(r["cs_after"]) <= 1, r
     assert (r["acked_writes_lost"], r["inconsistent_copies"], r["split_cgs"]) == (0, 0, 0), r
     assert [c["tag"] for c in r["checks"]] == ["while-delayed", "after-delay"] and all(
         c["consistent"] for c in r["checks"]), r["checks"]
