@@ -226,7 +226,7 @@ class RunReport:
                 lines.append(f"  initial copy: {_mib(s['initial_copy_bytes'])} drained")
             if s["write_amplification"] is not None:
                 lines.append(f"  drained {_mib(s['drain_bytes'])} for {_mib(s['host_bytes'])} written by the host: "
-                             f"write amplification {s['write_amplification']:.2f} (whole tracks are sent)")
+                             f"write amplification {s['write_amplification']:.2f} (tracks counted whole from the CG events: an upper bound, the drain sends only changed 4 KiB segments)")
         lines.append("RESULT: " + self.verdict())
         return "\n".join(lines)
 
