@@ -97,3 +97,18 @@ def test_atheris_engine_when_installed(tmp_path):
     res = fuzz.run_targets(["control"], 300, 1, engine="atheris", jobs=1)
     assert res["control"]["cases"] == 300 and res["control"]["crashes"] == 0, res["control"]["examples"]
     assert res["control"]["coverage_edges"] > 0
+
+
+def test_a_worker_measures_its_own_peak_not_its_parents():
+    """ru_maxrss carries over from the process that forked the worker: under a
+    775 MiB pytest worker every fuzz target read "over its 768 MiB budget"."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ballast = bytearray(400 << 20)
+    ballast[:: 4096] = b"\1" * len(ballast[:: 4096])  # resident, not just reserved
+    out = subprocess.run([sys.executable, "-c", "from testbench.faults.fuzz import rss_mib; print(rss_mib())"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=True)
+    assert float(out.stdout) < 200, out.stdout
+    del ballast

@@ -762,6 +762,16 @@ INSTRUMENT = ["firmware", "drivers", "harness", "testbench.traces"]  # what athe
 
 
 def rss_mib() -> float:
+    """This worker's peak resident set. VmHWM, not ru_maxrss: Linux carries
+    ru_maxrss over from the process that forked the worker (a pytest worker
+    of 775 MiB made every target look over its budget)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
