@@ -867,6 +867,27 @@ def _worker(name: str, cases: int, seed: int, out: Path, engine: str) -> None:
     target.close()
 
 
+async def _send_stream(host: str, port: int, raw: bytes, *, eof: bool, quiet_s: float) -> str | None:
+    """One live case: connect, send ``raw`` (then EOF if asked), read until the
+    listener is quiet for ``quiet_s`` or hangs up. Returns why it could not
+    connect, else None (what the listener does with the bytes is its own)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+    except Exception as e:  # noqa: BLE001 - reported as the case's failure
+        return str(e)
+    try:
+        writer.write(raw)
+        if eof:
+            writer.write_eof()
+        while await asyncio.wait_for(reader.read(65536), quiet_s):
+            pass
+    except (TimeoutError, ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+    return None
+
+
 # -- the parent: run every target in workers, two at a time ---------------------------------
 
 
@@ -974,21 +995,10 @@ async def _nbd_live(cases: int, seed: int) -> list[str]:
             raw = _nbd_go() + _nbd_requests(rng)
             if rng.random() < 0.9:
                 raw = mutate(rng, raw)
-            try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
-            except Exception as e:  # noqa: BLE001
-                crashes.append(f"case {n}: cannot connect: {e}")
+            failed = await _send_stream(host, port, raw, eof=rng.random() < 0.7, quiet_s=0.2)
+            if failed:
+                crashes.append(f"case {n}: cannot connect: {failed}")
                 break
-            try:
-                writer.write(raw)
-                if rng.random() < 0.7:
-                    writer.write_eof()
-                while await asyncio.wait_for(reader.read(65536), 0.2):
-                    pass
-            except (TimeoutError, ConnectionError, OSError):
-                pass
-            finally:
-                writer.close()
             if n % 10 == 9 or n == cases - 1:
                 why = await healthy()
                 if why:
@@ -1056,21 +1066,10 @@ async def _link_live(cases: int, seed: int) -> list[str]:
         seeds = [_hello(p), _hello(p) + p.encode(p.AuthResponse(mac=b"m" * 32, challenge=b"c" * 32, seq=2))]
         for n in range(cases):
             raw = mutate(rng, rng.choice(seeds))
-            try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
-            except Exception as e:  # noqa: BLE001
-                crashes.append(f"case {n}: cannot connect: {e}")
+            failed = await _send_stream("127.0.0.1", port, raw, eof=rng.random() < 0.5, quiet_s=0.1)
+            if failed:
+                crashes.append(f"case {n}: cannot connect: {failed}")
                 break
-            try:
-                writer.write(raw)
-                if rng.random() < 0.5:
-                    writer.write_eof()
-                while await asyncio.wait_for(reader.read(65536), 0.1):
-                    pass
-            except (TimeoutError, ConnectionError, OSError):
-                pass
-            finally:
-                writer.close()
             if n % 10 == 9 or n == cases - 1:
                 why = await good()
                 if why:
