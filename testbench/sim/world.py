@@ -412,7 +412,14 @@ class SimMemberPort(MemberPort):
             if not sim.quiet and sim.ctl_down_until.get(self.ctl, -1.0) > sim.clock.now():
                 raise ConnectionError(f"{self.name}: control link down ({what} {leg}, sim)")
             if leg == "request":
-                out = await getattr(self.world.members[self.ctl], what)(*args)
+                try:
+                    out = await getattr(self.world.members[self.ctl], what)(*args)
+                except PowerLost:
+                    # The member's box died in the call: to the master, whose own
+                    # box runs on, that is a dropped control link (as SimFlashPort).
+                    if self.world.pairs[self.ctl].pdom.dead:
+                        raise ConnectionError(f"{self.name}: lost power ({what})") from None
+                    raise
         return out
 
     async def hello(self, session_id: str) -> MemberState:
