@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import IO
@@ -345,6 +346,39 @@ def read_token(path: str | Path) -> str:
     if len(data) > 4096 or not token or "\n" in token or "\r" in token:
         raise ConsoleError(f"token file {path}: expected one line of at most 4096 bytes")
     return token
+
+
+class EventFollower:
+    """Follows a console's event stream in a thread: ``command`` (an
+    ``events`` line) is sent once, then every line that arrives goes to
+    ``take(line)`` (stripped, decoded) until ``close``. Subclasses say what
+    a line means to them; ``take`` runs in the follower's thread."""
+
+    def __init__(self, console_url: str, command: str = "events", timeout_s: float = 1.0) -> None:
+        self._stop = threading.Event()
+        self._client = ConsoleClient(console_url, timeout_s=timeout_s)
+        self._client.sendline(command)
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        pending = b""
+        while not self._stop.is_set():
+            try:
+                pending += self._client.read_nonblocking()
+            except ConsoleError:
+                return
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                self.take(raw.decode(errors="replace").strip())
+
+    def take(self, line: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._client.close()
 
 
 def _compile(p: Pattern) -> re.Pattern:

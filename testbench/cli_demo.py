@@ -36,7 +36,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from harness.console_client import ConsoleClient, ConsoleError
+from harness.console_client import ConsoleClient, EventFollower
 from harness.supervise import start_controller, write_pair_configs, write_session_configs
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def _report_options(args) -> dict:
             "max_coord_ms": args.max_coord_ms}
 
 
-class CgFollower:
+class CgFollower(EventFollower):
     """Follows the primary's ``events --statistics`` stream in a thread and
     keeps one record per CG for the report: the time.monotonic() of each
     phase it saw (``quiesce_mono`` at create, ``draining_mono`` when CR
@@ -119,24 +119,9 @@ class CgFollower:
         self._t0 = t0_mono  # kept for callers; the records carry monotonic times
         self._formatted = formatted
         self._full_copy_pending = False
-        self._stop = threading.Event()
-        self._client = ConsoleClient(console_url, timeout_s=1.0)
-        self._client.sendline("events --statistics --all-cgs")  # every CG, the empty ones too
-        self._thread = threading.Thread(target=self._follow, daemon=True)
-        self._thread.start()
+        super().__init__(console_url, "events --statistics --all-cgs")  # every CG, the empty ones too
 
-    def _follow(self) -> None:
-        pending = b""
-        while not self._stop.is_set():
-            try:
-                pending += self._client.read_nonblocking()
-            except ConsoleError:
-                return
-            *lines, pending = pending.split(b"\n")
-            for raw in lines:
-                self._take(raw.decode(errors="replace").strip())
-
-    def _take(self, line: str) -> None:
+    def take(self, line: str) -> None:
         words = line.split()
         if len(words) < 2:
             return
@@ -176,12 +161,6 @@ class CgFollower:
 
     def records(self) -> list[dict]:
         return [self.cgs[k] for k in sorted(self.cgs)]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self._client.close()
-
 
 class Console:
     """A controller's console for the demo's hooks. The hooks run in worker

@@ -39,6 +39,7 @@ import threading
 import time
 from pathlib import Path
 
+from harness.console_client import EventFollower
 from testbench import stats
 
 log = logging.getLogger(__name__)
@@ -59,36 +60,17 @@ def formation(per_cg: dict[int, dict[str, float]], members: int) -> dict:
 
 
 # ============================================================================ real processes
-class HeldFollower:
-    """Follows one primary's ``events`` in a thread: held_ms per CG."""
+class HeldFollower(EventFollower):
+    """Follows one primary's ``events`` in a thread: held_ms per CG into
+    ``sink[seq][name]``, once ``active`` (the measurement began)."""
 
     def __init__(self, console_url: str, name: str, sink: dict[int, dict[str, float]], lock: threading.Lock) -> None:
-        from harness.console_client import ConsoleClient
+        self.name, self.sink, self.lock = name, sink, lock
+        self.active = False
+        super().__init__(console_url)
 
-        self.name = name
-        self.sink = sink
-        self.lock = lock
-        self.active = False  # CGs are recorded only once the measurement begins
-        self._stop = threading.Event()
-        self._client = ConsoleClient(console_url, timeout_s=1.0)
-        self._client.sendline("events")
-        self._thread = threading.Thread(target=self._follow, daemon=True)
-        self._thread.start()
-
-    def _follow(self) -> None:
-        from harness.console_client import ConsoleError
-
-        pending = b""
-        while not self._stop.is_set():
-            try:
-                pending += self._client.read_nonblocking()
-            except ConsoleError:
-                return
-            *lines, pending = pending.split(b"\n")
-            for raw in lines:
-                self._take(raw.decode(errors="replace").split())
-
-    def _take(self, words: list[str]) -> None:
+    def take(self, line: str) -> None:
+        words = line.split()
         if not self.active or len(words) < 3 or words[:2] != ["change", "cg"]:
             return
         fields = dict(w.split(":", 1) for w in words[2:] if ":" in w)
@@ -96,11 +78,6 @@ class HeldFollower:
             return
         with self.lock:
             self.sink.setdefault(int(fields["seq"]), {})[self.name] = float(fields["held_ms"])
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self._client.close()
 
 
 async def _host_writers(addresses: list[str], seconds: float) -> int:
