@@ -19,9 +19,12 @@ Each image also keeps a *segment mask* (``segs``, a bit per 4 KiB segment):
 what of its track was written since the track was last made durable in B,
 so the drain sends those segments only. Its crash rules are in
 firmware/layout.py; here: ``apply`` adds the written segments, ``promote``
-and ``merge_new_into_cur`` keep the union, an image allocated for a track
-that already owes something starts full, and only ``synced`` (B durable for
-a send) drops bits: the mask becomes what was written after that send.
+and ``merge_new_into_cur`` keep the union, and only ``synced`` (B durable
+for a send) drops bits: the mask becomes what was written after that send.
+Evicting the image of a track that owes B something first keeps its mask
+in the track's NVRAM record (firmware/track_masks.py); an image allocated
+for a track that already owes starts from that record, or full when there
+is none.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from firmware.cache_directory import CacheEntry, Key, valid_runs
 from firmware.cache_journal import CacheJournal
 from firmware.errors import CacheFull
 from firmware.layout import SECTOR_BYTES, SEGMENT_BYTES, STATE_CUR, STATE_NEW, RegionPlan
+from firmware.track_masks import TrackMasks
 from hal.nvram import NvramRegion
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,7 @@ class WriteCache(CacheJournal):
         self.seg_full = (1 << ((plan.track_bytes + SEGMENT_BYTES - 1) // SEGMENT_BYTES)) - 1
         self.mask_epoch = 0  # the CG record's (firmware/region.py sets it)
         self.owes: Callable[[Key], bool] | None = None  # whether a track's OOS or CR bit is set (region sets it)
+        self.track_masks = TrackMasks(nvram, plan)
         self.entry_bytes = plan.entry_bytes
         self._index: dict[Key, list[CacheEntry | None]] = {}  # key -> [cur, new]
         self._free: list[int] = []
@@ -122,7 +127,7 @@ class WriteCache(CacheJournal):
                     if victim is None:
                         victim = entry
                     # Rather one whose track owes B nothing: evicting an owing
-                    # track's image loses its mask (the track then goes whole).
+                    # track's image costs a mask record write, and its drain a read of A.
                     if owes is None or not owes(key):
                         victim = entry
                         break
@@ -132,17 +137,14 @@ class WriteCache(CacheJournal):
         if self._free:
             slot = self._free.pop()
         elif victim is not None:
-            del self._clean[victim.key]
-            self._drop(victim)
-            self._write_free(victim)
-            self.counters.evictions += 1
+            self._evict(victim)
             slot = victim.slot
         else:
             raise CacheFull(f"all {self.n_slots} cache slots hold dirty or new images")
         valid = bitarray(self.sectors, endian="little")
         valid.setall(0)
         entry = CacheEntry(slot, volume, track, state, valid, dirty=True, copy=self._slot_copy[slot],
-                           segs=self.seg_full if owed else 0, epoch=self.mask_epoch)
+                           segs=self._kept_mask(volume, track) if owed else 0, epoch=self.mask_epoch)
         pair = self._index.setdefault((volume, track), [None, None])
         role = 0 if state == STATE_CUR else 1
         assert pair[role] is None, "allocate over an existing image"
@@ -281,6 +283,30 @@ class WriteCache(CacheJournal):
         if entry is None or entry.epoch != self.mask_epoch:
             return self.seg_full
         return entry.segs
+
+    def track_mask(self, volume: int, track: int) -> int:
+        """What the drain sends of the track: its cur image's mask, else the
+        mask its evicted image left; all segments when neither is known."""
+        cur = self._index.get((volume, track), (None, None))[0]
+        if cur is not None:
+            return self.segment_mask(cur)
+        return self._kept_mask(volume, track)
+
+    def _kept_mask(self, volume: int, track: int) -> int:
+        """The track's NVRAM mask record; all segments when it has none of
+        this epoch, or an empty one (the drain sends an empty mask whole)."""
+        return self.track_masks.get(volume, track, self.mask_epoch) or self.seg_full
+
+    def _evict(self, victim: CacheEntry) -> None:
+        """Free a clean image's slot; if its track owes B something, keep
+        its mask in the track's record first (firmware/layout.py: the
+        record is persisted before the entry that frees the slot)."""
+        del self._clean[victim.key]
+        self._drop(victim)
+        if self.owes is not None and self.owes(victim.key):
+            self.track_masks.put(victim.volume, victim.track, self.segment_mask(victim), self.mask_epoch)
+        self._write_free(victim)
+        self.counters.evictions += 1
 
     def sent(self, volume: int, track: int) -> None:
         """The track's only image was sent (nothing to promote): from now on

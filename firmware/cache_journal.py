@@ -20,7 +20,7 @@ from firmware.layout import SECTOR_BYTES, STATE_CUR, STATE_JOURNAL, pack_entry
 
 class CacheJournal(CacheDirectory):
     """Saving held sectors before an overwrite, and undoing it on load.
-    Uses WriteCache's ``counters`` and ``_drop`` (an eviction to borrow a slot)."""
+    Uses WriteCache's ``counters`` and ``_evict`` (to borrow a slot)."""
 
     def _journal(self, entry: CacheEntry, s0: int, s1: int) -> None:
         """Save the held sectors of [s0, s1) of ``entry`` to a free slot and
@@ -57,10 +57,7 @@ class CacheJournal(CacheDirectory):
         for key, victim in self._clean.items():  # LRU first
             if key[0] == entry.volume and key[1] >= entry.track:
                 continue
-            del self._clean[key]
-            self._drop(victim)
-            self._write_free(victim)
-            self.counters.evictions += 1
+            self._evict(victim)
             return victim.slot
         return None
 

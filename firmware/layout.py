@@ -12,6 +12,13 @@ Primary region (all integers little-endian; PAGE = 4096)::
                       record's ``oos_select`` says which area is OOS; the
                       other is CR. Creating CR allocates nothing; the swap
                       after a commit flips the bit.
+    masks_offset      (since VERSION 4) the track mask area: one record of
+                      ``mask_record_bytes`` per track of every volume, volume
+                      by volume (volume v's track t is record
+                      sum(tracks of volumes before v) + t), 64-byte aligned.
+                      A record is a u16 *tag* then the track's segment mask
+                      (little-endian, padded): the mask an evicted image of
+                      the track had. 4 bytes per track up to 16 segments.
     dir_offset        cache directory: ``n_slots`` x 2 copies of DirEntry
                       (``entry_bytes`` each). Entry i describes slot i: its
                       track, a valid bit per sector and (since VERSION 3) a
@@ -39,8 +46,27 @@ until the secondary made B durable (then it drops what was sent), starts
 all ones when the image is allocated for a track whose OOS or CR bit is
 already set (the earlier writes are not known), and counts as all ones
 when its ``mask_epoch`` is not the CG record's (a full copy bumps the
-record's epoch: every mask is void at once). A track with no image is sent
-whole. Older regions (VERSION 2) are refused: format them again.
+record's epoch: every mask is void at once). Older regions (VERSION 2) are
+refused: format them again.
+
+Track masks (VERSION 4): evicting the image of a track that owes B
+something (OOS or CR bit set) first writes the image's mask to the track's
+record, persisted before the directory entry that frees the slot; the drain
+and a new image of that track then take the record's mask instead of the
+whole track. Only a record whose tag is ``mask_tag`` of the CG record's
+epoch counts; any other (zeros at format, an older epoch: a full copy) is
+the whole track. Why a record is never too small: every write to a track
+lands in an image, an image only goes (1) merged into the track's other
+image, which keeps the union, or (2) evicted, which writes the record first
+if the track owes; so while a track owes and has no image, its record was
+written in this owing period, after every write of it. A cut inside that
+record's write leaves the slot's entry (and the image) standing, and the
+record is rewritten whole before the image is evicted again, so a torn
+record is never read; a cut inside the entry's write finds the record
+persisted. The record is not cleared at sync: it matters again only once
+the track owes again, and by then an eviction has rewritten it. The tag is 16 bits of the 32-bit epoch: when it
+comes round to 1 again the area is zeroed first (``mask_tag``). VERSION 3
+regions (no area; evicted tracks go whole) are still read.
 """
 
 from __future__ import annotations
@@ -56,6 +82,7 @@ from construct import (
     Bytes,
     Enum,
     Float64l,
+    If,
     Int8ul,
     Int16ul,
     Int32ul,
@@ -70,9 +97,11 @@ from hal.wire import fast_struct
 
 PAGE = 4096
 SECTOR_BYTES = 512
-VERSION = 3  # 3: directory entries carry segment masks, the CG record their epoch
+VERSION = 4  # 4: the header names a track mask area (evicted images keep their masks)
+# 3: directory entries carry segment masks, the CG record their epoch
 # 2: the CG record names its format generation, the FlashCopy record the primary's
-SECONDARY_VERSIONS = (2, 3)  # the secondary's region did not change in 3
+PRIMARY_VERSIONS = (3, 4)  # a 3 has no track mask area: its evicted tracks go whole
+SECONDARY_VERSIONS = (2, 3, 4)  # the secondary's region did not change in 3 or 4
 SEGMENT_BYTES = 4096  # the drain's unit within a track (the OOS/CR granule stays the track)
 PRIMARY_MAGIC = b"MFWP"
 SECONDARY_MAGIC = b"MFWS"
@@ -101,6 +130,7 @@ Header = Struct(
     "session_id" / PaddedString(64, "utf8"),
     "n_volumes" / Int16ul,
     "volumes" / Array(this.n_volumes, VolumeRecord),
+    "masks_offset" / If(this.version >= 4, Int64ul),  # the track mask area; 0: none (a secondary)
 )
 
 # What a copy of a rewritten-in-place record looks like: the CRC covers gen,
@@ -222,6 +252,22 @@ def unpack_entry(raw: bytes, valid_bytes: int, segment_bytes: int = 2) -> dict |
             "mask_epoch": mask_epoch}
 
 
+MASK_TAG_BYTES = 2
+
+
+def mask_record_bytes(track_bytes: int) -> int:
+    """Bytes of one track mask record: the tag and the mask, padded to 4
+    (up to 16 segments) or to 8 (aligned: one atomic word up to 48)."""
+    n = MASK_TAG_BYTES + segment_bytes_for(track_bytes)
+    return 4 if n <= 4 else align(n, 8)
+
+
+def mask_tag(mask_epoch: int) -> int:
+    """The tag of a track mask record kept under ``mask_epoch`` (u32, never
+    0): 1..65535, never 0, which a zeroed area holds."""
+    return (mask_epoch - 1) % 0xFFFF + 1
+
+
 def align(n: int, to: int = PAGE) -> int:
     return (n + to - 1) // to * to
 
@@ -308,6 +354,7 @@ class RegionPlan:
     slots_offset: int
     total_bytes: int
     session_id: str
+    masks_offset: int = 0  # the track mask area (0: none)
 
     HEADER_OFFSET = 0
     RECORD_OFFSET = 2 * PAGE
@@ -320,13 +367,24 @@ class RegionPlan:
     def segment_bytes(self) -> int:
         return segment_bytes_for(self.track_bytes)
 
+    @property
+    def mask_record_bytes(self) -> int:
+        return mask_record_bytes(self.track_bytes)
+
+    @property
+    def masks_bytes(self) -> int:
+        """Bytes of the track mask area (0 when there is none)."""
+        if not self.masks_offset:
+            return 0
+        return align(sum(v.tracks for v in self.volumes) * self.mask_record_bytes, 64)
+
     def header_fields(self, generation: int, clean: int) -> dict:
         return {
             "magic": self.magic, "version": VERSION, "generation": generation, "clean": clean,
             "track_bytes": self.track_bytes, "sector_bytes": self.sector_bytes, "n_slots": self.n_slots,
             "entry_bytes": self.entry_bytes, "dir_offset": self.dir_offset, "slots_offset": self.slots_offset,
             "total_bytes": self.total_bytes, "session_id": self.session_id, "n_volumes": len(self.volumes),
-            "volumes": [vars(v).copy() for v in self.volumes],
+            "volumes": [vars(v).copy() for v in self.volumes], "masks_offset": self.masks_offset,
         }
 
     @classmethod
@@ -337,6 +395,7 @@ class RegionPlan:
                      for v in h["volumes"]],
             n_slots=h["n_slots"], entry_bytes=h["entry_bytes"], dir_offset=h["dir_offset"],
             slots_offset=h["slots_offset"], total_bytes=h["total_bytes"], session_id=h["session_id"],
+            masks_offset=h.get("masks_offset") or 0,
         )
 
 
@@ -359,6 +418,10 @@ def plan_region(magic: bytes, region_bytes: int, volumes: list[tuple[str, int]],
         bitmap_bytes = align((tracks + 63) // 64 * 8)
         areas.append(VolumeArea(name, size, tracks, pos, bitmap_bytes))
         pos += 2 * bitmap_bytes
+    masks_offset = 0
+    if with_cache:  # the track mask area (64-byte aligned: a page would cost small regions a slot)
+        masks_offset = pos
+        pos = align(pos + sum(a.tracks for a in areas) * mask_record_bytes(track_bytes), 64)
     vbytes = (track_bytes // SECTOR_BYTES + 7) // 8
     ebytes = entry_bytes_for(vbytes, segment_bytes_for(track_bytes))
     dir_offset = pos
@@ -373,14 +436,15 @@ def plan_region(magic: bytes, region_bytes: int, volumes: list[tuple[str, int]],
         if n_slots < min_slots:
             need = align(dir_offset + min_slots * 2 * ebytes) + min_slots * track_bytes
             raise NvramError(
-                f"NVRAM region of {region_bytes} bytes is too small: bitmaps need {dir_offset} bytes and "
+                f"NVRAM region of {region_bytes} bytes is too small: bitmaps and track masks need {dir_offset} "
+                f"bytes and "
                 f"a cache of {min_slots} slots needs {need} bytes in all")
     slots_offset = align(dir_offset + n_slots * 2 * ebytes)
     total = slots_offset + n_slots * track_bytes
     if total > region_bytes:
         raise NvramError(f"NVRAM region of {region_bytes} bytes is too small; need {total} bytes")
     return RegionPlan(magic, track_bytes, SECTOR_BYTES, areas, n_slots, ebytes, dir_offset, slots_offset,
-                      total, session_id)
+                      total, session_id, masks_offset)
 
 
 def read_header(view: memoryview, persist) -> tuple[DoubleRecord, dict | None]:

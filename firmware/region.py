@@ -21,12 +21,14 @@ from firmware.errors import NvramError
 from firmware.layout import (
     PAGE,
     PRIMARY_MAGIC,
+    PRIMARY_VERSIONS,
     SECONDARY_VERSIONS,
     VERSION,
     CgRecord,
     DoubleRecord,
     Header,
     RegionPlan,
+    mask_tag,
     plan_region,
     read_header,
 )
@@ -45,6 +47,8 @@ def format_region(nvram: NvramRegion, magic: bytes, volumes: list[tuple[str, int
     for v in plan.volumes:
         n = 2 * v.bitmap_bytes
         view[v.bitmap_offset : v.bitmap_offset + n] = bytes(n)
+    if plan.masks_offset:  # records left by an earlier format would carry a valid tag
+        view[plan.masks_offset : plan.masks_offset + plan.masks_bytes] = bytes(plan.masks_bytes)
     nvram.persist(0, plan.dir_offset)
     header_store = DoubleRecord(view, nvram.persist, RegionPlan.HEADER_OFFSET, Header)
     header_store.write(plan.header_fields(generation=1, clean=0))
@@ -59,10 +63,11 @@ def read_region(nvram: NvramRegion, magic: bytes, role: str) -> tuple[RegionPlan
     if header is None:
         raise NvramError(f"{getattr(nvram, 'url', 'NVRAM')}: no readable header (not formatted, or "
                          f"damaged); open with format=True to initialize")
-    versions = (VERSION,) if magic == PRIMARY_MAGIC else SECONDARY_VERSIONS
+    versions = PRIMARY_VERSIONS if magic == PRIMARY_MAGIC else SECONDARY_VERSIONS
     if header["magic"] == magic and header["version"] < VERSION and header["version"] not in versions:
         raise NvramError(f"NVRAM holds a {role} region of layout version {header['version']}, written by an older "
-                         f"mirrorfw; this one reads version {VERSION} (cache entries carry segment masks since 3). "
+                         f"mirrorfw; this one reads versions {versions[0]} to {VERSION} (cache entries carry "
+                         f"segment masks since 3). "
                          f"Stop with the old version after its CG committed, or format again (format=True: "
                          f"the cache is discarded and a full copy follows)")
     if header["magic"] != magic or header["version"] not in versions:
@@ -226,8 +231,11 @@ class PrimaryRegion:
     def void_masks(self) -> None:
         """Every segment mask counts as the whole track from now on (before
         bits are set in bulk; the new epoch is durable first)."""
-        self.save(mask_epoch=self.record["mask_epoch"] % 0xFFFFFFFF + 1)  # a u32, never 0
-        self.cache.mask_epoch = self.record["mask_epoch"]
+        epoch = self.record["mask_epoch"] % 0xFFFFFFFF + 1  # a u32, never 0
+        if mask_tag(epoch) == 1:  # the track records' 16-bit tag comes round: none may match it
+            self.cache.track_masks.zero()
+        self.save(mask_epoch=epoch)
+        self.cache.mask_epoch = epoch
 
     # -- the record ------------------------------------------------------------------
     def save(self, **changes) -> None:

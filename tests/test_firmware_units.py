@@ -16,6 +16,8 @@ from firmware.bitmap import TrackBitmap
 from firmware.cg import CgMachine, Event, Phase
 from firmware.errors import InvalidTransition, NvramError
 from firmware.params import SessionParams
+from firmware.track_masks import TrackMasks
+from tests.firmware_doubles import MemNvram
 
 # -- the transition table ---------------------------------------------------------
 # Written from the claims and DESIGN.md section 1, not from firmware/cg.py, so a
@@ -77,11 +79,36 @@ def test_header_round_trip_and_hand_made_fixture():
     assert back.magic == b"MFWP" and back.generation == 7 and back.volumes[0].name == "vol0"
     assert L.RegionPlan.from_header(back) == plan
     # Hand-made from the documented field order (little-endian), not from construct.
-    expect = (b"MFWP" + struct.pack("<HQBIIIIQQQ", 3, 7, 1, 65536, 512, plan.n_slots, plan.entry_bytes,
+    expect = (b"MFWP" + struct.pack("<HQBIIIIQQQ", 4, 7, 1, 65536, 512, plan.n_slots, plan.entry_bytes,
                                     plan.dir_offset, plan.slots_offset, plan.total_bytes)
               + b"demo".ljust(64, b"\0") + struct.pack("<H", 1)
-              + b"vol0".ljust(32, b"\0") + struct.pack("<QQQQ", 1 << 20, 16, 4 * 4096, 4096))
+              + b"vol0".ljust(32, b"\0") + struct.pack("<QQQQ", 1 << 20, 16, 4 * 4096, 4096)
+              + struct.pack("<Q", 6 * 4096))  # the track mask area, after the two bitmap areas
     assert raw == expect
+    # 16 tracks of 4-byte records, 64-byte aligned, then the directory.
+    assert plan.masks_offset == 6 * 4096 and plan.masks_bytes == 64 and plan.dir_offset == 6 * 4096 + 64
+    # A version 3 header has no masks_offset: it parses to a plan without the area.
+    v3 = L.Header.build(dict(fields, version=3, masks_offset=None))
+    assert v3 == expect[:-8].replace(struct.pack("<H", 4), struct.pack("<H", 3), 1)
+    assert L.RegionPlan.from_header(L.Header.parse(v3)).masks_offset == 0
+
+
+def test_track_mask_records():
+    assert L.mask_record_bytes(65536) == 4  # tag + 16 segment bits
+    assert L.mask_record_bytes(4096) == 4
+    assert L.mask_record_bytes(128 << 10) == 8  # tag + 32 bits, one aligned word
+    assert L.mask_record_bytes(4 << 20) == 136  # 1,024 segments
+    assert [L.mask_tag(e) for e in (1, 2, 0xFFFF, 0x10000, 0x10001, 0xFFFFFFFF)] == [1, 2, 0xFFFF, 1, 2, 0xFFFF]
+    plan = L.plan_region(b"MFWP", 8 << 20, [("a", 3 * 65536), ("b", 65536)], 65536, "s", with_cache=True)
+    nv = MemNvram(plan.total_bytes)
+    masks = TrackMasks(nv, plan)
+    masks.put(1, 0, 0x8001, 7)
+    at = plan.masks_offset + 3 * 4  # volume b's first track follows volume a's three
+    assert bytes(nv.buf[at : at + 4]) == struct.pack("<HH", 7, 0x8001) and nv.persists == 1
+    assert masks.get(1, 0, 7) == 0x8001 and masks.get(1, 0, 8) is None and masks.get(0, 0, 7) is None
+    assert masks.get(1, 0, 7 + 0xFFFF) == 0x8001  # the same tag: why the area is zeroed as it comes round
+    masks.zero()
+    assert masks.get(1, 0, 7) is None
 
 
 def test_sealed_record_survives_a_torn_update():

@@ -10,7 +10,7 @@ import pytest
 
 from firmware import layout as L
 from firmware.errors import NvramError
-from tests.firmware_doubles import make_rig
+from tests.firmware_doubles import Crash, make_rig
 
 T = 65536
 S = L.SEGMENT_BYTES
@@ -63,26 +63,159 @@ def test_a_4k_write_goes_as_one_run_and_its_mask_empties_once_b_is_durable():
     asyncio.run(main())
 
 
-def test_an_image_allocated_for_a_track_that_owes_starts_full():
+async def evict(p, track: int) -> None:
+    """Destage everything, then write other tracks until ``track``'s clean
+    image is evicted (the cache of make_rig(nvram_bytes=SMALL) has ~17 slots)."""
+    await p.destager.destage()
+    t = 20
+    while p.cache.has(0, track):
+        await p.write("vol0", t * T, blk("x"))
+        await p.destager.destage()
+        t += 1
+
+
+SMALL = 1280 << 10  # a cache of ~17 slots
+
+
+def test_an_evicted_tracks_mask_is_kept_and_a_new_image_starts_from_it():
     """Track 5's first write is destaged and its image evicted before any
-    CG: a second write allocates a new image that cannot know the first,
-    so the track must go whole (B would lack the first write otherwise)."""
+    CG: a second write allocates a new image, which starts from the mask
+    the evicted one left in the track's NVRAM record (not the whole track)."""
     async def main():
-        rig = await make_rig(nvram_bytes=1280 << 10)  # a cache of ~17 slots
+        rig = await make_rig(nvram_bytes=SMALL)
         p = rig.primary
         await steady(rig)
         got = spy_runs(rig)
         await p.write("vol0", 5 * T, blk("f"))
-        await p.destager.destage()
-        for t in range(6, 6 + p.cache.n_slots + 2):  # evict track 5's clean image
-            await p.write("vol0", t * T, blk("x"))
-            await p.destager.destage()
-        assert not p.cache.has(0, 5) and p.oos[0].test(5)
+        await evict(p, 5)
+        assert p.oos[0].test(5) and p.cache.track_mask(0, 5) == 0b1
         await p.write("vol0", 5 * T + 3 * S, blk("g"))
-        assert p.cache.segment_mask(p.cache.images(0, 5)[0]) == p.cache.seg_full
+        assert p.cache.segment_mask(p.cache.images(0, 5)[0]) == 0b1001
         assert await p.form_cg()
-        assert (5, None) in got  # whole
+        assert (5, [(0, S), (3 * S, S)]) in got
         await b_equals_a(rig, [5])
+    asyncio.run(main())
+
+
+def test_a_4k_write_to_a_track_whose_image_was_evicted_sends_4k():
+    async def main():
+        rig = await make_rig(nvram_bytes=SMALL)
+        p = rig.primary
+        await steady(rig)
+        await p.write("vol0", 5 * T + 2 * S, blk("e"))
+        await evict(p, 5)
+        got = spy_runs(rig)
+        before = p.cycle.drainer.drain_bytes
+        assert await p.form_cg()
+        assert (5, [(2 * S, S)]) in got
+        host = 4096 * (1 + sum(1 for t, _ in got if t != 5))  # the evicting writes were one segment each
+        assert p.cycle.drainer.drain_bytes - before == host  # every track went as its one written segment
+        await b_equals_a(rig, [5])
+    asyncio.run(main())
+
+
+def test_a_track_mask_survives_a_crash_and_a_full_copy_voids_it():
+    async def main():
+        rig = await make_rig(nvram_bytes=SMALL)
+        p = rig.primary
+        await steady(rig)
+        await p.write("vol0", 5 * T + 7 * S, blk("c", 2 * S))
+        await evict(p, 5)
+        q = await rig.reopen_primary()  # the first one abandoned, not stopped
+        await q.start(form_cgs=False, destage=False)
+        assert not q.cache.has(0, 5) and q.oos[0].test(5)
+        assert q.cache.track_mask(0, 5) == 0b11 << 7
+        got = spy_runs(rig)
+        assert await q.form_cg()
+        assert (5, [(7 * S, 2 * S)]) in got
+        await b_equals_a(rig, [5])
+        # A record outlives its sync (it only matters once the track owes
+        # again); a full copy then makes it void: the track goes whole.
+        await q.write("vol0", 5 * T, blk("d"))
+        await evict(q, 5)
+        assert q.cache.track_mask(0, 5) == 0b1
+        q.oos[0].set_range(0, q.oos[0].tracks)
+        assert q.cache.track_mask(0, 5) == q.cache.seg_full
+        got.clear()
+        assert await q.form_cg()
+        assert (5, None) in got
+    asyncio.run(main())
+
+
+def test_a_cut_before_the_record_is_persisted_leaves_the_image_in_the_directory():
+    """Track 5 already has a record of this epoch from an earlier owing
+    period ({0}). Its next image ({5}) is evicted and power goes while the
+    new record is written, the store lost: the slot's entry must still name
+    the image (the record is written first), else the stale record would
+    send segment 0 only and B would miss segment 5."""
+    async def main():
+        rig = await make_rig(nvram_bytes=SMALL)
+        p = rig.primary
+        await steady(rig)
+        await p.write("vol0", 5 * T, blk("a"))
+        await evict(p, 5)
+        assert await p.form_cg() and p.cache.track_mask(0, 5) == 0b1  # synced; the record stays
+        await p.write("vol0", 5 * T + 5 * S, blk("b"))
+        assert p.cache.segment_mask(p.cache.images(0, 5)[0]) == 1 << 5
+
+        def lost(*args):
+            raise Crash("power cut while the track record is written")
+
+        p.cache.track_masks.put = lost
+        with pytest.raises(Crash):
+            await evict(p, 5)
+        q = await rig.reopen_primary()
+        await q.start(form_cgs=False, destage=False)
+        assert q.cache.has(0, 5) and q.cache.track_mask(0, 5) == 1 << 5
+        got = spy_runs(rig)
+        assert await q.form_cg()
+        assert (5, [(5 * S, S)]) in got
+        await b_equals_a(rig, [5])
+    asyncio.run(main())
+
+
+def test_track_records_are_zeroed_before_their_16_bit_tag_comes_round():
+    async def main():
+        rig = await make_rig()
+        p = rig.primary
+        cache, region = p.cache, p.region
+        region.save(mask_epoch=0xFFFF)  # tag 65535: the next epoch's tag is 1 again
+        cache.mask_epoch = 0xFFFF
+        cache.track_masks.put(0, 3, 0b110, 0xFFFF)
+        cache.track_masks.put(0, 4, 0b1, 1)  # left by epoch 1, tag 1
+        assert cache.track_masks.get(0, 3, 0xFFFF) == 0b110
+        region.void_masks()
+        assert region.record["mask_epoch"] == 0x10000 and L.mask_tag(0x10000) == 1
+        assert cache.track_masks.get(0, 4, 0x10000) is None  # the stale tag-1 record was zeroed
+        assert cache.track_masks.get(0, 3, 0x10000) is None
+        assert cache.track_mask(0, 4) == cache.seg_full
+    asyncio.run(main())
+
+
+def test_a_region_of_layout_version_3_is_read_and_its_evicted_tracks_go_whole():
+    """A version 3 header names no track mask area: the region opens, its
+    images keep their masks, an evicted track is sent whole, and the header
+    stays version 3."""
+    async def main():
+        rig = await make_rig(nvram_bytes=SMALL)
+        p = rig.primary
+        await steady(rig)
+        header = dict(p.region._header)
+        p.region._header_store.write(dict(header, version=3, masks_offset=None))
+        await p.write("vol0", 2 * T + S, blk("k"))
+        q = await rig.reopen_primary()
+        await q.start(form_cgs=False, destage=False)
+        assert q.region.plan.masks_offset == 0 and not q.cache.track_masks.present
+        assert q.cache.segment_mask(q.cache.images(0, 2)[0]) == 0b10
+        await evict(q, 2)
+        assert q.cache.track_mask(0, 2) == q.cache.seg_full
+        got = spy_runs(rig)
+        assert await q.form_cg()
+        assert (2, None) in got
+        await b_equals_a(rig, [2])
+        assert q.region._header["version"] == 3
+        r = await rig.reopen_primary()
+        assert r.region.plan.masks_offset == 0
     asyncio.run(main())
 
 
