@@ -17,10 +17,11 @@ A sent track is owed nothing more in this CG: writes to it record in CR.
 
 Segments: the OOS granule is the track, but a track is sent as the 4 KiB
 segments its image's mask names (written since B was last durable for it,
-firmware/cache.py), each run read from the image over A, when the remote
-takes runs (``send_track(..., runs=...)``); the whole track when the mask
-is full or unknown (no image, another mask epoch, an empty mask) or the
-remote does not take runs. The mask drops what was sent only at ``sync``.
+firmware/cache.py; with no image, the mask its evicted image left), each
+run read from the image over A, when the remote takes runs
+(``send_track(..., runs=...)``); the whole track when the mask is full or
+unknown (none kept, another mask epoch, an empty mask) or the remote does
+not take runs. The mask drops what was sent only at ``sync``.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class Drainer:
         nsect = (length + SECTOR_BYTES - 1) // SECTOR_BYTES
         while True:
             cur, _ = cache.images(vi, t)
-            mask = cache.segment_mask(cur) if not whole else 0
+            mask = cache.track_mask(vi, t) if not whole else 0
             runs = segment_runs(mask, length) if mask and mask != cache.seg_full else None
             if runs is not None:
                 out = bytearray(sum(n for _, n in runs))
@@ -118,7 +119,7 @@ class Drainer:
                 stale = False
                 for start, n in runs:
                     s0, s1 = start // SECTOR_BYTES, (start + n + SECTOR_BYTES - 1) // SECTOR_BYTES
-                    if cur.valid.count(1, s0, s1) != s1 - s0:  # partly in A
+                    if cur is None or cur.valid.count(1, s0, s1) != s1 - s0:  # partly in A
                         view[pos : pos + n] = await dev.read((t * self.volumes.track_bytes + start) // bs,
                                                              (n + bs - 1) // bs)
                         if cache.images(vi, t)[0] is not cur:
