@@ -78,49 +78,69 @@ class Destager:
 
     async def destage(self, limit: int | None = None) -> int:
         """Destage up to ``limit`` images (all dirty ones when None), at most
-        ``inflight`` writes at a time, flushing A once per batch of
-        ``inflight`` written images; returns how many became clean. A device
-        error ends the round (the images stay dirty)."""
+        ``inflight`` writes at a time; returns how many became clean. A device
+        error ends the round (the images stay dirty).
+
+        A flush of A covers the images whose writes completed before it
+        began, and marks them clean when it returns. Writes go on while it
+        runs (one flush at a time): those that complete meanwhile wait for
+        the next flush, which begins as soon as this one ends and covers them
+        all. A flush waited for with no write in flight stalled destage for a
+        whole fdatasync per ``inflight`` images, and host writes then waited
+        for free slots (cache_full_waits)."""
         running: dict[asyncio.Task, tuple[CacheEntry, int]] = {}
-        written: list[tuple[CacheEntry, int]] = []
+        written: list[tuple[CacheEntry, int]] = []  # written, waiting for a flush that begins after them
+        flushing: asyncio.Task | None = None
+        flush_batch: list[tuple[CacheEntry, int]] = []
         done = 0
         failed = False
         try:
             while True:
-                left = None if limit is None else limit - done - len(written) - len(running)
+                left = None if limit is None else limit - done - len(written) - len(flush_batch) - len(running)
                 if not failed and left != 0 and len(running) < self.inflight:
                     entry = self.cache.next_dirty()
                     if entry is not None:
                         seq, runs = self.claim(entry)
                         running[asyncio.ensure_future(self._write(entry, runs))] = (entry, seq)
                         continue
-                if not running:
-                    if not written:
-                        break
-                    # Settle the batch: its claims go, and a track rewritten
+                if flushing is None and written and (not running or len(written) >= self.inflight):
+                    # Settle a batch: its claims go, and a track rewritten
                     # meanwhile (still dirty) can be picked again this round.
-                    cleaned = await self._make_clean(written)
-                    written = []
-                    failed = failed or cleaned is None
-                    done += cleaned or 0
-                    continue
-                finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    flush_batch, written = written, []
+                    if running:
+                        flushing = asyncio.ensure_future(self._make_clean(flush_batch))
+                    else:  # no write to overlap: flush here, a task costs loop turns for nothing
+                        cleaned = await self._make_clean(flush_batch)
+                        flush_batch = []
+                        failed = failed or cleaned is None
+                        done += cleaned or 0
+                        continue
+                if not running and flushing is None:
+                    break
+                waits = set(running) if flushing is None else {*running, flushing}
+                finished, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
+                    if task is flushing:
+                        cleaned = task.result()
+                        failed = failed or cleaned is None
+                        done += cleaned or 0
+                        flushing, flush_batch = None, []
+                        continue
                     entry, seq = running.pop(task)
                     if task.exception() is None:
                         written.append((entry, seq))
                     else:
                         self._release(entry)
                         failed = True
-                if len(written) >= self.inflight:
-                    cleaned = await self._make_clean(written)
-                    written = []
-                    failed = failed or cleaned is None
-                    done += cleaned or 0
         finally:  # cancelled (stop): what was claimed stays dirty
             for task, (entry, _) in running.items():
                 task.cancel()
                 self._release(entry)
+            if flush_batch and (flushing is None or not flushing.done()):  # a finished flush released its own
+                if flushing is not None:
+                    flushing.cancel()
+                for entry, _ in flush_batch:
+                    self._release(entry)
             for entry, _ in written:
                 self._release(entry)
         return done
@@ -135,7 +155,9 @@ class Destager:
                 await self.cache.wait_dirty()
                 continue
             before = self.cache.counters.destage_errors
-            await self.destage(limit=self.inflight * 4)
+            # One round while anything is dirty: a round ends on a flush with
+            # no write in flight, a stall that rounds of 4 x inflight images paid often.
+            await self.destage()
             if self.cache.counters.destage_errors != before:
                 await clock_sleep(0.1)  # back off from a failing device
             else:
