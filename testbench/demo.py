@@ -22,8 +22,12 @@ connections may be at two CGs; only a snapshot is one CG across volumes.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import multiprocessing
+import operator
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
@@ -32,6 +36,7 @@ from dataclasses import replace
 from drivers import open_device
 from testbench.checker import check_copy
 from testbench.replay import Replayer, ReplayOptions
+from testbench.replaylog import WriteRecord
 from testbench.report import Fidelity, RunReport
 from testbench.traces import IoRecord, read_trace, scan
 
@@ -41,6 +46,8 @@ AsyncHook = Callable[[], Awaitable[None]]
 CopyHook = Callable[[int], AbstractAsyncContextManager[list[str]]]
 
 STRIPE_BYTES = 1 << 20
+HISTORY_TIMEOUT_S = 60.0  # a replay loop that does not answer for this long has gone
+HISTORY_ROW = operator.attrgetter("write_id", "volume", "lba", "nblocks", "issue_ns", "ack_ns", "failed")
 
 
 class CopyUrls(list):
@@ -87,6 +94,76 @@ async def _open_copies(urls: list[str]) -> list:
     return devices
 
 
+async def _check(urls: list[str], writes: Callable[[], list], names: list[str], check_ns: int,
+                 max_violations: int):
+    copies = await _open_copies(urls)
+    try:
+        return await check_copy(copies, writes, names=names, check_ns=check_ns, max_violations=max_violations)
+    finally:
+        for d in copies:
+            d.close()
+
+
+def _check_worker(conn) -> None:
+    """The checking process: one job at a time from ``conn``; the write
+    history is asked for once the copy has been read."""
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        urls, names, check_ns, max_violations = job
+
+        def writes() -> list:
+            conn.send(("history", None))
+            return [WriteRecord(*row) for row in conn.recv()]
+        try:
+            conn.send(("done", asyncio.run(_check(urls, writes, names, check_ns, max_violations))))
+        except Exception as e:  # noqa: BLE001 - the demo reports it
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class CheckProcess:
+    """Checks in a process of their own. Reading and decoding every block
+    of a copy is seconds of Python: on the replay's loop it stalled the
+    replay for up to a second at a time, and in a thread the replay waited
+    for the GIL; either way the replay reported the stalls as host write
+    latency and lateness. ``check`` blocks: call it in a thread."""
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_check_worker, args=(child,), name="mirrorfw-check", daemon=True)
+        self.process.start()
+        child.close()
+        self._lock = threading.Lock()
+
+    def check(self, urls: list[str], history: Callable[[], list], names: list[str], check_ns: int,
+              max_violations: int):
+        """``history()`` gives the write records as rows (``HISTORY_ROW``)."""
+        with self._lock:
+            self.conn.send((list(urls), list(names), check_ns, max_violations))
+            while True:
+                kind, value = self.conn.recv()
+                if kind == "history":
+                    self.conn.send(history())
+                elif kind == "done":
+                    return value
+                else:
+                    raise RuntimeError(f"check failed: {value}")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
 async def replay_and_check(trace: str, primary_urls: list[str], copy_urls: list[str] | None = None, *,
                            take_copy: CopyHook | None = None,
                            volume_names: list[str] | None = None, fmt: str | None = None, timing: str = "original",
@@ -126,6 +203,7 @@ async def replay_and_check(trace: str, primary_urls: list[str], copy_urls: list[
     rp = Replayer(primaries, log_path, opts, volume_names=names)
     report = RunReport(fidelity_limits=fidelity or Fidelity(), max_coord_ms=max_coord_ms)
     checks = 0
+    checker: CheckProcess | None = None
 
     async def one_check() -> None:
         nonlocal checks
@@ -134,13 +212,12 @@ async def replay_and_check(trace: str, primary_urls: list[str], copy_urls: list[
             if len(urls) != len(primaries):
                 raise ValueError(f"take_copy gave {len(urls)} URLs for {len(primaries)} volumes")
             check_ns = time.monotonic_ns()  # the copy exists now (its CG committed before this)
-            copies = await _open_copies(urls)
-            try:
-                result = await check_copy(copies, lambda: list(rp.history), names=names, check_ns=check_ns,
-                                          max_violations=max_violations)
-            finally:
-                for d in copies:
-                    d.close()
+            # Read and decoded in a process of its own (CheckProcess says why).
+            nonlocal checker
+            if checker is None:
+                checker = CheckProcess()
+            result = await asyncio.to_thread(checker.check, list(urls), history_now, names, check_ns,
+                                             max_violations)
         entry = result.as_dict() | {"time_s": (check_ns - rp.start_mono_ns) / 1e9}
         if getattr(urls, "cg", None) is not None:
             entry["cg"] = urls.cg
@@ -148,6 +225,21 @@ async def replay_and_check(trace: str, primary_urls: list[str], copy_urls: list[
         log.info("check at %.1f s: %s", entry["time_s"], result.summary().splitlines()[0])
         if not result.consistent:
             log.error("%s", result.summary())
+
+    replay_loop = asyncio.get_running_loop()
+
+    def history_now() -> list:
+        """The write history as of now, as rows taken on the replay's loop
+        (which sets the records' acks) between two of its steps: one consistent view."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def snapshot() -> None:
+            try:
+                done.set_result(list(map(HISTORY_ROW, rp.history)))
+            except BaseException as e:  # noqa: BLE001 - handed to the checking thread
+                done.set_exception(e)
+        replay_loop.call_soon_threadsafe(snapshot)
+        return done.result(timeout=HISTORY_TIMEOUT_S)
 
     replay_done = asyncio.Event()
 
@@ -185,6 +277,8 @@ async def replay_and_check(trace: str, primary_urls: list[str], copy_urls: list[
                 await loop_task
         for d in primaries:
             d.close()
+        if checker is not None:
+            await asyncio.to_thread(checker.close)
     out = report.as_dict()
     if report_dir:
         out["files"] = report.write(report_dir)

@@ -37,6 +37,40 @@ def test_replay_and_check_reports_a_consistent_final_copy(tmp_path):
     assert "RESULT: PASS" in out["text"] and "fidelity: n/a (as fast as possible" in out["text"]
 
 
+def test_each_check_runs_in_a_process_of_its_own(tmp_path, monkeypatch):
+    """A check decodes every block of the copy: on the replay's own loop that
+    stalled the replay for up to a second at a time, and the stalls were
+    reported as host write latency and lateness."""
+    import os
+
+    import testbench.demo as demo
+
+    trace = tmp_path / "t.iolog"
+    write_trace(trace, "fio3", generate(GeneratorParams(seed=5, duration_s=0.3, iops=400, span_bytes=1 << 20)))
+    urls = [f"file://{tmp_path}/v{i}.img?size=2MiB" for i in range(2)]
+    copies = [f"file://{tmp_path}/v{i}.img" for i in range(2)]
+    checkers: list[tuple[int, int]] = []  # (checking process, rows of history it was given)
+    real_check = demo.CheckProcess.check
+
+    def spy_check(self, urls, history, *args):
+        given = []
+
+        def rows():
+            given.append(len(out := history()))
+            return out
+        result = real_check(self, urls, rows, *args)
+        checkers.append((self.process.pid, given[0]))
+        return result
+
+    monkeypatch.setattr(demo.CheckProcess, "check", spy_check)
+    out = asyncio.run(replay_and_check(str(trace), urls, copies, timing="afap", check_every_s=3600,
+                                       progress=False))
+    assert out["passed"] and out["checks"][0]["consistent"] and out["replay"]["writes"] > 20
+    assert checkers and all(pid != os.getpid() for pid, _ in checkers), "a check ran in the replay's process"
+    # The history is asked for once the copy has been read, every write in it.
+    assert checkers[-1][1] == out["checks"][-1]["logged_writes"] == out["replay"]["writes"]
+
+
 def test_report_skips_plots_it_has_no_data_for(tmp_path):
     rep = RunReport(checks=[{"consistent": False, "violation_count": 1, "time_s": 1.0, "data_exposure_s": None,
                              "violations": [{"kind": "lost-write", "volume": "vol0", "lba": 3, "message": "m"}]}])
