@@ -89,10 +89,6 @@ class Scenario:
 
 S_PER_T = TRACK_BYTES // SECTOR
 
-_EVICT_ONE_OWING = (("write", 0, 1 * S_PER_T + 2, 2), ("destage",), ("write", 1, 0, TRACKS * S_PER_T),
-                    ("write", 0, 2 * S_PER_T, (TRACKS - 2) * S_PER_T), ("write", 0, 0, 1),
-                    ("write", 1, 2 * S_PER_T + 1, 3))
-
 FIXED = (
     Scenario("write-cg", "dual-image", (("write", 0, 1 * S_PER_T, 2), ("form_cg",))),
     Scenario("two-volumes", "dual-image", (("write", 0, 1 * S_PER_T, 8), ("write", 1, 2 * S_PER_T + 3, 2),
@@ -121,13 +117,14 @@ FIXED = (
     Scenario("multi-track", "dual-image", (("write", 1, 2 * S_PER_T - 2, 2 * S_PER_T + 4), ("destage",),
                                            ("begin",), ("write", 1, 3 * S_PER_T, 1), ("drain",),
                                            ("commit",))),
-    # Track 1 of volume 0 owes a partial write and holds the only clean
-    # image when an overwrite's journal needs a slot: its eviction keeps the
-    # mask in the track's NVRAM record, which the drain sends from (and,
-    # in the second, which a new image of the track starts from).
-    Scenario("evicted-mask", "dual-image", _EVICT_ONE_OWING + (("form_cg",),), primary_nvram=SMALL_NVRAM),
-    Scenario("evicted-mask-rewrite", "dual-image", _EVICT_ONE_OWING + (("write", 0, 1 * S_PER_T + 5, 2),
-                                                                       ("form_cg",)), primary_nvram=SMALL_NVRAM),
+    # 15 clean images that all owe, track 1 of volume 0 with a partial
+    # write: the CG's 8 new images evict every image of volume 0, each
+    # keeping its mask in its track's NVRAM record, and the drain sends
+    # those tracks from their records.
+    Scenario("evicted-mask", "dual-image", (("write", 0, 1 * S_PER_T + 2, 7 * S_PER_T - 2),
+                                            ("write", 1, 0, TRACKS * S_PER_T), ("destage",), ("begin",),
+                                            ("write", 1, 0, TRACKS * S_PER_T), ("drain",), ("commit",)),
+             primary_nvram=SMALL_NVRAM),
 )
 
 
