@@ -17,7 +17,11 @@ The frame size before authentication is the TCP driver's to cap
 (``MAX_VOLUMES``). DATA frames are written
 concurrently (at most ``data_inflight``), two for the same track in the
 order they came; a CG step waits until every DATA frame before it is
-written.
+written. A SYNC makes durable what was acknowledged before it (the
+primary syncs only acknowledged tracks, firmware/drain.py): it flushes in a
+task of its own without waiting for the DATA frames still being written,
+which keep coming and being written meanwhile, so the pipeline does not
+drain at every sync.
 
 ``ReplicationService`` alone owns the secondary's link state: it emits the
 ``change link`` events (state up/down), once per change, so a reconnect
@@ -47,6 +51,10 @@ log = logging.getLogger(__name__)
 MAX_HANDSHAKES = 8  # handshakes at once; strangers beyond it wait
 WAITING_PER_HANDSHAKE = 4  # ... up to this many per handshake slot, then are refused at once
 REJECTED_KEPT = 256  # refusal lines kept for status (a flood of strangers must not grow memory)
+# DATA frames written at once. Each costs a copy-on-write of its grain to C,
+# a durable write, so the secondary is latency-bound: enough in flight to
+# cover that latency, as many as the primary's window (firmware/link_primary.py).
+DATA_INFLIGHT = 128
 
 
 class ReplicationService:
@@ -60,7 +68,7 @@ class ReplicationService:
         *,
         random_bytes: hs.RandomBytes,
         clock: Clock | None = None,
-        data_inflight: int = 32,
+        data_inflight: int = DATA_INFLIGHT,
         events: EventBus | None = None,
         encrypt: bool = True,
         max_handshakes: int = MAX_HANDSHAKES,
@@ -86,6 +94,7 @@ class ReplicationService:
         self._clock = clock or AsyncioClock()
         self._slots = asyncio.Semaphore(data_inflight)
         self._tasks: set[asyncio.Task] = set()
+        self._syncs: set[asyncio.Task] = set()  # SYNCs flushing, answered in their own task
         self._by_track: dict[tuple[int, int], asyncio.Task] = {}
         self._active: SealedChannel | None = None
         self.events = events
@@ -271,6 +280,10 @@ class ReplicationService:
                 self._by_track[key] = task
                 self._tasks.add(task)
                 task.add_done_callback(lambda t, key=key: self._data_finished(t, key))
+            elif isinstance(frame, p.Sync):  # durable: what was acknowledged before it
+                task = asyncio.ensure_future(self._sync(link, frame, call))
+                self._syncs.add(task)
+                task.add_done_callback(self._syncs.discard)
             else:  # a CG step: it applies to every DATA frame received before it
                 await self._settle()
                 await self._send(link, await self._answer(frame, call, frame.cg_seq))
@@ -282,9 +295,15 @@ class ReplicationService:
             del self._by_track[key]
 
     async def _settle(self) -> None:
-        """Wait for every DATA frame received so far to be written."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Wait for every DATA frame received so far to be written (and
+        every SYNC received so far to be answered)."""
+        while self._tasks or self._syncs:
+            await asyncio.gather(*self._tasks, *self._syncs, return_exceptions=True)
+
+    async def _sync(self, link: SealedChannel, frame: p.Sync, sync: Callable[..., Awaitable[None]]) -> None:
+        """Answer a SYNC once a flush begun after it came is done: it covers
+        every DATA frame acknowledged before the SYNC was sent."""
+        await self._send(link, await self._answer(frame, sync, frame.cg_seq))
 
     async def _data(self, link: SealedChannel, frame: p.Data, receive_track: Callable[..., Awaitable[None]], volume: str,
                     before: asyncio.Task | None) -> None:

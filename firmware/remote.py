@@ -72,9 +72,11 @@ class RemotePort(abc.ABC):
 
     @abc.abstractmethod
     async def sync(self, cg_seq: int) -> None:
-        """Make every track sent so far durable in B (a power cut at the
-        secondary keeps them). The primary clears OOS bits only after this:
-        a track whose bit is cleared is never sent again."""
+        """Make every track acknowledged so far (its ``send_track``
+        returned) durable in B: a power cut at the secondary keeps them.
+        Sends still in flight need not be covered. The primary clears OOS
+        bits only after this, and only of acknowledged tracks: a track whose
+        bit is cleared is never sent again."""
 
     @abc.abstractmethod
     async def drain_done(self, cg_seq: int) -> None:

@@ -323,6 +323,55 @@ def test_window_bounds_frames_in_flight(tmp_path):
     run(main())
 
 
+def test_sync_does_not_wait_for_data_still_being_written_nor_stop_data_after_it(tmp_path):
+    """A SYNC covers what was acknowledged before it: it is answered while a
+    DATA frame sent before it is still being written, and DATA frames after
+    it are written while its flush runs (the pipeline does not drain at
+    every sync). Before, the service read nothing more until every earlier
+    DATA frame was written and the flush done."""
+
+    async def main():
+        site = Site(tmp_path)
+        release_track = asyncio.Event()
+        release_flush = asyncio.Event()
+        inner_receive, inner_sync = site.secondary.receive_track, site.secondary.sync
+
+        async def held_receive(volume, track, cg_seq, data, *args):
+            if track == 0:
+                await release_track.wait()
+            return await inner_receive(volume, track, cg_seq, data, *args)
+
+        async def held_sync(cg_seq):
+            await release_flush.wait()
+            return await inner_sync(cg_seq)
+
+        site.secondary.receive_track = held_receive  # before the service takes its bound methods
+        site.secondary.sync = held_sync
+        await site.start()
+        remote = site.remote()
+        await remote.connect("test", GEOMETRY)
+        held = asyncio.ensure_future(remote.send_track("vol0", 0, 1, pattern(0, 0, 1)))
+        await remote.send_track("vol0", 1, 1, pattern(0, 1, 1))
+        sync = asyncio.ensure_future(remote.sync(1))
+        # The flush is held: a track sent after the SYNC is still written and acknowledged.
+        await asyncio.wait_for(remote.send_track("vol0", 2, 1, pattern(0, 2, 1)), 5)
+        assert not sync.done() and not held.done()
+        release_flush.set()
+        await asyncio.wait_for(sync, 5)  # answered with track 0 still being written
+        assert not held.done()
+        release_track.set()
+        await held
+        await remote.drain_done(1)
+        await remote.prepare(1)
+        await remote.commit(1)
+        for t in range(3):
+            assert await site.secondary.read_c("vol0", t * TRACK, TRACK) == pattern(0, t, 1)
+        await remote.close()
+        await site.close()
+
+    run(main())
+
+
 def test_faulty_device_fails_the_ops_its_plan_names():
     async def main():
         inner = open_device("mem://?size=1MiB")
