@@ -59,7 +59,7 @@ class LinkRemote(RemotePort):
         secret: bytes,
         *,
         random_bytes: hs.RandomBytes,
-        window: int = 64,
+        window: int = 128,
         clock: Clock | None = None,
         backoff_s: tuple[float, float] = (0.05, 2.0),
         down_wait_s: float = 1.0,

@@ -67,7 +67,7 @@ class SessionParams:
     track_bytes: int = 65536
     max_failures_before_untimed: int = 5
     destage_inflight: int = 8
-    drain_inflight: int = 16
+    drain_inflight: int = 64  # sends in flight: the secondary is latency-bound (a durable copy-on-write per track)
     # Secondary: bytes that point-in-time reads of C (NBD connections, snapshots)
     # may keep in memory, over all of them (firmware/pins.py).
     max_pinned_bytes: int = 256 << 20

@@ -250,7 +250,7 @@ def _session_fields() -> dict[str, Any]:
         from firmware.params import SessionParams
     except ImportError:  # the firmware core not installed yet: accept the contract's names
         return dict(cg_interval_s=0.0, max_coord_ms=50.0, max_drain_s=240.0, collision_policy="dual-image",
-                    track_bytes=65536, max_failures_before_untimed=5, destage_inflight=8, drain_inflight=16)
+                    track_bytes=65536, max_failures_before_untimed=5, destage_inflight=8, drain_inflight=64)
     return {f.name: f.default for f in dataclasses.fields(SessionParams)}
 
 
