@@ -95,16 +95,25 @@ class BlockDevice(abc.ABC):
         return n // self.info.block_size
 
     async def read(self, lba: int, count: int) -> bytes:
-        self._check("read", lba, count)
-        if count == 0:
-            return b""
+        if not 0 < count <= self.info.num_blocks - lba or lba < 0 or self.closed:  # the usual case skips _check
+            self._check("read", lba, count)
+            if count == 0:
+                return b""
         return await self._read(lba, count)
 
     async def write(self, lba: int, data, *, fua: bool = False) -> None:
-        count = self._count_of("write", data)
-        self._check("write", lba, count, writing=True)
-        if count:
-            await self._write(lba, data, fua)
+        # The usual request (a whole number of blocks, in range, device open
+        # and writable) is checked inline; anything else takes the full
+        # checks, which say what is wrong.
+        info = self.info
+        n = data.nbytes if type(data) is memoryview else len(data)
+        count, rest = divmod(n, info.block_size)
+        if rest or not 0 < count <= info.num_blocks - lba or lba < 0 or self.closed or info.read_only:
+            count = self._count_of("write", data)
+            self._check("write", lba, count, writing=True)
+            if not count:
+                return
+        await self._write(lba, data, fua)
 
     async def flush(self) -> None:
         self._check("flush", 0, 0)

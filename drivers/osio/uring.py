@@ -175,7 +175,10 @@ class Ring:
             raise
         self.next_id = ud + 1
         self.ops[ud] = op
-        self._count_queued(ud)
+        self.unsubmitted.append(ud)
+        if not self.submit_scheduled:
+            self.submit_scheduled = True
+            self.loop.call_soon(self.submit)
 
     def _count_queued(self, ud: int) -> None:
         self.unsubmitted.append(ud)
