@@ -19,8 +19,8 @@ Each image also keeps a *segment mask* (``segs``, a bit per 4 KiB segment):
 what of its track was written since the track was last made durable in B,
 so the drain sends those segments only. Its crash rules are in
 firmware/layout.py; here: ``apply`` adds the written segments, ``promote``
-and ``merge_new_into_cur`` keep the union, and only ``synced`` (B durable
-for a send) drops bits: the mask becomes what was written after that send.
+and ``merge_new_into_cur`` keep the union (with the old image's record when
+it was evicted), and only ``synced`` (B durable for a send) drops bits: the mask becomes what was written after that send.
 Evicting the image of a track that owes B something first keeps its mask
 in the track's NVRAM record (firmware/track_masks.py); an image allocated
 for a track that already owes starts from that record, or full when there
@@ -224,7 +224,7 @@ class WriteCache(CacheJournal):
             return False
         cur, new = pair
         after = self.segment_mask(new)  # the new image was written after the CG's cut, all of it
-        new.segs, new.epoch = after | self.segment_mask(cur), self.mask_epoch
+        new.segs, new.epoch = after | self._old_mask(cur, volume, track), self.mask_epoch
         new.after, new.tracking = after, True
         if cur is not None:
             src, dst = self.slot_view(cur), self.slot_view(new)
@@ -261,7 +261,8 @@ class WriteCache(CacheJournal):
             cur.segs, cur.epoch = self.segment_mask(cur) | self.segment_mask(new), self.mask_epoch
             cur.tracking = False
         new.tracking = False
-        if cur is None:
+        if cur is None:  # the old image was evicted: what it owed is in the track's record
+            new.segs, new.epoch = self.segment_mask(new) | self._kept_mask(volume, track), self.mask_epoch
             new.state = STATE_CUR
             pair[0], pair[1] = new, None
             self._touch(new)
@@ -287,10 +288,11 @@ class WriteCache(CacheJournal):
     def track_mask(self, volume: int, track: int) -> int:
         """What the drain sends of the track: its cur image's mask, else the
         mask its evicted image left; all segments when neither is known."""
-        cur = self._index.get((volume, track), (None, None))[0]
-        if cur is not None:
-            return self.segment_mask(cur)
-        return self._kept_mask(volume, track)
+        return self._old_mask(self._index.get((volume, track), (None, None))[0], volume, track)
+
+    def _old_mask(self, cur: CacheEntry | None, volume: int, track: int) -> int:
+        """The mask of the track's old image, or of its record once evicted."""
+        return self.segment_mask(cur) if cur is not None else self._kept_mask(volume, track)
 
     def _kept_mask(self, volume: int, track: int) -> int:
         """The track's NVRAM mask record; all segments when it has none of

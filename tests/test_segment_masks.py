@@ -174,6 +174,38 @@ def test_a_cut_before_the_record_is_persisted_leaves_the_image_in_the_directory(
     asyncio.run(main())
 
 
+def test_a_failed_cg_folds_a_new_image_over_an_evicted_old_one_and_keeps_the_old_mask():
+    """Track 7's old image (segment 1, clean) is evicted while the CG's new
+    image (segment 5) is held; the CG fails, and the new image becomes the
+    track's only image: its mask must keep segment 1 (the record), or the
+    next CG would send segment 5 alone and B would miss segment 1."""
+    async def main():
+        rig = await make_rig(nvram_bytes=SMALL)
+        p = rig.primary
+        await steady(rig)
+        await p.write("vol0", 7 * T + S, blk("o"))
+        await p.destager.destage()
+        await p.quiesce()
+        await p.run()
+        await p.write("vol0", 7 * T + 5 * S, blk("n"))
+        cur, new = p.cache.images(0, 7)
+        assert new is not None and p.cache.segment_mask(new) == 1 << 5
+        t = 20
+        while p.cache.images(0, 7)[0] is not None:  # evict the old image, not the new one
+            await p.write("vol0", t * T, blk("x"))
+            await p.destager.destage()
+            t += 1
+        assert p.cache.track_mask(0, 7) == 0b10
+        await p.cg_fail("test")
+        assert p.cache.images(0, 7) == (new, None)
+        assert p.cache.segment_mask(new) == 0b100010
+        got = spy_runs(rig)
+        assert await p.form_cg()
+        assert (7, [(S, S), (5 * S, S)]) in got
+        await b_equals_a(rig, [7])
+    asyncio.run(main())
+
+
 def test_track_records_are_zeroed_before_their_16_bit_tag_comes_round():
     async def main():
         rig = await make_rig()
