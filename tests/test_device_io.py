@@ -359,3 +359,29 @@ def test_large_transfers_take_the_pool_small_ones_the_ring(tmp_path, monkeypatch
     finally:
         dio.close()
     assert pooled == [big, BLOCK + big]
+
+
+@pytest.mark.timeout(60)
+def test_an_op_on_an_idle_ring_goes_to_the_kernel_when_issued(tmp_path, monkeypatch):
+    """At queue depth 1 waiting for the loop turn's io_uring_enter batches
+    nothing: the only op in flight is submitted when issued. An op issued
+    while others are in flight waits for that one batched enter, and its
+    completion is reaped through the ring's descriptor as before."""
+    _want_uring(monkeypatch)
+    dio = _open(tmp_path, "uring-direct")
+
+    async def go():
+        await dio.write(b"\x01" * BLOCK, 0)  # the ring is set up; nothing in flight now
+        ring = dio._ring
+        first = dio.write(b"\x02" * BLOCK, BLOCK)
+        assert len(ring.ops) == 1 and ring.unsubmitted == []  # the kernel has it already
+        second = dio.write(b"\x03" * BLOCK, 2 * BLOCK)
+        assert len(ring.unsubmitted) == 1  # batched with whatever else this loop turn queues
+        await asyncio.gather(first, second)
+        assert not ring.ops and not ring.unsubmitted
+        return await dio.read(0, 3 * BLOCK)
+
+    try:
+        assert _run(go()) == b"\x01" * BLOCK + b"\x02" * BLOCK + b"\x03" * BLOCK
+    finally:
+        dio.close()
