@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import resource
 import shutil
 import stat
 import subprocess
@@ -30,6 +31,19 @@ from drivers.osio.pool import IO_THREADS
 log = logging.getLogger(__name__)
 
 LOOP_SIZE_BYTES = 1 << 30
+
+
+def _cpu_seconds() -> float:
+    """User and system CPU time of this process, every thread (the pool's too)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _figures(done: int, block_bytes: int, elapsed: float, cpu_s: float) -> dict:
+    # CPU per I/O next to the rate: on a shared machine the rate swings with
+    # what else runs; the CPU an I/O costs much less so.
+    return {"iops": done / elapsed, "mib_s": done * block_bytes / elapsed / (1 << 20), "ios": done,
+            "seconds": elapsed, "cpu_us_per_io": cpu_s / done * 1e6 if done else 0.0}
 
 
 def _url_for(path: str) -> str:
@@ -53,13 +67,12 @@ async def _hal_randwrite(url: str, seconds: float, block_bytes: int, depth: int,
                 await dev.write(rng.randrange(slots) * per, payload)
                 done += 1
 
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), _cpu_seconds()
         await asyncio.gather(*(worker(k) for k in range(depth)))
-        elapsed = time.perf_counter() - start
+        elapsed, cpu_s = time.perf_counter() - start, _cpu_seconds() - cpu0
     finally:
         dev.close()
-    return {"iops": done / elapsed, "mib_s": done * block_bytes / elapsed / (1 << 20), "ios": done,
-            "seconds": elapsed}
+    return _figures(done, block_bytes, elapsed, cpu_s)
 
 
 async def _hal_seqwrite(url: str, seconds: float, block_bytes: int) -> dict:
@@ -69,16 +82,15 @@ async def _hal_seqwrite(url: str, seconds: float, block_bytes: int) -> dict:
         per = block_bytes // dev.info.block_size
         payload = random.Random(3).randbytes(block_bytes)
         done = 0
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), _cpu_seconds()
         deadline = start + seconds
         while time.perf_counter() < deadline:
             await dev.write((done % slots) * per, payload)
             done += 1
-        elapsed = time.perf_counter() - start
+        elapsed, cpu_s = time.perf_counter() - start, _cpu_seconds() - cpu0
     finally:
         dev.close()
-    return {"iops": done / elapsed, "mib_s": done * block_bytes / elapsed / (1 << 20), "ios": done,
-            "seconds": elapsed}
+    return _figures(done, block_bytes, elapsed, cpu_s)
 
 
 def _fio(path: str, seconds: float, rw: str, bs: str, depth: int, engine: str, size_bytes: int) -> dict:
@@ -92,9 +104,12 @@ def _fio(path: str, seconds: float, rw: str, bs: str, depth: int, engine: str, s
     if proc.returncode != 0:
         raise RuntimeError(f"fio failed: {proc.stderr.strip()[:300]}")
     out = proc.stdout[proc.stdout.index("{"):]  # fio may print notes before the JSON
-    job = json.loads(out)["jobs"][0]["write"]
+    jobs = json.loads(out)["jobs"][0]
+    job = jobs["write"]
+    cpu_s = (jobs["usr_cpu"] + jobs["sys_cpu"]) / 100 * job["runtime"] / 1000  # fio's percent of its runtime
     return {"iops": job["iops"], "mib_s": job["bw_bytes"] / (1 << 20), "ios": job["total_ios"],
-            "seconds": job["runtime"] / 1000, "engine": engine}
+            "seconds": job["runtime"] / 1000, "engine": engine,
+            "cpu_us_per_io": cpu_s / job["total_ios"] * 1e6 if job["total_ios"] else 0.0}
 
 
 def _run(coro):
