@@ -80,7 +80,9 @@ class Drainer:
         # Sent in the CG being formed, OOS bit set until sync: track -> the
         # remote's link epoch the secondary acknowledged it on.
         self.sent: dict[tuple[int, int], int] = {}
-        self._syncing: asyncio.Future | None = None
+        self._syncing: asyncio.Future | None = None  # the sync running
+        self._sync_started = 0  # syncs begun, in total (they run one at a time, in order)
+        self._synced = (0, 0)  # the number and CG of the latest that succeeded
         self.drain_bytes = 0  # bytes sent, in total
         self.cg_tracks = 0  # tracks sent for the CG being formed
         self.partial_tracks = 0  # tracks sent as segment runs, in total
@@ -157,13 +159,25 @@ class Drainer:
     async def sync(self, seq: int) -> None:
         """Make B durable for every track sent so far, then clear their OOS
         bits (unless the CG ended meanwhile: then they stay, and are resent).
-        Concurrent callers share one sync per batch."""
-        while self._syncing is not None:
-            await asyncio.shield(self._syncing)
+        Concurrent callers share syncs: one runs at a time, and a caller is
+        done with the first of CG ``seq`` that began after it called (it
+        covers every track acknowledged before). Callers that waited for
+        the running one share the next, instead of running one each in turn
+        (with sends going on, each found a batch of its own: a convoy)."""
+        need = self._sync_started + 1
+        while True:
+            done, done_seq = self._synced
+            if done >= need and done_seq == seq:
+                return
+            if self._syncing is None:
+                break
+            await asyncio.shield(self._syncing)  # its failure is every waiter's
         batch = dict(self.sent)
         if not batch or not self.in_cg(seq):
             return
-        self._syncing = asyncio.get_running_loop().create_future()
+        self._sync_started += 1
+        number = self._sync_started
+        syncing = self._syncing = asyncio.get_running_loop().create_future()
         try:
             epoch = self.remote.epoch
             # A track acknowledged on an earlier link may have been in the
@@ -185,12 +199,15 @@ class Drainer:
                     cache.synced(vi, t)  # after the bit: a mask is never less than the bit needs
                 for key in batch:
                     self.sent.pop(key, None)
+            self._synced = (number, seq)
+            syncing.set_result(None)
         except BaseException as e:
+            syncing.set_exception(e if isinstance(e, Exception) else CgFailed("sync interrupted"))
+            syncing.exception()  # retrieved: waiters re-raise it, nobody else must
             if isinstance(e, LINK_ERRORS):
                 self.on_link_error()
             raise
         finally:
-            self._syncing.set_result(None)
             self._syncing = None
 
     async def send_old(self, vi: int, t: int, seq: int) -> None:
