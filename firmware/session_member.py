@@ -114,7 +114,8 @@ class LocalMember(MemberPort):
     async def _start(self, seq: int) -> None:
         c = self.cycle
         await c.quiesce(seq)
-        await asyncio.sleep(0)  # writes already accepted land before CR exists
+        # No loop turn before the switch (as CgCycle): a write not yet landed
+        # lands in CR, and its ack waits at the closed gate until the run.
         if c.before_switch is not None:
             await c.before_switch()
         c.machine.handle(Event.RECORDING_ON)  # driven: the acks stay held
