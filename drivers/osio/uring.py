@@ -4,8 +4,9 @@ loop with no thread per request.
 With O_DIRECT the device works on many requests at once; the thread pool
 needs a thread (and a GIL hand-off) for each, io_uring one io_uring_enter per
 loop iteration for all the SQEs queued in it, and completions wake the loop
-through the ring's own descriptor (readable while the CQ holds entries). ``DeviceIo`` (deviceio.py) decides per op whether a ring
-or the pool takes it; this module only sets rings up and runs them.
+through the ring's own descriptor (readable while the CQ holds entries).
+``DeviceIo`` (deviceio.py) decides per op whether a ring or the pool takes
+it; this module only sets rings up and runs them.
 
 io_uring comes from the optional PyPI ``liburing`` (extra ``uring``, pinned
 to 2024.5.3: 2026.3.30 died with an illegal instruction on these machines,
@@ -109,8 +110,8 @@ class Ring:
     polls readable while the CQ holds entries, and are reaped in one pass.
 
     The ring descriptor, not a registered eventfd: an eventfd costs a read
-    per wakeup and one more after every submit to clear it, three system
-    calls per op at queue depth 1 where fio's psync makes one."""
+    per wakeup and another after every submit to clear it, two of the five
+    system calls an op made at queue depth 1 (fio's psync makes one)."""
 
     def _setup(self, u: Any, entries: int) -> None:
         self.u = u
