@@ -5,6 +5,7 @@ and a small campaign runs on a Dask LocalCluster with two worker processes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -17,13 +18,22 @@ from firmware.drain import Drainer
 from testbench.sim import campaign
 from testbench.sim.engine import (
     FAULT_KINDS,
+    IMPOSSIBLE,
     PHASES,
+    RACE_ONLY,
+    REACHABLE,
+    Config,
+    Result,
+    World,
     config,
     fault_kind,
     phase_of,
     run_seed,
     scenario,
+    targets,
+    within_of,
 )
+from testbench.sim.world import TRACK_BYTES
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -54,7 +64,7 @@ def test_scenarios_are_seeded_and_well_formed():
                 assert e[4] >= 0 and e[5] >= 1 and e[4] + e[5] <= 64
             else:
                 kinds.add(fault_kind(e) or e[0])
-                assert phase_of(e) in (None, *PHASES[:4])
+                assert phase_of(e) in (None, *PHASES)
     assert len(kinds) >= 12, kinds
     assert {k for k in kinds if k in FAULT_KINDS} <= set(FAULT_KINDS)
 
@@ -158,3 +168,98 @@ def test_a_small_campaign_on_a_dask_local_cluster_with_two_workers():
     # The same seeds on two worker processes: the same coverage, CGs and writes (deterministic).
     assert there["coverage"] == here["coverage"] and there["cg_steps"] == here["cg_steps"]
     assert there["acked"] == here["acked"]
+
+
+def test_a_call_that_reached_the_secondary_runs_to_its_end_when_its_sender_is_cancelled():
+    """A send whose sender goes (its box lost power, its CG failed and
+    cancelled the drain) still writes B at the secondary, as a request on a
+    real link does: the cancellation never lands inside the secondary's code."""
+    cfg = Config(controllers=1, policy="dual-image", cg_interval_s=1.0, drain_inflight=1, duration_s=2.0, writes=0)
+    data = bytes([7]) * TRACK_BYTES
+
+    async def go() -> list[bytes]:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: None)
+        world = World(1, cfg, Result(1, cfg.as_dict(), 0))
+        await world.boot()
+        pair = world.pairs[0]
+        started = asyncio.Event()
+        receive = pair.secondary.receive_track
+
+        async def receive_track(*args, **kw):
+            started.set()
+            await receive(*args, **kw)
+        pair.secondary.receive_track = receive_track
+        send = asyncio.ensure_future(pair.primary.cycle.remote.send_track(
+            "vol0", 3, pair.secondary.committed_cg + 1, data))
+        while not started.is_set():
+            await world.run_for(0.0005)
+        send.cancel()
+        await world.run_for(0.1)
+        assert send.cancelled()
+        return await pair.read_b()
+
+    b = asyncio.run(go())
+    assert b[0][3 * TRACK_BYTES : 4 * TRACK_BYTES] == data
+
+
+def test_seeds_aim_at_every_reachable_cell_evenly():
+    counts: dict = {}
+    for seed in range(600):
+        for cell in targets(seed, config(seed)):
+            counts[cell] = counts.get(cell, 0) + 1
+    assert set(counts) == set(REACHABLE) and not set(counts) & set(IMPOSSIBLE)
+    assert min(counts.values()) >= 3, sorted(counts.items(), key=lambda x: x[1])[:5]
+    for seed in range(40):  # what the targets need: the config's roles, a phase to wait for, a cut's phase
+        cfg, evs = config(seed), scenario(seed)
+        faults_ = [e for e in evs if e[0] != "w"]
+        assert len(faults_) >= (3 if cfg.controllers == 1 else 8)
+        assert all(within_of(e) in (None, *PHASES) for e in faults_ if e[0] == "arm")
+
+
+def test_the_report_marks_impossible_cells_and_prints_the_floor_and_its_projection():
+    cov = {"|".join(c): 5 for c in REACHABLE if c[2] == "single"}
+    cov["power-primary|idle|single"] = 3
+    cov["cut-primary|down|single"] = 1  # an impossible cell hit: shown with "!"
+    table = campaign.coverage_table(cov, 100, {"single": 100})
+    assert "n/a" in table and "1!" in table and "role master" not in table
+    assert "ctldown" in table and "only a subordinate has a control link" in table
+    floor = campaign.coverage_floor(cov, {"single": 100}, 100)
+    race = [c for c in RACE_ONLY if c[2] == "single"]
+    assert floor["coverage_min"] == 3 and floor["coverage_min_per_100k"] == 3000
+    assert floor["coverage_reachable_cells"] == len([c for c in REACHABLE if c[2] == "single"]) - len(race)
+    assert "min seeds per reachable cell: 3 of 100" in table and "at 100,000 seeds: ~3000" in table
+
+
+# Seed 842 (3 controllers): c1's primary armed to lose power at its first persist point in idle; the master
+# (c0) crashes, and the world tells c1 the master is lost: c1 fails its CG and saves its record right in that
+# call, and the PowerLost out of c1's box ended the run, and the whole campaign with it.
+MEMBER_CUT_IN_MASTER_LOST = [
+    ["w", 0.116901, 0, 0, 10, 2], ["w", 0.1199, 0, 0, 45, 1], ["w", 0.151651, 0, 1, 24, 1],
+    ["arm", 0.154949, 0, "primary", 27, 0.6], ["cmd", 0.181301, 1, "resume", "", "at:idle"],
+    ["w", 0.185256, 0, 0, 9, 12], ["w", 0.197543, 1, 1, 13, 1], ["w", 0.209725, 0, 0, 7, 16],
+    ["w", 0.228731, 1, 0, 16, 1], ["w", 0.262202, 0, 1, 23, 1], ["w", 0.447964, 0, 1, 48, 8],
+    ["w", 0.467737, 1, 0, 11, 1], ["w", 0.472929, 1, 1, 21, 4], ["w", 0.497206, 0, 1, 0, 16],
+    ["w", 0.50711, 0, 1, 8, 2], ["arm", 0.553706, 1, "primary", 1, 0.2, "in:idle"],
+    ["crash", 0.758402, 0, "primary", 0.0, "at:quiescing"], ["eio", 0.832047, 0, "b0", 3, "at:committing+0.001661"],
+    ["w", 0.861124, 1, 1, 5, 2]]
+
+
+def test_a_member_losing_power_in_the_worlds_own_call_is_a_cut_not_the_end_of_the_run():
+    res = run_seed(842, MEMBER_CUT_IN_MASTER_LOST)
+    assert res.violations == [], res.violations
+    assert any("c1 primary down" in line for line in res.log) and any("c1 primary up" in line for line in res.log)
+
+
+def test_a_command_in_progress_on_a_box_that_loses_power_ends_and_the_run_converges():
+    """Seed 52, shrunk: c0 is suspended (the command waits for the CG in
+    flight) and loses power in the same step; the world's command task
+    waited for ever on the dead box, so the run never saw convergence."""
+    events = [["power", 0.773584, 1, "primary", 554, 0.308], ["eio", 0.810529, 1, "a0", 1, "at:down"],
+              ["power", 0.874326, 0, "primary", 439, 0.0, "at:draining"], ["w", 0.882969, 1, 1, 23, 4],
+              ["cmd", 1.082962, 0, "suspend", "", "at:quiescing"], ["w", 1.089663, 1, 1, 27, 8],
+              ["arm", 1.257357, 1, "secondary", 2, 0.2], ["arm", 1.295179, 0, "secondary", 1, 0.6, "in:quiescing"]]
+    res = run_seed(52, events)
+    assert res.violations == [], res.violations
+    when = next(line.split()[0] for line in res.log if line.endswith('"suspend", "", "at:quiescing"]')
+                and " event [" in line)
+    assert f"{when} c0 primary down" in res.log  # the suspend was in progress as c0 went down

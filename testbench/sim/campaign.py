@@ -28,11 +28,15 @@ from xml.sax.saxutils import escape, quoteattr
 
 from testbench.sim.engine import (
     FAULT_KINDS,
+    IMPOSSIBLE,
     PHASES,
+    RACE_ONLY,
+    REACHABLE,
     ROLES,
     SECTORS,
     Config,
     config,
+    roles_of,
     run_seed,
     scenario,
 )
@@ -65,9 +69,12 @@ def run_chunk(seeds: Iterable[int]) -> dict:
     t0 = time.monotonic()
     for seed in seeds:
         c0 = time.process_time()
-        res = run_seed(seed, keep_log=False)
+        cfg = config(seed)
+        res = run_seed(seed, keep_log=False, cfg=cfg)
         out["cpu_s"] += time.process_time() - c0  # the rates count runs, not shrinking
         out["seeds"] += 1
+        for role in roles_of(cfg):
+            out["roles"][role] = out["roles"].get(role, 0) + 1
         out["cg_steps"] += res.cgs_committed + res.cgs_failed
         out["acked"] += res.acked
         out["virtual_s"] += res.virtual_s
@@ -83,15 +90,15 @@ def run_chunk(seeds: Iterable[int]) -> dict:
 
 
 def empty() -> dict:
-    return {"seeds": 0, "violations": [], "coverage": {}, "fault_x_phase": {}, "cg_steps": 0, "acked": 0, "virtual_s": 0.0,
-            "cpu_s": 0.0, "wall_s": 0.0}
+    return {"seeds": 0, "violations": [], "coverage": {}, "fault_x_phase": {}, "roles": {}, "cg_steps": 0, "acked": 0,
+            "virtual_s": 0.0, "cpu_s": 0.0, "wall_s": 0.0}
 
 
 def merge(a: dict, b: dict) -> dict:
     for k in ("seeds", "cg_steps", "acked", "virtual_s", "cpu_s"):
         a[k] += b[k]
     a["violations"] += b["violations"]
-    for key in ("coverage", "fault_x_phase"):
+    for key in ("coverage", "fault_x_phase", "roles"):
         for cell, n in b[key].items():
             a[key][cell] = a[key].get(cell, 0) + n
     return a
@@ -178,6 +185,7 @@ def finish(total: dict) -> dict:
     total["scenarios_per_s_wall"] = round(total["seeds"] / max(total["wall_s"], 1e-9), 2)
     for k in ("virtual_s", "cpu_s", "wall_s"):
         total[k] = round(total[k], 2)
+    total.update(coverage_floor(total["coverage"], total["roles"], total["seeds"]))
     return total
 
 
@@ -227,19 +235,69 @@ def shrink(seed: int, events: list | None = None, cfg: Config | None = None, bud
 
 
 # ================================================================ coverage
-def coverage_table(coverage: dict, seeds: int) -> str:
-    """fault kind x CG phase, one block per controller role present: seeds per cell."""
+COVERAGE_TARGET = 1000  # seeds per cell at 100,000 seeds (issue 14)
+
+
+def coverage_floor(coverage: dict, roles: dict, seeds: int) -> dict:
+    """The fewest seeds any reachable cell got (race-only cells aside: their
+    own key), over the roles the seeds' configs had (a run of
+    single-controller seeds has no master cells to reach), and that floor
+    projected to 100,000 seeds at the same rate."""
+    cells = [c for c in REACHABLE if roles.get(c[2]) and c not in RACE_ONLY]
+    counts = {c: coverage.get("|".join(c), 0) for c in cells}
+    low = min(counts.values(), default=0)
+    return {"coverage_reachable_cells": len(cells),
+            "coverage_cells_hit": sum(1 for n in counts.values() if n),
+            "coverage_min": low,
+            "coverage_min_cells": ["|".join(c) for c, n in counts.items() if n == low][:10],
+            "coverage_min_per_100k": round(low / seeds * 100_000) if seeds else 0,
+            "coverage_race_only": {"|".join(c): coverage.get("|".join(c), 0) for c in RACE_ONLY if roles.get(c[2])}}
+
+
+def coverage_table(coverage: dict, seeds: int, roles: dict | None = None) -> str:
+    """fault kind x CG phase, one block per controller role present: seeds
+    per cell; "n/a" where a cell cannot happen (the reasons under it), and
+    the floor over the reachable cells with its projection to 100k seeds."""
     cells = {tuple(k.split("|")): n for k, n in coverage.items()}
+    roles = roles or {}
     lines = []
     for role in ROLES:
-        if not any(r == role for _, _, r in cells):
+        if not roles.get(role) and not any(r == role for _, _, r in cells):
             continue
-        lines.append(f"role {role}  (seeds hitting each cell, of {seeds})")
+        lines.append(f"role {role}  (seeds hitting each cell, of {roles.get(role, seeds)} with this role)")
         lines.append(f"  {'fault':<17}" + "".join(f"{p:>11}" for p in PHASES))
         for kind in FAULT_KINDS:
-            row = [cells.get((kind, p, role), 0) for p in PHASES]
-            if any(row):
-                lines.append(f"  {kind:<17}" + "".join(f"{n:>11}" for n in row))
+            row = []
+            for p in PHASES:
+                n = cells.get((kind, p, role), 0)
+                impossible = (kind, p, role) in IMPOSSIBLE
+                race = "~" if (kind, p, role) in RACE_ONLY else ""
+                row.append("n/a" if impossible and not n else f"{n}!" if impossible else f"{race}{n}")
+            if any(x not in ("0", "n/a") for x in row) or roles.get(role):
+                lines.append(f"  {kind:<17}" + "".join(f"{x:>11}" for x in row))
+    reasons: dict[str, list[str]] = {}
+    for (kind, p, role), why in IMPOSSIBLE.items():
+        if roles.get(role) or any(r == role for _, _, r in cells):
+            reasons.setdefault(why, [])
+            if f"{kind} x {p}" not in reasons[why]:
+                reasons[why].append(f"{kind} x {p}")
+    if reasons:
+        lines.append("n/a: cells that cannot happen (a count with ! would mean one did):")
+        lines += [f"  {why}: {', '.join(where)}" for why, where in reasons.items()]
+    races: dict[str, list[str]] = {}
+    for (kind, p, role), why in RACE_ONLY.items():
+        if roles.get(role) and f"{kind} x {p}" not in races.setdefault(why, []):
+            races[why].append(f"{kind} x {p}")
+    if races:
+        lines.append("~: cells only a race reaches (aimed at, not in the floor below):")
+        lines += [f"  {why}: {', '.join(where)}" for why, where in races.items()]
+    if roles:
+        f = coverage_floor(coverage, roles, seeds)
+        share = f["coverage_min"] / seeds * 100 if seeds else 0.0
+        lines.append(f"min seeds per reachable cell: {f['coverage_min']} of {seeds} ({share:.2f} %; "
+                     f"{f['coverage_cells_hit']}/{f['coverage_reachable_cells']} cells hit; lowest: "
+                     f"{', '.join(f['coverage_min_cells'][:4])}); at 100,000 seeds: ~{f['coverage_min_per_100k']} "
+                     f"per cell (target {COVERAGE_TARGET})")
     return "\n".join(lines)
 
 
@@ -248,7 +306,7 @@ def report(total: dict) -> str:
              f"{total['scenarios_per_s']} scenarios/s per core, {total['cg_steps_per_s']} CG steps/s per core, "
              f"{total['scenarios_per_s_wall']} scenarios/s on {total.get('workers', 1)} worker(s); "
              f"{total['virtual_s']} virtual s, {total['acked']} acked writes",
-             coverage_table(total["coverage"], total["seeds"])]
+             coverage_table(total["coverage"], total["seeds"], total.get("roles"))]
     for v in total["violations"]:
         lines.append(f"VIOLATION seed {v['seed']} {v['config']}")
         lines += [f"    {x}" for x in v["found"][:3]]
@@ -412,6 +470,8 @@ def sim_results(total: dict) -> dict:
             "scenarios_per_s": total["scenarios_per_s"], "cg_steps_per_s": total["cg_steps_per_s"],
             "coverage": dict(sorted(total["fault_x_phase"].items())),
             "coverage_by_role": dict(sorted(total["coverage"].items())),
+            **{k: total[k] for k in ("coverage_min", "coverage_min_per_100k", "coverage_min_cells",
+                                     "coverage_reachable_cells", "coverage_cells_hit", "coverage_race_only")},
             "failing": [{"seed": v["seed"], "found": v["found"][:2], "repro": v["repro"],
                          "shrunk_repro": v.get("shrunk_repro")} for v in total["violations"]],
             "cpu_s": total["cpu_s"], "wall_s": total["wall_s"], "workers": total.get("workers", 1)}

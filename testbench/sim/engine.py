@@ -14,7 +14,9 @@ A run is ``config(seed)`` (controllers, policy, CG parameters) and
 - ``["crash", t, ctl, role, down_s]`` the process dies (what SIGKILL does:
   unflushed writes and NVRAM stores kept), restarted after ``down_s``
 - ``["arm", t, ctl, role, n, down_s]`` the power goes at that domain's n-th
-  persist point from now (mid-write, mid-persist)
+  persist point from now (mid-write, mid-persist); ending with
+  ``"in:PHASE"``, at its n-th persist point from now that comes while the
+  controller's CG is in PHASE (or its primary is off: ``in:down``)
 - ``["linkdown", t, ctl, dur]`` / ``["loss", t, ctl, p, dur]`` the
   replication link drops every call (a loss may take the request or the
   answer) / each with probability ``p``
@@ -25,8 +27,15 @@ A run is ``config(seed)`` (controllers, policy, CG parameters) and
   suspend, resume_pair, set (``arg`` = "name=value")
 
 A fault event may end with ``"at:PHASE"`` (quiescing, draining,
-committing, idle): from ``t`` on it waits (at most a virtual second) for
-that controller's CG to enter the phase, and strikes right there.
+committing, idle, or down: its primary without power): from ``t`` on it
+waits (at most a virtual second) for that controller's CG to enter the
+phase (its primary to go off), and strikes right there; with
+``"at:PHASE+SECONDS"``, that long after (inside the phase, or past it).
+
+The faults of a seed aim at coverage cells (fault kind x CG phase x role,
+``REACHABLE``): a few cells of its config's roles, from ``seed * k`` on in a
+fixed walk of them, each an "at:PHASE" fault (an "in:PHASE" cut; after a
+cut of its primary for "down"), and one or two untargeted faults beside.
 
 Everything else is seeded by the run's seed too: each device call and link
 hop takes an exponential virtual time or a few bare yields (so the
@@ -50,6 +59,7 @@ import hashlib
 import json
 import logging
 import random
+import selectors
 from dataclasses import dataclass, field
 
 from drivers.powerloss import PowerDomain, PowerLost
@@ -123,6 +133,8 @@ class Config:
 
 
 def config(seed: int) -> Config:
+    # Unchanged draws: regressions.txt lines and printed repro lines give a
+    # seed and its events, and mean the config this gives that seed.
     rng = random.Random(f"mirrorfw-sim-config:{seed}")
     return Config(controllers=rng.choice((1, 1, 1, 1, 2, 3)), policy=rng.choice(("dual-image", "send-first")),
                   cg_interval_s=rng.choice((0.0, 0.02, 0.1)), drain_inflight=rng.choice((1, 2, 4)),
@@ -145,40 +157,157 @@ def workload(seed: int, cfg: Config) -> list[list]:
     return out
 
 
+# ================================================================ coverage cells
+def _impossible(kind: str, phase: str, role: str) -> str | None:
+    """Why a (fault kind, CG phase, role) cell cannot happen; None if it can."""
+    if kind == "ctldown" and role != "subordinate":
+        return "only a subordinate has a control link (to its master)"
+    if phase == "down" and kind in ("power-primary", "crash-primary"):
+        return "the primary is off already: nothing to cut"
+    if phase == "down" and kind == "cut-primary":
+        return "an armed cut fires at a persist point of a powered primary"
+    if phase == "down" and kind.startswith("cmd-"):
+        return "a controller whose primary is off runs no command"
+    return None
+
+
+def _race_only(kind: str, phase: str, role: str) -> str | None:
+    """Why a cell that can happen is reached only by a race that no event
+    can aim at (targeted all the same; not in the coverage floor)."""
+    if kind == "cut-secondary" and phase in ("idle", "quiescing"):
+        return ("the secondary persists outside draining and committing only for a send or a prepared CG's "
+                "abort that reaches it after the CG failed and before the next one drains")
+    if kind == "cut-secondary" and phase == "down":
+        return "the secondary persists with its primary off only for a call still running as the primary went"
+    return None
+
+
+CELLS = tuple((k, p, r) for k in FAULT_KINDS for p in PHASES for r in ROLES)
+IMPOSSIBLE = {c: why for c in CELLS if (why := _impossible(*c)) is not None}
+RACE_ONLY = {c: why for c in CELLS if c not in IMPOSSIBLE and (why := _race_only(*c)) is not None}
+REACHABLE = tuple(c for c in CELLS if c not in IMPOSSIBLE)
+# Targeted faults a seed gets: a session seed comes one time in three (config)
+# and spreads over the master's and the subordinates' cells, twice a single's.
+TARGETS = {"single": 3, "session": 8}
+EXTRA_FAULTS = (1, 2)  # plus this many untargeted ones (they find what targeting does not)
+
+
+def roles_of(cfg: Config) -> tuple[str, ...]:
+    return ("single",) if cfg.controllers == 1 else ("master", "subordinate")
+
+
+def fault_events(rng: random.Random, cfg: Config, kind: str, ctl: int, t: float, phase: str | None,
+                 n_max: int = 40) -> list[list]:
+    """A fault of ``kind`` (FAULT_KINDS) at controller ``ctl``, waiting for
+    ``phase`` (None: it strikes at ``t``); pause and suspend come with the
+    operator's undo, mostly. An armed cut goes off at one of the next
+    ``n_max`` persist points."""
+    at = [f"at:{phase}"] if phase else []
+    if phase in ("idle", "draining", "committing") and rng.random() < 0.5:
+        # Not always at the phase's first step: a while into it (a few link
+        # hops), where a drain's sends and syncs are under way.
+        at = [f"at:{phase}+{round(rng.uniform(0.0005, 0.005), 6)}"]
+    down = round(rng.choice((0.0, 0.01, 0.2, 0.6)), 3)
+    base, _, what = kind.partition("-")
+    if base == "power":
+        return [["power", t, ctl, what, rng.randrange(1000), down] + at]
+    if base == "crash":
+        return [["crash", t, ctl, what, down] + at]
+    if base == "cut":  # a cut lands in a phase at a persist point that comes in it, not at the phase's start
+        return [["arm", t, ctl, what, rng.randint(1, n_max), down] + ([f"in:{phase}"] if phase else [])]
+    if base == "linkdown":
+        return [["linkdown", t, ctl, round(rng.choice((0.005, 0.05, 0.3, 1.0)), 3)] + at]
+    if base == "ctldown":
+        return [["ctldown", t, ctl, round(rng.choice((0.005, 0.05, 0.3)), 3)] + at]
+    if base == "loss":
+        return [["loss", t, ctl, rng.choice((0.05, 0.2, 0.5)), round(rng.choice((0.1, 0.5, 1.0)), 3)] + at]
+    if base == "eio":
+        return [["eio", t, ctl, f"{what}{rng.randrange(2)}", rng.randint(1, 3)] + at]
+    if base == "cmd":
+        arg = ""
+        if what == "set":
+            key, values = rng.choice(SETTABLE)
+            arg = f"{key}={rng.choice(values)}"
+        out = [["cmd", t, ctl, what, arg] + at]
+        if what in ("pause", "suspend") and rng.random() < 0.7:  # the operator undoes it, mostly
+            out.append(["cmd", round(t + rng.uniform(0.01, 0.5), 6), ctl,
+                        "resume" if what == "pause" else "resume_pair", ""])
+        return out
+    raise ValueError(f"unknown fault kind {kind!r}")
+
+
+def _random_kind(rng: random.Random, ctl: int) -> str:
+    base = rng.choice(("power", "power", "crash", "cut", "cut", "cut", "linkdown", "loss", "eio", "eio", "cmd",
+                       "cmd") + (("ctldown",) if ctl else ()))
+    if base == "power":
+        return f"power-{rng.choice(('primary', 'secondary', 'site'))}"
+    if base in ("crash", "cut"):
+        return f"{base}-{rng.choice(('primary', 'secondary'))}"
+    if base == "eio":
+        return f"eio-{rng.choice('abc')}"
+    if base == "cmd":
+        return f"cmd-{rng.choice(('pause', 'suspend', 'set', 'resume', 'resume_pair'))}"
+    return base
+
+
+def _walk_order(roles: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    # One fixed shuffle, so that the cells next to each other in the walk (one
+    # seed's targets) are of different kinds and phases.
+    cells = [c for c in REACHABLE if c[2] in roles]
+    random.Random(f"mirrorfw-sim-cells:{','.join(roles)}").shuffle(cells)
+    return cells
+
+
+WALKS = {roles: _walk_order(roles) for roles in (("single",), ("master", "subordinate"))}
+
+
+def targets(seed: int, cfg: Config) -> list[tuple[str, str, str]]:
+    """The cells this seed aims at: ``k`` cells of its config's roles, from
+    ``seed * k`` on in the walk, so seeds spread evenly over the cells."""
+    cells = WALKS[roles_of(cfg)]
+    k = TARGETS["single" if cfg.controllers == 1 else "session"]
+    return [cells[(seed * k + j) % len(cells)] for j in range(k)]
+
+
 def faults(seed: int, cfg: Config) -> list[list]:
+    """The targeted faults (``targets``), each in its own slice of the first
+    80 % of the run (a fault waits up to a second for its phase, and what
+    still waits at the end is dropped), and a few untargeted ones."""
     rng = random.Random(f"mirrorfw-sim-faults:{seed}")
+    aims = targets(seed, cfg)
+    rng.shuffle(aims)
     out = []
-    for _ in range(rng.randint(1, 5)):
-        at = [f"at:{rng.choice(PHASES[:4])}"] if rng.random() < 0.6 else []
-        t = round(rng.uniform(0.05, cfg.duration_s), 6)
+    span = 0.8 * cfg.duration_s - 0.05
+    for i, (kind, phase, role) in enumerate(aims):
+        t = round(0.05 + (i + rng.random()) * span / len(aims), 6)
+        ctl = 0 if role != "subordinate" else rng.randrange(1, cfg.controllers)
+        off = round(rng.uniform(0.2, 0.6), 3)
+        if kind == "cut-secondary" and phase == "down":
+            # The secondary persists with its primary off only for calls that
+            # were in flight as the primary went (sends mid-drain): off at a
+            # moment of the CG cycle, not at a phase's start.
+            out += fault_events(rng, cfg, kind, ctl, t, phase, n_max=4)
+            out.append(["power", round(t + rng.uniform(0.01, 0.3), 6), ctl, "primary", rng.randrange(1000), off])
+            continue
+        if kind == "cut-secondary" and phase in ("idle", "quiescing"):
+            # ... and outside draining and committing only for sends still in
+            # flight after their CG failed, and the abort of a prepared CG: C's
+            # flush fails the commit.
+            out += fault_events(rng, cfg, kind, ctl, t, phase, n_max=4)
+            out.append(["eio", round(t + 0.001, 6), ctl, f"c{rng.randrange(2)}", 1, "at:committing"])
+            continue
+        if phase == "down":
+            # Its primary goes off first, for long enough that the fault lands while it is off.
+            how = rng.choice(("power", "crash"))
+            out.append(["power", t, ctl, "primary", rng.randrange(1000), off] if how == "power"
+                       else ["crash", t, ctl, "primary", off])
+            t = round(t + rng.uniform(0.001, 0.1), 6)
+        out += fault_events(rng, cfg, kind, ctl, t, phase, n_max=4)
+    for _ in range(rng.randint(*EXTRA_FAULTS)):
         ctl = rng.randrange(cfg.controllers)
-        down = round(rng.choice((0.0, 0.01, 0.2, 0.6)), 3)
-        kind = rng.choice(("power", "power", "crash", "arm", "arm", "arm", "linkdown", "loss", "eio", "eio",
-                           "cmd", "cmd") + (("ctldown",) if cfg.controllers > 1 and ctl else ()))
-        if kind == "power":
-            out.append(["power", t, ctl, rng.choice(("primary", "secondary", "site")), rng.randrange(1000), down] + at)
-        elif kind == "crash":
-            out.append(["crash", t, ctl, rng.choice(("primary", "secondary")), down] + at)
-        elif kind == "arm":
-            out.append(["arm", t, ctl, rng.choice(("primary", "secondary")), rng.randint(1, 40), down])
-        elif kind == "linkdown":
-            out.append(["linkdown", t, ctl, round(rng.choice((0.005, 0.05, 0.3, 1.0)), 3)] + at)
-        elif kind == "ctldown":
-            out.append(["ctldown", t, ctl, round(rng.choice((0.005, 0.05, 0.3)), 3)] + at)
-        elif kind == "loss":
-            out.append(["loss", t, ctl, rng.choice((0.05, 0.2, 0.5)), round(rng.choice((0.1, 0.5, 1.0)), 3)] + at)
-        elif kind == "eio":
-            out.append(["eio", t, ctl, f"{rng.choice('abc')}{rng.randrange(2)}", rng.randint(1, 3)] + at)
-        else:
-            name = rng.choice(("pause", "suspend", "set", "resume", "resume_pair"))
-            arg = ""
-            if name == "set":
-                key, values = rng.choice(SETTABLE)
-                arg = f"{key}={rng.choice(values)}"
-            out.append(["cmd", t, ctl, name, arg] + at)
-            if name in ("pause", "suspend") and rng.random() < 0.7:  # the operator undoes it, mostly
-                out.append(["cmd", round(t + rng.uniform(0.01, 0.5), 6), ctl,
-                            "resume" if name == "pause" else "resume_pair", ""])
+        kind = _random_kind(rng, ctl)
+        phase = rng.choice(PHASES[:4]) if rng.random() < 0.6 and not kind.startswith("cut") else None
+        out += fault_events(rng, cfg, kind, ctl, round(rng.uniform(0.05, cfg.duration_s), 6), phase)
     return out
 
 
@@ -192,7 +321,19 @@ def scenario(seed: int, cfg: Config | None = None) -> list[list]:
 def phase_of(ev: list) -> str | None:
     """The phase a fault waits for (None: it strikes at its time)."""
     last = ev[-1]
-    return last[3:] if isinstance(last, str) and last.startswith("at:") else None
+    return last[3:].partition("+")[0] if isinstance(last, str) and last.startswith("at:") else None
+
+
+def delay_of(ev: list) -> float:
+    """How long after its phase began a fault strikes ("at:PHASE+SECONDS")."""
+    last = ev[-1]
+    return float(last.partition("+")[2] or 0.0) if isinstance(last, str) and last.startswith("at:") else 0.0
+
+
+def within_of(ev: list) -> str | None:
+    """The phase an armed cut waits for a persist point in (None: any)."""
+    last = ev[-1]
+    return last[3:] if isinstance(last, str) and last.startswith("in:") else None
 
 
 def fault_kind(ev: list) -> str | None:
@@ -265,7 +406,9 @@ class World:
         self.dead_seen: set[tuple[int, str]] = set()
         self.writing: dict[tuple[int, int], list[tuple[int, int, asyncio.Task]]] = {}
         self.waiting: list[tuple[float, list]] = []  # (deadline, event): faults waiting for a CG phase
+        self.due: list[tuple[float, list]] = []  # (when, event): faults striking a while into their phase
         self.tasks: set[asyncio.Task] = set()
+        self.host_calls: dict[int, set[asyncio.Task]] = {}  # a controller's writes and commands in progress
 
     # -- the event log -------------------------------------------------------------------
     def note(self, text: str) -> None:
@@ -281,14 +424,25 @@ class World:
                     self.res.cgs_failed += 1
             if side == "p" and event.fields.get("full_copy"):
                 self.full_copies[ctl] += 1
-            if side == "p" and self.waiting and event.obj == "cg":
+            # The master's own events ("create" as the session's CG begins, before
+            # its primary quiesces) are not its primary's phase: that one emits its own.
+            if side == "p" and self.waiting and event.obj == "cg" and event.fields.get("role") != "master":
                 entered = ("idle" if event.action == "destroy" else event.fields.get("phase")
                            if "acks" not in event.fields else None)
-                for item in list(self.waiting):
-                    if item[1][2] == ctl and phase_of(item[1]) == entered and item in self.waiting:
-                        self.waiting.remove(item)
-                        self.strike(item[1])  # right as the phase is entered, in the firmware's own step
+                self._strike_waiting(ctl, entered)  # right as the phase is entered, in the firmware's own step
         return on
+
+    def _strike_waiting(self, ctl: int, phase: str | None) -> None:
+        for item in list(self.waiting):
+            if item[1][2] == ctl and phase_of(item[1]) == phase and item in self.waiting:
+                self.waiting.remove(item)
+                self._strike_in_phase(item[1])
+
+    def _strike_in_phase(self, ev: list) -> None:
+        if delay_of(ev) > 0:
+            self.due.append((self.clock.now() + delay_of(ev), ev))
+        else:
+            self.strike(ev)
 
     def role(self, ctl: int) -> str:
         return "single" if not self.session else "master" if ctl == 0 else "subordinate"
@@ -319,12 +473,16 @@ class World:
             for item in [w for w in self.waiting if w[0] <= self.clock.now()]:
                 self.waiting.remove(item)
                 self.strike(item[1])  # the phase did not come: strike anyway
+            for item in [d for d in self.due if d[0] <= self.clock.now()]:
+                self.due.remove(item)
+                self.strike(item[1])
             if self.restarts and self.restarts[0][0] <= self.clock.now():
                 _, ctl, role = self.restarts.pop(0)
                 await self.restart(ctl, role)
                 continue
             nxt = [d for d in (self.clock.next_deadline(), self.restarts[0][0] if self.restarts else None,
-                               min((w[0] for w in self.waiting), default=None)) if d is not None]
+                               min((w[0] for w in self.waiting), default=None),
+                               min((w[0] for w in self.due), default=None)) if d is not None]
             step_to = min([target, *nxt])
             if step_to > self.clock.now():
                 self.clock.advance(step_to - self.clock.now())
@@ -376,9 +534,20 @@ class World:
         self.master.start_loop()
         for m in self.members.values():
             if m is not None:
-                m.master_joined("c0")
+                self._on_member(m.master_joined, "c0")
 
     # -- power, crashes, restarts -------------------------------------------------------------------
+    @staticmethod
+    def _on_member(call, *args) -> None:
+        """A call into a member from the world's own code (not a task): the
+        member's box may lose power in it (an armed cut at the record save
+        of its failed CG), which its next death check notices; PowerLost is
+        that box's, and must not end the run."""
+        try:
+            call(*args)
+        except PowerLost:
+            pass
+
     def _notice_deaths(self) -> None:
         for ctl, pair in enumerate(self.pairs):
             for role in ("secondary", "primary"):
@@ -386,6 +555,8 @@ class World:
                 if pair.domain(role).dead and key not in self.dead_seen:
                     self.dead_seen.add(key)
                     self._went_down(ctl, role)
+                    if role == "primary":
+                        self._strike_waiting(ctl, "down")
                     when = self.clock.now() + self.down_for.pop(key, 0.0)
                     self.restarts.append((when, ctl, role))
                     self.restarts.sort(key=lambda r: (r[0], r[1], r[2] != "secondary"))
@@ -407,10 +578,15 @@ class World:
             self.master.stopping = True
             for m in self.members.values():
                 if m is not None:
-                    m.master_lost("master lost (sim)")
+                    self._on_member(m.master_lost, "master lost (sim)")
             self.master = None
         if self.session and ctl > 0:
             self.members[ctl] = None
+        # The host's writes and the operator's commands in progress on it end
+        # with an error (a dead box answers nothing); one awaiting a future only
+        # that box would have resolved (a held ack, a suspend) waited for ever,
+        # and the run never converged.
+        doomed += self.host_calls.get(ctl, ())
         for t in doomed:
             if t is not None and not t.done():
                 t.cancel()
@@ -439,7 +615,7 @@ class World:
                 else:
                     self.members[ctl] = LocalMember(pair.primary, f"c{ctl}")
                     if self.master is not None:
-                        self.members[ctl].master_joined("c0")
+                        self._on_member(self.members[ctl].master_joined, "c0")
             await self._check_a(ctl, "after restart")
 
     # -- events ---------------------------------------------------------------------------------------
@@ -448,17 +624,20 @@ class World:
             self.note("event waits " + json.dumps(ev))
             self.waiting.append((self.clock.now() + 1.0, ev))
             return
+        if phase_of(ev) is not None:
+            self._strike_in_phase(ev)
+            return
         self.strike(ev)
 
     def strike(self, ev: list) -> None:
         kind, ctl = ev[0], ev[2]
         sim, pair = self.sim, self.pairs[ctl]
         fk = fault_kind(ev)
-        if fk is not None:
+        if fk is not None and self._takes_effect(ev):
             self.cover(fk, ctl)
         self.note("event " + json.dumps(ev))
         if kind == "w":
-            self._spawn(self.host_write(ctl, ev[3], ev[4], ev[5]))
+            self._spawn(self.host_write(ctl, ev[3], ev[4], ev[5]), ctl)
         elif kind in ("power", "crash"):
             roles = ("primary", "secondary") if ev[3] == "site" else (ev[3],)
             for role in roles:
@@ -474,7 +653,7 @@ class World:
             role = ev[3]
             dom = pair.domain(role)
             if not dom.dead:
-                self._arm(ctl, role, dom, ev[4])
+                self._arm(ctl, role, dom, ev[4], within_of(ev))
                 self.down_for[(ctl, role)] = ev[5]
         elif kind == "linkdown":
             sim.link_down_until[ctl] = self.clock.now() + ev[3]
@@ -485,23 +664,51 @@ class World:
         elif kind == "eio":
             sim.eio[(ctl, ev[3])] = sim.eio.get((ctl, ev[3]), 0) + ev[4]
         elif kind == "cmd":
-            self._spawn(self.command(ctl, ev[3], ev[4]))
+            self._spawn(self.command(ctl, ev[3], ev[4]), ctl)
         else:
             raise ValueError(f"unknown event {ev!r}")
 
-    def _arm(self, ctl: int, role: str, dom: PowerDomain, n: int) -> None:
+    def _takes_effect(self, ev: list) -> bool:
+        """False for a fault that does nothing: a cut or a crash of boxes all
+        off already, a command to a primary without power (no coverage)."""
+        pair = self.pairs[ev[2]]
+        if ev[0] in ("power", "crash"):
+            roles = ("primary", "secondary") if ev[3] == "site" else (ev[3],)
+            return any(not pair.domain(r).dead for r in roles)
+        if ev[0] == "cmd":
+            return not pair.pdom.dead and pair.primary is not None
+        return True
+
+    def _arm(self, ctl: int, role: str, dom: PowerDomain, n: int, phase: str | None = None) -> None:
         fire = dom._fire
 
         def fire_and_count():  # the coverage cell is the phase the cut lands in
             self.cover(f"cut-{role}", ctl)
             fire()
         dom._fire = fire_and_count
-        dom.arm(n)
+        if phase is None:
+            dom.arm(n)
+            return
+        count, left = dom._event, [n]
 
-    def _spawn(self, coro) -> None:
+        def event(kind: str, url: str) -> bool:  # counts every persist point; fires at the n-th in the phase
+            if count(kind, url):
+                return True
+            if self.phase(ctl) == phase:
+                left[0] -= 1
+                if left[0] == 0:
+                    dom._event = count
+                    return True
+            return False
+        dom._event = event
+
+    def _spawn(self, coro, ctl: int) -> None:
         t = asyncio.ensure_future(coro)
         self.tasks.add(t)
         t.add_done_callback(self.tasks.discard)
+        on = self.host_calls.setdefault(ctl, set())
+        on.add(t)
+        t.add_done_callback(on.discard)
 
     async def host_write(self, ctl: int, vi: int, sector: int, count: int) -> None:
         key, end = (ctl, vi), sector + count
@@ -622,10 +829,12 @@ class World:
         every C is A; then the final checks."""
         self.note("converge")
         self.waiting.clear()
+        self.due.clear()
         self.sim.heal()
         for pair in self.pairs:
-            pair.pdom.disarm()
-            pair.sdom.disarm()
+            for dom in (pair.pdom, pair.sdom):
+                dom.disarm()
+                dom.__dict__.pop("_event", None)  # an "in:PHASE" arm's counter (World._arm)
         deadline = self.clock.now() + CONVERGE_S
         resumed: set[int] = set()
         while self.clock.now() < deadline:
@@ -635,9 +844,9 @@ class World:
             for ctl, pair in enumerate(self.pairs):
                 p = pair.primary
                 if p.copy_state in (CopyState.PAUSED, CopyState.PAUSING) and ctl not in resumed:
-                    self._spawn(self.command(ctl, "resume", ""))
+                    self._spawn(self.command(ctl, "resume", ""), ctl)
                 elif p.copy_state in (CopyState.SUSPENDED, CopyState.FATAL):
-                    self._spawn(self.command(ctl, "resume_pair", ""))
+                    self._spawn(self.command(ctl, "resume_pair", ""), ctl)
             if self.tasks:
                 continue
             if await self._converged():
@@ -699,7 +908,7 @@ async def _run(seed: int, events: list[list], res: Result, cfg: Config) -> None:
             res.violations += await world.converge() + world.clock.errors
     except Livelock as e:
         res.violations.append(f"livelock: {e}")
-    except Exception as e:  # noqa: BLE001 - a run that breaks is a finding with its seed
+    except (Exception, PowerLost) as e:  # noqa: BLE001 - a run that breaks is a finding with its seed, never the campaign's end
         log.debug("seed %d", seed, exc_info=True)
         res.violations.append(f"run failed: {type(e).__name__}: {e}")
     finally:
@@ -709,6 +918,14 @@ async def _run(seed: int, events: list[list], res: Result, cfg: Config) -> None:
             world.master.stopping = True
         for t in [*world.tasks]:
             t.cancel()
+
+
+class _NoIo(selectors._BaseSelectorImpl):  # noqa: SLF001 - its register/unregister bookkeeping, as is
+    """A run does no I/O: nothing to poll. The default selector made an
+    epoll call at every loop turn, a twentieth of a run's time (py-spy)."""
+
+    def select(self, timeout=None):
+        return []
 
 
 def run_seed(seed: int, events: list[list] | None = None, *, keep_log: bool = True,
@@ -722,7 +939,8 @@ def run_seed(seed: int, events: list[list] | None = None, *, keep_log: bool = Tr
     for lg in quiet:
         lg.setLevel(logging.CRITICAL)  # dead controllers' tasks and the CG failures faults cause
     try:
-        asyncio.run(_run(seed, events, res, cfg))
+        with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(_NoIo())) as runner:
+            runner.run(_run(seed, events, res, cfg))
     finally:
         for lg, level in zip(quiet, levels, strict=True):
             lg.setLevel(level)

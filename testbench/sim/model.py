@@ -13,12 +13,15 @@ belong to the CG.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from firmware.events import Event
 
 SECTOR = 512
+ZERO = bytes(SECTOR)
 
 
+@lru_cache(maxsize=1 << 16)  # every check decodes every sector again: the same few thousand, over and over
 def sector_data(wid: int, vi: int, sector: int) -> bytes:
     """What write ``wid`` puts in one sector (every sector of every write differs)."""
     head = f"w{wid:06d}v{vi}s{sector:05d}|".encode()
@@ -28,7 +31,7 @@ def sector_data(wid: int, vi: int, sector: int) -> bytes:
 def decode_sector(data: bytes, vi: int, sector: int) -> int | None:
     """The write id a sector shows (0: never written), None when it is no
     whole write's sector (torn or foreign)."""
-    if data == bytes(SECTOR):
+    if data == ZERO:
         return 0
     try:
         wid = int(data[1:7])
@@ -127,7 +130,7 @@ class Model:
                 shown = decode_sector(data[s * SECTOR : (s + 1) * SECTOR], vi, s)
                 if isinstance(content, CgContent):
                     want = content.content.get((vi, s), 0)
-                    ok = shown in self.may_show(vi, s, want, content)
+                    ok = shown == want or shown in self.may_show(vi, s, want, content)
                 else:
                     want = content.get((vi, s), 0)
                     ok = shown == want
@@ -143,6 +146,6 @@ class Model:
             for s in range(self.sectors):
                 shown = decode_sector(data[s * SECTOR : (s + 1) * SECTOR], vi, s)
                 want = self.content.get((vi, s), 0)
-                if shown not in self.may_show(vi, s, want):
+                if shown != want and shown not in self.may_show(vi, s, want):
                     out.add((vi, s // track_sectors))
         return out

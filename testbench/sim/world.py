@@ -125,6 +125,14 @@ class Sim:
         self.ctl_down_until.clear()
 
 
+async def delivered(coro):
+    """Run a call that reached the other box to its end there, whatever
+    becomes of the caller: its box losing power (its tasks are cancelled) or
+    its CG failing (the sends in flight are cancelled) must not throw a
+    CancelledError into the other box's code, which no real link can do."""
+    return await asyncio.shield(asyncio.ensure_future(coro))
+
+
 class SimDevice(BlockDevice):
     """A device with seeded virtual latency and injected EIO (``key``: a0,
     b1, c0 ... of controller ``ctl``), in front of a volatile device."""
@@ -227,7 +235,7 @@ class PowerRemote(RemotePort):
             await self._reconnect(secondary, sdom)
             epoch = self.epoch  # this call goes on, on the new link
         try:
-            out = await getattr(secondary, name)(*args)
+            out = await pair.at_secondary(name, args, getattr(secondary, name)(*args))
         except PowerLost:
             if sdom.dead and not self._primary_dead():
                 raise ConnectionError("the secondary lost power") from None
@@ -320,6 +328,10 @@ class PowerPair:
         self.pevents = EventBus()
         self.sevents = EventBus()
         self.reformatted: list[str] = []  # roles whose NVRAM had to be formatted again
+        # The secondary's requests still running (a sender's going does not end them),
+        # ordered as firmware/link_secondary.py orders them: by track, and before a CG step.
+        self.receiving: dict[tuple[str, int], asyncio.Task] = {}
+        self.received: set[asyncio.Task] = set()
 
     def _wrap(self, dev: BlockDevice, key: str) -> BlockDevice:
         return dev if self.sim is None else SimDevice(dev, self.sim, self.ctl, key)
@@ -329,6 +341,7 @@ class PowerPair:
         devs = self.sdom.devices
         bc = {n: (self._wrap(devs[2 * i], f"b{i}"), self._wrap(devs[2 * i + 1], f"c{i}"))
               for i, n in enumerate(self.names)}
+        self.receiving, self.received = {}, set()  # a secondary's power loss ended them
         self.secondary = Secondary(bc, self.sdom.regions[0], self.clock, events=self.sevents,
                                    grain_bytes=self.track_bytes, session_id=self.session_id,
                                    session_member=self.session_member)
@@ -366,6 +379,34 @@ class PowerPair:
             self.start_kw = kw
         if not await self.primary.form_cg():
             raise RuntimeError("the initial copy did not commit")
+
+    async def at_secondary(self, name: str, args: tuple, coro):
+        """Run a request at the secondary as the link's serving side does: a
+        track waits for the same track's earlier one still running there, a
+        CG step (drain_done, prepare, commit, abort) for every track received
+        before it; and each runs to its end whatever becomes of its sender."""
+        if name in ("drain_done", "prepare", "commit", "abort"):
+            while self.received:
+                await asyncio.gather(*self.received, return_exceptions=True)
+        if name != "receive_track":
+            return await delivered(coro)
+        key = (args[0], args[1])
+        before = self.receiving.get(key)
+
+        async def in_order():
+            if before is not None:
+                await asyncio.gather(before, return_exceptions=True)
+            return await coro
+        task = asyncio.ensure_future(in_order())
+        self.receiving[key] = task
+        self.received.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self.received.discard(t)
+            if self.receiving.get(key) is t:
+                del self.receiving[key]
+        task.add_done_callback(done)
+        return await asyncio.shield(task)
 
     # -- power ----------------------------------------------------------------------------
     def domain(self, role: str) -> PowerDomain:
@@ -413,7 +454,7 @@ class SimMemberPort(MemberPort):
                 raise ConnectionError(f"{self.name}: control link down ({what} {leg}, sim)")
             if leg == "request":
                 try:
-                    out = await getattr(self.world.members[self.ctl], what)(*args)
+                    out = await delivered(getattr(self.world.members[self.ctl], what)(*args))
                 except PowerLost:
                     # The member's box died in the call: to the master, whose own
                     # box runs on, that is a dropped control link (as SimFlashPort).
@@ -461,7 +502,7 @@ class SimFlashPort:
         if pair.sdom.dead or pair.secondary is None:
             raise ConnectionError(f"c{self.ctl}: the secondary has no power")
         try:
-            return await getattr(pair.secondary, what)(*args)
+            return await delivered(getattr(pair.secondary, what)(*args))
         except PowerLost:
             raise ConnectionError(f"c{self.ctl}: the secondary lost power") from None
 
