@@ -12,9 +12,12 @@ then LinkDown), so a stranger cannot make us buffer a 64 MiB frame. The
 limit lifts once this side sends a frame that ``opens`` says is sealed: a
 side seals only after it authenticated its peer.
 
-Sending is serialised and waits for the socket buffer to drain below its
-high-water mark, so a slow peer pushes back on the sender instead of
-growing memory.
+Sending queues the frame and returns: the frames queued in one event-loop
+turn go to the socket together at the end of it (one write for many DATA
+frames or ACKs, not one each). A sender waits only while the socket buffer
+is over its high-water mark, so a slow peer pushes back on the sender
+instead of growing memory. A write that fails breaks the link: the next
+send and the reader say LinkDown.
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ class TcpLink(Link):
         self._reader = reader
         self._writer = writer
         self._framing = framing
-        self._send_lock = asyncio.Lock()
+        self._send_lock = asyncio.Lock()  # one sender waits for the buffer to drain at a time
+        self._queued: list[bytes] = []  # frames of this loop turn, written at its end (_flush)
+        self._flush_handle: asyncio.Handle | None = None
         self._closed = False
         self._down: str | None = None
         self.frame_limit = framing.preauth_bytes  # None: only the framing's own limit
@@ -87,14 +92,28 @@ class TcpLink(Link):
         if self.frame_limit is not None and self._framing.opens is not None:
             if self._framing.opens(frame[: self._framing.header_bytes]):
                 self.frame_limit = None  # we seal, so the peer proved itself: long frames may come
-        async with self._send_lock:
-            try:
-                if self._framing.prefix:
-                    self._writer.write(len(frame).to_bytes(self._framing.header_bytes, "big"))
-                self._writer.write(frame)
-                await self._writer.drain()
-            except (ConnectionError, OSError, RuntimeError) as e:
-                raise self._broken(f"send failed: {e or type(e).__name__}") from None
+        if self._framing.prefix:
+            self._queued.append(len(frame).to_bytes(self._framing.header_bytes, "big"))
+        self._queued.append(frame)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+        if self._writer.transport.get_write_buffer_size() >= SEND_BUFFER_BYTES:
+            async with self._send_lock:
+                try:
+                    await self._writer.drain()
+                except (ConnectionError, OSError, RuntimeError) as e:
+                    raise self._broken(f"send failed: {e or type(e).__name__}") from None
+
+    def _flush(self) -> None:
+        """Write the frames queued in this loop turn, in one go."""
+        self._flush_handle = None
+        frames, self._queued = self._queued, []
+        if not frames or self._down:
+            return
+        try:
+            self._writer.writelines(frames)
+        except (ConnectionError, OSError, RuntimeError) as e:
+            self._broken(f"send failed: {e or type(e).__name__}")
 
     async def recv(self) -> bytes:
         if self._closed or self._down:
@@ -126,6 +145,9 @@ class TcpLink(Link):
     async def close(self) -> None:
         if self._closed:
             return
+        if self._flush_handle is not None:  # what was sent before the close still goes out
+            self._flush_handle.cancel()
+            self._flush()
         self._closed = True
         self._broken("closed")
         try:
@@ -138,6 +160,7 @@ class TcpLink(Link):
         """Drop the connection at once (a reset, not an orderly close)."""
         self._closed = True
         self._broken("aborted")
+        self._queued.clear()
         self._writer.transport.abort()
 
 

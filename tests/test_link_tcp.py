@@ -43,3 +43,59 @@ def test_a_link_closed_before_setup_is_down_not_an_error():
         runner.run(main())
     finally:
         runner.close()
+
+
+class CountingWriter:
+    """A StreamWriter over a real connection that counts the writes handed
+    to its transport (each a send on the socket when its buffer is empty)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self.transport = writer.transport
+        self.writes = 0
+
+    def get_extra_info(self, name, default=None):
+        return self._writer.get_extra_info(name, default)
+
+    def write(self, data) -> None:
+        self.writes += 1
+        self._writer.write(data)
+
+    def writelines(self, data) -> None:
+        self.writes += 1
+        self._writer.writelines(data)
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    async def wait_closed(self) -> None:
+        await self._writer.wait_closed()
+
+
+def test_frames_sent_in_one_loop_turn_go_out_in_one_write_in_order_and_before_a_close():
+    async def main():
+        got = asyncio.get_running_loop().create_future()
+
+        async def peer(reader, writer):
+            link = TcpLink(reader, writer)
+            got.set_result([await link.recv() for _ in range(21)])
+            await link.close()
+
+        server = await asyncio.start_server(peer, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        counting = CountingWriter(writer)
+        link = TcpLink(reader, counting)
+        frames = [bytes([i]) * (100 + i) for i in range(20)]
+        await asyncio.gather(*(link.send(f) for f in frames))  # 20 senders in one turn (the drain's workers)
+        await asyncio.sleep(0)
+        assert counting.writes == 1  # was one write per frame
+        await link.send(b"last")
+        await link.close()  # queued in this turn: it still goes out before the close
+        assert await asyncio.wait_for(got, 5) == [*frames, b"last"]
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
