@@ -263,3 +263,24 @@ def test_a_command_in_progress_on_a_box_that_loses_power_ends_and_the_run_conver
     when = next(line.split()[0] for line in res.log if line.endswith('"suspend", "", "at:quiescing"]')
                 and " event [" in line)
     assert f"{when} c0 primary down" in res.log  # the suspend was in progress as c0 went down
+
+
+def test_the_master_stops_waiting_for_a_member_whose_box_lost_power_in_its_call():
+    """Seed 424, shrunk (3 controllers): c2's primary loses power at a persist
+    point inside the master's commit call; the member's call then waited for
+    ever on tasks that died with its box, and the master with it: no CG after
+    CG 6. A real control link drops: the master hears ConnectionError."""
+    events = [["w", 0.003901, 1, 1, 0, 12], ["w", 0.008511, 2, 0, 17, 8], ["w", 0.027472, 2, 1, 23, 2],
+              ["w", 0.030282, 0, 1, 23, 8], ["w", 0.060838, 0, 0, 50, 2], ["w", 0.076357, 2, 0, 0, 4],
+              ["w", 0.086414, 0, 0, 43, 4], ["w", 0.089964, 0, 1, 59, 2], ["w", 0.097331, 1, 1, 55, 8],
+              ["w", 0.097739, 0, 0, 32, 4], ["w", 0.100173, 1, 0, 23, 1], ["w", 0.103972, 0, 0, 36, 4],
+              ["w", 0.113995, 1, 1, 43, 1], ["w", 0.114711, 0, 1, 48, 1], ["w", 0.115174, 1, 1, 44, 4],
+              ["w", 0.147173, 0, 1, 14, 8], ["w", 0.165367, 2, 1, 18, 1], ["w", 0.19279, 2, 0, 12, 4],
+              ["w", 0.219245, 1, 1, 54, 4], ["cmd", 0.223782, 1, "resume_pair", "", "at:idle"],
+              ["w", 0.23265, 0, 0, 0, 8], ["w", 0.233898, 2, 0, 58, 2], ["w", 0.236723, 1, 1, 54, 2],
+              ["arm", 0.256701, 2, "primary", 16, 0.0], ["w", 0.282508, 0, 0, 40, 4], ["w", 0.291047, 0, 1, 22, 16],
+              ["w", 0.33454, 1, 1, 56, 8], ["w", 0.366998, 2, 0, 39, 4],
+              ["cmd", 0.383515, 2, "resume", "", "at:idle+0.000805"]]
+    res = run_seed(424, events)
+    assert res.violations == [], res.violations
+    assert "c2 primary down" in " ".join(res.log) and res.cgs_committed > 20

@@ -454,7 +454,14 @@ class SimMemberPort(MemberPort):
                 raise ConnectionError(f"{self.name}: control link down ({what} {leg}, sim)")
             if leg == "request":
                 try:
-                    out = await delivered(getattr(self.world.members[self.ctl], what)(*args))
+                    call = asyncio.ensure_future(getattr(self.world.members[self.ctl], what)(*args))
+                    # Runs on at the member if the master goes; the master stops
+                    # waiting if the member's box goes (its link drops then), as the
+                    # member's call may wait for ever on tasks that died with it.
+                    await asyncio.wait({call, self.world.death_of(self.ctl)}, return_when=asyncio.FIRST_COMPLETED)
+                    if not call.done():
+                        raise ConnectionError(f"{self.name}: lost power ({what})")
+                    out = call.result()
                 except PowerLost:
                     # The member's box died in the call: to the master, whose own
                     # box runs on, that is a dropped control link (as SimFlashPort).
