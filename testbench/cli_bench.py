@@ -61,7 +61,7 @@ def empty_results() -> dict:
         "rpo_s": dict.fromkeys(STAT_KEYS),
         "cg_cycle_s": dict.fromkeys(CG_KEYS),
         "cg_formation_ms": {n: dict.fromkeys(STAT_KEYS) for n in FORMATION_COUNTS},
-        "rss_mib": {"primary_peak": None, "secondary_peak": None},
+        "rss_mib": {"primary_peak": None, "secondary_peak": None, "primary_nvram": None},
         "skipped": {},
         "parts_s": {},
     }

@@ -29,7 +29,7 @@ BENCH_KEYS = {
     "held_ack_ms": {"p50", "p99", "max"},
     "rpo_s": {"p50", "p99", "max"},
     "cg_cycle_s": {"1TiB_0.1pct", "1TiB_1pct", "16TiB_0.1pct", "16TiB_1pct"},
-    "rss_mib": {"primary_peak", "secondary_peak"},
+    "rss_mib": {"primary_peak", "secondary_peak", "primary_nvram"},
 }
 
 
