@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import inspect
 import logging
 import os
@@ -174,9 +175,11 @@ def nvram_refusal(exc: BaseException, url: str) -> ControllerError:
 class Controller:
     role = ""
 
-    def __init__(self, cfg: ControllerConfig, *, format: bool = False, out: TextIO | None = None) -> None:
+    def __init__(self, cfg: ControllerConfig, *, format: bool = False, out: TextIO | None = None,
+                 freeze_gc: bool = False) -> None:
         self.cfg = cfg
         self.format = format
+        self.freeze_gc = freeze_gc  # a process of its own (run_controller): see run()
         self.out = out or sys.stdout
         self.clock = AsyncioClock()
         self.events = EventBus()
@@ -196,6 +199,13 @@ class Controller:
         try:
             async with self._exits:
                 await self.start()
+                if self.freeze_gc:
+                    # What start() built lives as long as the process: out of the
+                    # collector's generations, so a full collection walks only what
+                    # came later (one took ~14 ms over the modules alone, inside
+                    # host writes' and held acks' latency).
+                    gc.collect()
+                    gc.freeze()
                 fields = " ".join(f"{k}={v}" for k, v in self.addresses.items())
                 print(f"ready role={self.role} session={self.cfg.session_id} pid={os.getpid()} {fields}",
                       file=self.out, flush=True)
@@ -475,7 +485,7 @@ def run_controller(role: str, config_path: str | Path, *, format: bool = False) 
     controller_cls = CONTROLLERS[role]
 
     async def main() -> int:
-        return await controller_cls(cfg, format=format).run()
+        return await controller_cls(cfg, format=format, freeze_gc=True).run()
 
     try:
         import uvloop
