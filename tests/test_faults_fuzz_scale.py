@@ -112,3 +112,19 @@ def test_a_worker_measures_its_own_peak_not_its_parents():
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=True)
     assert float(out.stdout) < 200, out.stdout
     del ballast
+
+
+def test_the_rss_budget_counts_what_the_cases_take_not_what_the_process_held_before(tmp_path, monkeypatch):
+    # A target runs in-process here, after whatever this pytest worker ran before
+    # (a worker at 771 MiB failed every target against the 768 MiB budget).
+    monkeypatch.setattr(fuzz, "RSS_BUDGET_MIB", 48)
+    held_before = bytearray(96 << 20)  # touched: resident
+    calm = fuzz._Counter("calm", 1, tmp_path / "calm.json", fuzz.Target(lambda d: None, [b""]), fuzz._ExcInfoLog())
+    calm.one(b"x")
+    assert json.loads((tmp_path / "calm.json").read_text())["crashes"] == 0
+    greedy = fuzz._Counter("greedy", 1, tmp_path / "greedy.json",
+                           fuzz.Target(lambda d: bytearray(96 << 20), [b""]), fuzz._ExcInfoLog())
+    greedy.one(b"x")
+    res = json.loads((tmp_path / "greedy.json").read_text())
+    assert res["crashes"] == 1 and "budget" in res["examples"][0]
+    del held_before
