@@ -379,6 +379,7 @@ class WriteCache(CacheJournal):
                 "new": len(self.with_new), "hits": self.counters.hits, "misses": self.counters.misses,
                 "destaged": self.counters.destaged, "evictions": self.counters.evictions,
                 "full_waits": self.counters.full_waits,
+                "track_masks": self.track_masks.present,  # false: evicted owing tracks are sent whole
                 "occupancy": used / self.n_slots if self.n_slots else 0.0}
 
     def _drop(self, entry: CacheEntry) -> None:

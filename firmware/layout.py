@@ -399,6 +399,9 @@ class RegionPlan:
         )
 
 
+MASKS_MAX_SHARE = 4  # the track mask area takes at most 1/4 of a region
+
+
 def plan_region(magic: bytes, region_bytes: int, volumes: list[tuple[str, int]], track_bytes: int,
                 session_id: str, *, with_cache: bool, min_slots: int = 16, max_slots: int | None = None) -> RegionPlan:
     """Lay out a region for ``volumes`` [(name, size_bytes)]; NvramError if it does not fit."""
@@ -419,9 +422,14 @@ def plan_region(magic: bytes, region_bytes: int, volumes: list[tuple[str, int]],
         areas.append(VolumeArea(name, size, tracks, pos, bitmap_bytes))
         pos += 2 * bitmap_bytes
     masks_offset = 0
-    if with_cache:  # the track mask area (64-byte aligned: a page would cost small regions a slot)
+    masks_bytes = sum(a.tracks for a in areas) * mask_record_bytes(track_bytes)
+    # The track mask area (64-byte aligned: a page would cost small regions a
+    # slot) grows with capacity, not with dirty data (64 MiB per TiB of 64 KiB
+    # tracks): past a quarter of the region it would take the cache's room, so
+    # the region keeps none and evicted tracks go whole (as VERSION 3).
+    if with_cache and masks_bytes <= region_bytes // MASKS_MAX_SHARE:
         masks_offset = pos
-        pos = align(pos + sum(a.tracks for a in areas) * mask_record_bytes(track_bytes), 64)
+        pos = align(pos + masks_bytes, 64)
     vbytes = (track_bytes // SECTOR_BYTES + 7) // 8
     ebytes = entry_bytes_for(vbytes, segment_bytes_for(track_bytes))
     dir_offset = pos
@@ -436,7 +444,7 @@ def plan_region(magic: bytes, region_bytes: int, volumes: list[tuple[str, int]],
         if n_slots < min_slots:
             need = align(dir_offset + min_slots * 2 * ebytes) + min_slots * track_bytes
             raise NvramError(
-                f"NVRAM region of {region_bytes} bytes is too small: bitmaps and track masks need {dir_offset} "
+                f"NVRAM region of {region_bytes} bytes is too small: bitmaps{' and track masks' if masks_offset else ''} need {dir_offset} "
                 f"bytes and "
                 f"a cache of {min_slots} slots needs {need} bytes in all")
     slots_offset = align(dir_offset + n_slots * 2 * ebytes)

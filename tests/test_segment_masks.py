@@ -336,3 +336,15 @@ def test_runs_of_a_mask():
     assert segment_runs(1 << 15, T) == [(15 * S, S)]
     assert segment_runs(0b11, 6144) == [(0, 6144)]  # clipped to a short last track
     assert segment_runs(0, T) == []
+
+
+def test_a_region_too_small_for_the_mask_area_keeps_none_and_still_formats():
+    # 64 MiB of records per TiB of 64 KiB tracks: a 1 TiB volume on a 72 MiB
+    # region (the CG bench's) was refused before; now it has no area, as VERSION 3.
+    from firmware.layout import PRIMARY_MAGIC, plan_region
+
+    tib = 1 << 40
+    plan = plan_region(PRIMARY_MAGIC, 72 << 20, [("vol0", tib)], 64 << 10, "s", with_cache=True)
+    assert plan.masks_offset == 0 and plan.n_slots >= 16
+    small = plan_region(PRIMARY_MAGIC, 16 << 20, [("vol0", 8 << 20)], 64 << 10, "s", with_cache=True)
+    assert small.masks_offset != 0
