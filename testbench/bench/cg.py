@@ -61,7 +61,7 @@ class ThinMemDevice(MemDevice):
         bs = self.info.block_size
         mv = memoryview(data).cast("B")
         if mv.nbytes <= CHUNK and (lba * bs) // CHUNK == (lba * bs + mv.nbytes - 1) // CHUNK \
-                and (lba * bs) // CHUNK not in self._chunks and mv == bytes(mv.nbytes):
+                and (lba * bs) // CHUNK not in self._chunks and mv.tobytes() == bytes(mv.nbytes):
             return
         await super()._write(lba, data, fua)
 
