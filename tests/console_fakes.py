@@ -4,6 +4,8 @@ must not depend on the firmware core. The CG-cycle test uses the real Primary.""
 
 from __future__ import annotations
 
+import signal
+
 from bitarray import bitarray
 
 from firmware.crashpoints import CrashPoints, declare
@@ -215,3 +217,12 @@ class RecordingRemote(RemotePort):
 
     async def close(self) -> None:
         return None
+
+
+def ctrl_c_as_in_a_terminal() -> None:
+    """Popen preexec_fn for a CLI a test stops with SIGINT: SIGINT at its
+    default, as a terminal's foreground job has it. A job a non-interactive
+    shell starts in the background (a CI script run with &) inherits SIGINT
+    ignored; Python then installs no KeyboardInterrupt handler, and the CLI
+    never stopped (two tests timed out in such a CI run)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import serial
-from console_fakes import FAKE_POINT, FakePrimary, LoopThread
+from console_fakes import FAKE_POINT, FakePrimary, LoopThread, ctrl_c_as_in_a_terminal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -421,7 +421,7 @@ def test_cli_events_stream_until_interrupted(tcp_console):
 
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "console", tcp_console.url, "events"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).parent.parent)
+                            cwd=Path(__file__).parent.parent, preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         lines = []
         while not lines or lines[-1] != "exists -":

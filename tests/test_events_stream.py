@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from console_fakes import FakePrimary, LoopThread
+from console_fakes import FakePrimary, LoopThread, ctrl_c_as_in_a_terminal
 
 from firmware import console_events
 from firmware.console import CommandSet
@@ -149,7 +149,7 @@ def test_cli_events_json_streams_through_mirrorfw_console(loop):
     server = loop.run(start_console("socket://127.0.0.1:0", fake))
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "console", server.url, "events", "--json",
                              "--timestamps"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).parent.parent)
+                            cwd=Path(__file__).parent.parent, preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         first = json.loads(proc.stdout.readline())
         assert first["ok"] and first["command"] == "events"
