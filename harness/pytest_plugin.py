@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ import pytest
 
 from harness.console_client import ConsoleClient
 from harness.supervise import ControllerProcess, PairConfigs, start_controller, write_pair_configs
+
+LINK_UP_TIMEOUT_S = 30.0
 
 
 def pytest_addoption(parser) -> None:
@@ -101,6 +104,15 @@ def start_pair(workdir: str | Path, *, console: str = "socket", consoles: bool =
         if consoles:
             for proc in (primary, secondary):
                 pair.consoles[proc.role] = ConsoleClient(proc.ready["console"], timeout_s=20.0)
+            # "ready" is printed before the primary's link connects: a pair is
+            # handed over replicating, its link up (a test that asserted it
+            # right away failed in a loaded CI run).
+            deadline = time.monotonic() + LINK_UP_TIMEOUT_S
+            while (link := pair.consoles["primary"].run_json("status")["data"]["link"]) != "up":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the pair's link is {link!r}, not up, {LINK_UP_TIMEOUT_S:g} s after start\n"
+                                       f"{primary.tail()}\n{secondary.tail()}")
+                time.sleep(0.05)
     except BaseException:
         pair.stop()
         raise
