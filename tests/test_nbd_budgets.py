@@ -483,7 +483,12 @@ def test_option_spam_without_reading_the_answers_is_bounded_and_timed_out():
         sock = await spammer
         print(f"\nLIST spam, answers not read: at most {queued / 1024:.0f} KiB queued")
         assert queued < 1 * MiB, queued
-        assert server.dropped["handshake"] == 1 and not server._connections
+        assert server.dropped["handshake"] == 1
+        for _ in range(250):  # the drop is counted at the timeout; the connection goes once its transport closed
+            if not server._connections:
+                break
+            await asyncio.sleep(0.02)
+        assert not server._connections
         sock.close()
         await server.close()
         for dev in devs.values():
