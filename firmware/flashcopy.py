@@ -18,7 +18,8 @@ import asyncio
 import logging
 
 from firmware.bitmap import TrackBitmap
-from firmware.layout import FC_IDLE, FC_PREPARED, DoubleRecord, RegionPlan
+from firmware.double_record import DoubleRecord
+from firmware.layout import FC_IDLE, FC_PREPARED, RegionPlan
 from firmware.pins import DEFAULT_MAX_PINNED_BYTES, Pins
 from firmware.region import bitmap_pairs
 from hal.block import BlockDevice

@@ -3,7 +3,7 @@
 Primary region (all integers little-endian; PAGE = 4096)::
 
     offset            what
-    0                 header copy 0   (Sealed(Header), one page)
+    0                 header copy 0   (Sealed(Header), one page; firmware/double_record.py)
     PAGE              header copy 1
     2*PAGE            CG record copy 0 (Sealed(CgRecord))
     3*PAGE            CG record copy 1
@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import struct
 from dataclasses import dataclass
 
 import crc32c
@@ -92,6 +91,7 @@ from construct import (
     this,
 )
 
+from firmware.double_record import DoubleRecord
 from firmware.errors import NvramError
 from hal.wire import fast_struct
 
@@ -131,15 +131,6 @@ Header = Struct(
     "n_volumes" / Int16ul,
     "volumes" / Array(this.n_volumes, VolumeRecord),
     "masks_offset" / If(this.version >= 4, Int64ul),  # the track mask area; 0: none (a secondary)
-)
-
-# What a copy of a rewritten-in-place record looks like: the CRC covers gen,
-# length and body.
-Sealed = Struct(
-    "gen" / Int64ul,
-    "length" / Int32ul,
-    "body" / Bytes(this.length),
-    "crc" / Int32ul,
 )
 
 PHASE_CODES = {"idle": 0, "quiescing": 1, "draining": 2, "committing": 3}
@@ -270,66 +261,6 @@ def mask_tag(mask_epoch: int) -> int:
 
 def align(n: int, to: int = PAGE) -> int:
     return (n + to - 1) // to * to
-
-
-# -- records rewritten in place: two sealed copies ------------------------------
-class DoubleRecord:
-    """A record kept as two sealed copies at ``offset`` and ``offset + copy_bytes``."""
-
-    def __init__(self, view: memoryview, persist, offset: int, body, copy_bytes: int = PAGE) -> None:
-        self.view, self.persist, self.offset, self.body, self.copy_bytes = view, persist, offset, body, copy_bytes
-        self.gen = 0
-        self._last = -1  # copy index written last
-
-    def read(self) -> dict | None:
-        """The newest valid copy's fields (with ``gen``), or None if neither is valid."""
-        best = None
-        for i in (0, 1):
-            raw = bytes(self.view[self.offset + i * self.copy_bytes : self.offset + (i + 1) * self.copy_bytes])
-            parsed = parse_sealed(raw)
-            if parsed is None:
-                continue
-            gen, body = parsed
-            if best is None or gen > best[0]:
-                best = (gen, body, i)
-        if best is None:
-            return None
-        self.gen, self._last = best[0], best[2]
-        try:
-            value = dict(self.body.parse(best[1]))
-        except Exception as e:  # CRC matched but the body does not parse: a different layout
-            raise NvramError(f"NVRAM record at {self.offset} does not parse: {e}") from None
-        value.pop("_io", None)
-        return value
-
-    def write(self, value: dict) -> None:
-        body = self.body.build(value)
-        self.gen += 1
-        raw = build_sealed(self.gen, body)
-        if len(raw) > self.copy_bytes:
-            raise NvramError(f"record of {len(raw)} bytes does not fit {self.copy_bytes}")
-        index = 1 - self._last if self._last >= 0 else 0
-        at = self.offset + index * self.copy_bytes
-        self.view[at : at + len(raw)] = raw
-        self.persist(at, len(raw))
-        self._last = index
-
-
-def build_sealed(gen: int, body: bytes) -> bytes:
-    head = Sealed.build({"gen": gen, "length": len(body), "body": body, "crc": 0})[:-4]
-    return head + crc32c.crc32c(head).to_bytes(4, "little")
-
-
-def parse_sealed(raw: bytes) -> tuple[int, bytes] | None:
-    if len(raw) < 16:
-        return None
-    gen, length = struct.unpack_from("<QI", raw, 0)
-    if gen == 0 or 12 + length + 4 > len(raw):
-        return None
-    end = 12 + length
-    if crc32c.crc32c(raw[:end]) != int.from_bytes(raw[end : end + 4], "little"):
-        return None
-    return gen, bytes(raw[12:end])
 
 
 # -- geometry ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ import logging
 
 from firmware.bitmap import TrackBitmap
 from firmware.cache import WriteCache
+from firmware.double_record import DoubleRecord
 from firmware.errors import NvramError
 from firmware.layout import (
     PAGE,
@@ -25,7 +26,6 @@ from firmware.layout import (
     SECONDARY_VERSIONS,
     VERSION,
     CgRecord,
-    DoubleRecord,
     Header,
     RegionPlan,
     mask_tag,

@@ -20,13 +20,13 @@ import logging
 
 from firmware import crashpoints as cp
 from firmware.crashpoints import CrashPoints
+from firmware.double_record import DoubleRecord
 from firmware.errors import NvramError
 from firmware.events import EventBus
 from firmware.flashcopy import FlashCopy
 from firmware.layout import (
     FC_PREPARED,
     SECONDARY_MAGIC,
-    DoubleRecord,
     FlashCopyRecord,
     RegionPlan,
     region_is_blank,

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from firmware import layout as L
 from firmware.bitmap import TrackBitmap
 from firmware.cg import CgMachine, Event, Phase
+from firmware.double_record import DoubleRecord
 from firmware.errors import InvalidTransition, NvramError
 from firmware.params import SessionParams
 from firmware.track_masks import TrackMasks
@@ -113,18 +114,18 @@ def test_track_mask_records():
 
 def test_sealed_record_survives_a_torn_update():
     view = memoryview(bytearray(4 * 4096))
-    rec = L.DoubleRecord(view, lambda o, n: None, 0, L.CgRecord)
+    rec = DoubleRecord(view, lambda o, n: None, 0, L.CgRecord)
     base = {"seq": 1, "phase": 0, "recording": 0, "oos_select": 0, "start_wall": 0.0, "committed_seq": 0,
             "cut_wall": 0.0, "commit_wall": 0.0, "successful": 0, "failed": 0, "consecutive": 0, "generation": 9,
             "mask_epoch": 1}
     rec.write(base)
     rec.write(dict(base, seq=2))
-    assert L.DoubleRecord(view, None, 0, L.CgRecord).read()["seq"] == 2
+    assert DoubleRecord(view, None, 0, L.CgRecord).read()["seq"] == 2
     # Tear the newest copy (copy 1): the previous version stays readable.
     view[4096 + 20] ^= 0xFF
-    assert L.DoubleRecord(view, None, 0, L.CgRecord).read()["seq"] == 1
+    assert DoubleRecord(view, None, 0, L.CgRecord).read()["seq"] == 1
     view[20] ^= 0xFF
-    assert L.DoubleRecord(view, None, 0, L.CgRecord).read() is None
+    assert DoubleRecord(view, None, 0, L.CgRecord).read() is None
 
 
 def test_dir_entry_fast_pack_equals_construct_and_crc_rejects_damage():
